@@ -1,0 +1,32 @@
+# Two commands: `make train` and `make test`. Both create .venv and install the project first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/local.yaml
+DATA ?=
+EPOCHS ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	touch $@
+
+install: $(VENV)/.installed
+
+# make train [DATA=<folder|archive|URL>] [EPOCHS=N] [CONFIG=configs/x.yaml] [ARGS="--set optim.lr=1e-3"]
+train: install
+	$(PY) jobs/train.py --config $(CONFIG) $(if $(DATA),--data $(DATA)) $(if $(EPOCHS),--set optim.epochs=$(EPOCHS)) $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

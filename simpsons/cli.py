@@ -1,0 +1,69 @@
+"""What every job in jobs/ shares: config from arguments, dataset resolution, clean error exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from simpsons.config import Config, ConfigError, load_config
+
+
+def load_job_config(args: argparse.Namespace) -> Config:
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "data", None):
+        overrides.append(f"data.source={args.data}")
+    if getattr(args, "workers", None):
+        overrides.append(f"train.workers={args.workers}")
+    if getattr(args, "gpu", False):
+        overrides.append("train.use_gpu=true")
+    if getattr(args, "smoke_test", False):
+        overrides += ["optim.epochs=1", "data.train_size=64", "data.stored_size=72"]
+    return load_config(args.config, overrides)
+
+
+def resolve_dataset(cfg: Config) -> str:
+    """The packed dataset the run trains on: `data.uri`, or `data.source` prepared into the cache."""
+    if cfg.data.uri:
+        return cfg.data.uri
+    from simpsons.prepare import cached_pack
+    from simpsons.sources import fetch_source
+
+    tree = fetch_source(cfg.data.source, cfg.data.cache_dir)
+    return str(cached_pack(tree, cfg.data.cache_dir, cfg.data.stored_size, cfg.data.pack_workers))
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is written for the user: printed as one sentence, no traceback."""
+    from simpsons.data import DataError
+
+    errors: list[type[Exception]] = [ConfigError, DataError]
+    try:
+        from simpsons.sources import SourceError
+
+        errors.append(SourceError)
+    except ImportError:
+        pass
+    try:
+        from simpsons.storage import StorageError
+
+        errors.append(StorageError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args()
+    try:
+        main(args)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

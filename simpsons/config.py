@@ -1,0 +1,254 @@
+"""Typed configuration: dataclass defaults, overridden by YAML files and `--set key=value`.
+
+Every field has a default and a comment (units, meaning). A YAML file or a `--set` may only
+override fields that exist, with a value of the field's type; anything else is an error that
+names the key. The resolved config travels as a plain dict (`to_dict`) into Ray workers, every
+checkpoint and every run folder, and comes back with `from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+# The original project's published Google Drive folder; it holds `dataset.tar.xz`.
+DRIVE_FOLDER_URL = "https://drive.google.com/drive/folders/10ET4wN898yG2oiRshYxTH95p-Dpoor1S"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    # Where the raw images come from: a Drive folder/file URL, a local folder or archive, an
+    # http(s) URL. Used when `uri` is empty: the job prepares the packed set into `cache_dir`.
+    source: str = DRIVE_FOLDER_URL
+    # A packed dataset (folder with manifest.json): local path or s3://bucket/.../<name>/<version>.
+    uri: str = ""
+    # Node-local cache for downloads, unpacked archives and packed datasets.
+    cache_dir: str = "~/.cache/simpsons"
+    # Side (px) of the square uint8 images stored by `pack`; training crops from these.
+    stored_size: int = 144
+    # Side (px) of the images the network sees in training and evaluation.
+    train_size: int = 128
+    # Random resized crop: range of the crop's area as a fraction of the stored image.
+    crop_scale: list = field(default_factory=lambda: [0.6, 1.0])
+    # Random rotation range in degrees (uniform in [-rotate, rotate]).
+    rotate: float = 15.0
+    # Random horizontal flip with probability 0.5.
+    hflip: bool = True
+    # Turn online augmentation off entirely (the original project's recipe).
+    augment: bool = True
+    # Processes that decode images while packing (0 = one per CPU).
+    pack_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # "original": Linear-BN-Dropout-ReLU-Linear exactly as published; "standard": Linear-BN-ReLU-Dropout.
+    head: str = "original"
+    # Dropout probability in the classifier head.
+    dropout: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    # Focal loss weight: null (1 for every class), a number, a list of 42 numbers, or "auto"
+    # (inverse square root of the training-set class frequency, mean weight per image = 1).
+    alpha: Any = "auto"
+    # Focal exponent; 0 with alpha=1 is plain cross-entropy.
+    gamma: float = 1.5
+    # Label smoothing epsilon (0 = off).
+    label_smoothing: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    # Training epochs (full passes over the training split).
+    epochs: int = 30
+    # Global batch size across all workers (each worker takes batch_size // workers).
+    batch_size: int = 64
+    # Peak learning rate for AdamW at the global batch size above.
+    lr: float = 3e-3
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.02
+    # "cosine": linear warm-up then cosine decay per step; "plateau": the original project's
+    # ReduceLROnPlateau on validation loss (factor 0.5, patience 4).
+    schedule: str = "cosine"
+    # Warm-up length in epochs for the cosine schedule.
+    warmup_epochs: float = 1.0
+    # ReduceLROnPlateau factor and patience (epochs), used with schedule = "plateau".
+    plateau_factor: float = 0.5
+    plateau_patience: int = 4
+
+
+@dataclass
+class TrainConfig:
+    # Ray Train workers (one process each; one GPU each when use_gpu).
+    workers: int = 1
+    # Train on GPUs, one per worker: true, false, or "auto" (GPUs if the Ray cluster has any).
+    use_gpu: Any = "auto"
+    # CPUs reserved per worker (fractions allowed, e.g. 0.5 on a 2-core test machine);
+    # 0 = share the cluster's CPUs evenly between the workers. Also sets torch's thread count.
+    cpus_per_worker: float = 0.0
+    # "auto" (bf16 where supported, else fp16 on CUDA), "bf16", "fp16" or "fp32".
+    precision: str = "auto"
+    # Use the channels_last memory layout for activations and weights.
+    channels_last: bool = True
+    # Seed for weights, shuffling and augmentation.
+    seed: int = 0
+    # Keep this many best checkpoints (by validation macro-F1) in storage.
+    checkpoints_to_keep: int = 2
+    # Write weight and gradient histograms to TensorBoard every N epochs (0 = never).
+    histogram_every: int = 5
+    # Restarts of the worker group after a worker failure before the run fails.
+    max_failures: int = 3
+    # Log progress every N training steps on rank 0.
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    # Run name; a run restarted with the same name and storage resumes from its last checkpoint.
+    name: str = "simpsons"
+    # Where checkpoints, TensorBoard logs and best/ go: a local folder or s3://bucket/prefix.
+    storage: str = "./runs"
+    # S3-compatible endpoint (MinIO, R2, a test server); empty = AWS or $AWS_ENDPOINT_URL.
+    s3_endpoint: str = ""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        _choice("model.head", self.model.head, ("original", "standard"))
+        _choice("optim.schedule", self.optim.schedule, ("cosine", "plateau"))
+        _choice("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32"))
+        alpha = self.loss.alpha
+        if not (alpha is None or alpha == "auto" or isinstance(alpha, (int, float, list))):
+            raise ConfigError(
+                f"loss.alpha must be null, a number, a list of per-class numbers or 'auto', not {alpha!r}."
+            )
+        if self.train.use_gpu not in (True, False, "auto"):
+            raise ConfigError(f"train.use_gpu must be true, false or 'auto', not {self.train.use_gpu!r}.")
+        if self.train.workers < 1:
+            raise ConfigError(f"train.workers must be at least 1, not {self.train.workers}.")
+        if self.optim.batch_size < self.train.workers:
+            raise ConfigError(
+                f"optim.batch_size ({self.optim.batch_size}) is the global batch and must be at least "
+                f"train.workers ({self.train.workers})."
+            )
+        if self.data.train_size > self.data.stored_size:
+            raise ConfigError(
+                f"data.train_size ({self.data.train_size}) must not exceed data.stored_size "
+                f"({self.data.stored_size}): training crops from the stored images."
+            )
+        lo, hi = self.data.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, not {self.data.crop_scale}.")
+        return self
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}.")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, values, prefix="")
+    return cfg.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then each `section.key=value` override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist; pass one of the files in configs/.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections, e.g. 'optim: {{lr: 0.001}}'.")
+        _merge(cfg, values, prefix="")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"Override {item!r} must look like section.key=value, e.g. optim.lr=0.001.")
+        _set(cfg, key.strip(), yaml.safe_load(raw))
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _merge(obj: Any, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        _set(obj, str(key), value, prefix)
+
+
+def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    """Set `dotted` (relative to `obj`); `prefix` is only for naming the full key in errors."""
+    parts = dotted.split(".")
+    full = f"{prefix}{dotted}"
+    target = obj
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if part not in fields:
+            raise ConfigError(f"Unknown config key '{full}': '{part}' is not one of {', '.join(fields)}.")
+        current = getattr(target, part)
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(current):
+            if last:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"Config key '{full}' is a section; give it a mapping, not {value!r}.")
+                _merge(current, value, prefix=f"{full}.")
+                return
+            target = current
+            continue
+        if not last:
+            raise ConfigError(f"Unknown config key '{full}': '{part}' is a value, not a section.")
+        hint = typing.get_type_hints(type(target))[part]
+        setattr(target, part, _coerce(full, value, hint))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is list or typing.get_origin(hint) is list:
+        if isinstance(value, list):
+            return value
+    elif typing.get_origin(hint) in (Union, types.UnionType):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"Config key '{key}' must be of type {name}, not {type(value).__name__} ({value!r}).")

@@ -1,0 +1,294 @@
+"""Image-folder trees -> packed uint8 arrays -> a resident, sharded, seeded batch loader.
+
+Layout read (the original project's): `<root>/dataset/{train,val,testset}/<class>/*.jpg`
+(the `dataset/` level is optional). Labels are indices into the fixed CLASS_NAMES, so a split
+missing a class never shifts the labels of the others.
+
+A packed dataset is a folder:
+    manifest.json              written last; a folder without it is incomplete
+    report.json                files left out and why, notes
+    <split>_images.npy         (N, S, S, 3) uint8, S = stored_size
+    <split>_labels.npy         (N,) int16 indices into manifest["class_names"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+_logger = logging.getLogger(__name__)
+
+CLASS_NAMES = (
+    "abraham_grampa_simpson", "agnes_skinner", "apu_nahasapeemapetilon", "barney_gumble",
+    "bart_simpson", "carl_carlson", "charles_montgomery_burns", "chief_wiggum", "cletus_spuckler",
+    "comic_book_guy", "disco_stu", "edna_krabappel", "fat_tony", "gil", "groundskeeper_willie",
+    "homer_simpson", "kent_brockman", "krusty_the_clown", "lenny_leonard", "lionel_hutz",
+    "lisa_simpson", "maggie_simpson", "marge_simpson", "martin_prince", "mayor_quimby",
+    "milhouse_van_houten", "miss_hoover", "moe_szyslak", "ned_flanders", "nelson_muntz",
+    "otto_mann", "patty_bouvier", "principal_skinner", "professor_john_frink",
+    "rainier_wolfcastle", "ralph_wiggum", "selma_bouvier", "sideshow_bob", "sideshow_mel",
+    "snake_jailbird", "troy_mcclure", "waylon_smithers",
+)  # fmt: skip
+assert list(CLASS_NAMES) == sorted(CLASS_NAMES) and len(CLASS_NAMES) == 42
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+SPLIT_NAMES = ("train", "val", "testset")
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+
+class DataError(ValueError):
+    """Input data the job cannot use; the message names the file or folder and the fix."""
+
+
+@dataclass
+class ImageRecord:
+    path: Path  # source file
+    label: int  # index into the class list
+    relpath: str  # path inside the dataset root, used in reports and manifests
+
+
+@dataclass
+class PackedSplit:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int16
+    sources: list[str]  # relpath of each kept image
+    sha256: list[str]  # sha256 of each kept source file
+    bad_files: list[dict] = field(default_factory=list)  # {"path", "reason"} for each file left out
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding images
+
+
+def find_splits(root: str | Path) -> dict[str, Path]:
+    """The split folders under `root` (or `root/dataset`), e.g. {"train": ..., "val": ...}."""
+    root = Path(root)
+    base = root / "dataset" if (root / "dataset").is_dir() else root
+    splits = {name: base / name for name in SPLIT_NAMES if (base / name).is_dir()}
+    if "train" not in splits:
+        raise DataError(
+            f"No 'train' folder under {root}: expected {root}/dataset/train/<class>/*.jpg "
+            "(the original project's layout)."
+        )
+    return splits
+
+
+def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, root: Path | None = None) -> list[ImageRecord]:
+    """Every image file under `split_dir/<class>/`, labelled by the fixed class list."""
+    split_dir = Path(split_dir)
+    root = root or split_dir.parent
+    index = {name: i for i, name in enumerate(class_names)}
+    records = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if class_dir.name not in index:
+            raise DataError(
+                f"Unknown class folder {class_dir}: '{class_dir.name}' is not one of the "
+                f"{len(class_names)} known classes; rename or remove it."
+            )
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"Class folder {class_dir} holds no images; add images or remove the folder.")
+        label = index[class_dir.name]
+        records += [ImageRecord(f, label, f.relative_to(root).as_posix()) for f in files]
+    if not records:
+        raise DataError(f"No class folders with images under {split_dir}.")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and packing
+
+
+def load_image(data: bytes, size: int) -> np.ndarray:
+    """Decode image bytes, convert to RGB, resize to (size, size) -> (size, size, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            # Let libjpeg decode at a reduced scale when the target is much smaller (much faster).
+            img.draft("RGB", (size, size))
+        img.load()
+        if img.width == 0 or img.height == 0:
+            raise ValueError("image is empty")
+        rgb = img.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
+    path, size = args
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return None, digest, "empty file (0 bytes)"
+    try:
+        return load_image(data, size), digest, ""
+    except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
+        return None, digest, f"cannot decode: {exc}"
+
+
+def pack_split(records: Sequence[ImageRecord], size: int, workers: int = 0, desc: str = "pack") -> PackedSplit:
+    """Decode every image once (in a process pool) into one (N, size, size, 3) uint8 array."""
+    workers = workers or os.cpu_count() or 1
+    images = np.empty((len(records), size, size, 3), dtype=np.uint8)
+    keep = np.zeros(len(records), dtype=bool)
+    digests: list[str] = [""] * len(records)
+    bad = []
+    jobs = [(str(r.path), size) for r in records]
+    chunksize = max(1, min(64, len(jobs) // (workers * 8) or 1))
+    with ProcessPoolExecutor(workers) if workers > 1 else _InlineExecutor() as pool:
+        results = pool.map(_decode_one, jobs, chunksize=chunksize)
+        for i, (array, digest, reason) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0)):
+            digests[i] = digest
+            if array is None:
+                bad.append({"path": records[i].relpath, "reason": reason})
+                _logger.warning("Leaving out %s: %s", records[i].relpath, reason)
+            else:
+                images[i] = array
+                keep[i] = True
+    kept = [r for r, k in zip(records, keep) if k]
+    return PackedSplit(
+        images=images[keep],
+        labels=np.array([r.label for r in kept], dtype=np.int16),
+        sources=[r.relpath for r in kept],
+        sha256=[d for d, k in zip(digests, keep) if k],
+        bad_files=bad,
+    )
+
+
+class _InlineExecutor:
+    """ProcessPoolExecutor's map in this process (one worker: no pool to start)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def class_counts(labels: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> list[int]:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
+
+
+def write_packed(out_dir: str | Path, splits: dict[str, PackedSplit], stored_size: int, extra_manifest: dict | None = None,
+                 class_names: Sequence[str] = CLASS_NAMES) -> dict:
+    """Write arrays, report.json, then manifest.json last (its presence marks the set complete)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    manifest = {
+        "format": 1,
+        "class_names": list(class_names),
+        "stored_size": stored_size,
+        "splits": {},
+        "sources": {},
+        **(extra_manifest or {}),
+    }
+    for name, split in splits.items():
+        np.save(out_dir / f"{name}_images.npy", split.images)
+        np.save(out_dir / f"{name}_labels.npy", split.labels)
+        manifest["splits"][name] = {
+            "images": len(split.labels),
+            "class_counts": class_counts(split.labels, len(class_names)),
+            "files": {"images": f"{name}_images.npy", "labels": f"{name}_labels.npy"},
+        }
+        manifest["sources"].update(zip(split.sources, split.sha256))
+    report = {"bad_files": {name: s.bad_files for name, s in splits.items()}}
+    (out_dir / REPORT).write_text(json.dumps(report, indent=1))
+    manifest["files"] = {p.name: file_sha256(p) for p in sorted(out_dir.iterdir()) if p.name != MANIFEST}
+    _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(dataset_dir: str | Path) -> dict:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{dataset_dir} has no {MANIFEST}: the dataset is missing or was not fully written; "
+            "run jobs/prepare_data.py for it again."
+        )
+    return json.loads(path.read_text())
+
+
+def load_packed(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, S, S, 3) uint8, labels (N,) int64) of one split of a packed dataset folder."""
+    manifest = read_manifest(dataset_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"Dataset {dataset_dir} has no '{split}' split; it has {', '.join(manifest['splits'])}.")
+    files = manifest["splits"][split]["files"]
+    images = np.load(Path(dataset_dir) / files["images"], mmap_mode="r")
+    labels = np.load(Path(dataset_dir) / files["labels"]).astype(np.int64)
+    return images, labels
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resident loader
+
+
+class ResidentSplit:
+    """A packed split held in memory (on the GPU when there is one) as uint8.
+
+    Batches are index tensors into that memory: no copies per image, no worker processes. Each
+    epoch draws one seeded permutation that every rank computes identically, and rank r takes
+    every world-th element of it, trimmed so all ranks take the same number of steps (DDP needs
+    equal step counts).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu"):
+        with warnings.catch_warnings():
+            # A read-only memory map: CPU workers on one node share its page cache; never written.
+            warnings.simplefilter("ignore", UserWarning)
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # (N, S, S, 3) uint8
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def train_batches(self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self), generator=generator)
+        per_rank = len(self) // world
+        mine = order[rank::world][:per_rank].to(self.images.device)
+        for start in range(0, per_rank, batch_size):
+            idx = mine[start : start + batch_size]
+            yield self.images[idx], self.labels[idx]
+
+    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
+        return -(-(len(self) // world) // batch_size)
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Every image exactly once across ranks (counts may differ by one: no collective inside).
+        mine = torch.arange(rank, len(self), world, device=self.images.device)
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start : start + batch_size]
+            yield self.images[idx], self.labels[idx]

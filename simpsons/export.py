@@ -1,0 +1,84 @@
+"""The files a person opens after a run: best checkpoint, metrics.json, per_class.csv, pictures.
+
+    best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history
+    best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history
+    best/per_class.csv     precision / recall / F1 / support per class
+    best/confusion.png     42 x 42 confusion matrix with readable labels
+    best/curves.png        loss, accuracy and macro-F1 per epoch
+    best/config.yaml       the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from simpsons import storage
+from simpsons.config import Config, save_config
+from simpsons.metrics import per_class_csv, plot_confusion
+
+OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "per_class.csv", "confusion.png", "curves.png", "config.yaml")
+
+
+def write_report(out_dir: str | Path, report: dict, cm, class_names, history: list[dict] | None = None,
+                 title: str = "") -> None:
+    """metrics.json, per_class.csv, confusion.png (and curves.png with a history) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = dict(report)
+    if history:
+        payload["history"] = history
+    (out_dir / "per_class.csv").write_text(per_class_csv(report))
+    plot_confusion(np.asarray(cm), class_names, out_dir / "confusion.png", title=title)
+    if history:
+        plot_curves(history, out_dir / "curves.png")
+    # metrics.json last: readers treat its presence as "the report is complete".
+    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=1))
+
+
+def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config) -> dict:
+    """Turn a reported checkpoint folder into the best/ folder at dest_uri (local or s3://)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    saved = json.loads((checkpoint_dir / "metrics.json").read_text())
+    report = {"epoch": saved["epoch"], **saved["val"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(checkpoint_dir / "checkpoint.pt", Path(tmp) / "checkpoint.pt")
+        save_config(cfg, Path(tmp) / "config.yaml")
+        title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
+        write_report(tmp, report, saved["confusion"], report_class_names(report), saved["history"], title)
+        storage.upload_dir(tmp, dest_uri, cfg.run.s3_endpoint)
+    print(f"Best epoch {saved['epoch'] + 1}: val macro-F1 {report['macro_f1']:.4f}, accuracy {report['accuracy']:.4f} "
+          f"-> {dest_uri}", flush=True)
+    return report
+
+
+def report_class_names(report: dict) -> list[str]:
+    return [row["class"] for row in report["per_class"]]
+
+
+def plot_curves(history: list[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+    for ax, (title, keys) in zip(axes, [
+        ("loss", ("train_loss", "val_loss")),
+        ("accuracy", ("train_acc", "val_acc")),
+        ("validation macro-F1", ("val_macro_f1",)),
+    ]):
+        for key in keys:
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

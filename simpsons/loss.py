@@ -1,0 +1,73 @@
+"""Focal loss (Lin et al. 2017) for multi-class logits, with per-class alpha and label smoothing.
+
+FL = -sum_c q_c * alpha_c * (1 - p_c)^gamma * log p_c, where q is the (optionally smoothed)
+one-hot target. Without smoothing this is -alpha_t (1 - p_t)^gamma log p_t. It is computed from
+log-softmax in fp32 whatever the autocast dtype, so bf16/fp16 logits cannot underflow log p.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def auto_alpha(class_counts: Sequence[int]) -> list[float]:
+    """Per-class weights proportional to 1/sqrt(count), scaled so the mean weight per image is 1.
+
+    Inverse square root is the usual middle ground between no re-weighting and inverse frequency
+    (which lets a class of 3 images dominate). A class with no images gets the largest weight of
+    the others (it never appears in a batch, so the value only matters for completeness).
+    """
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if counts.sum() <= 0:
+        raise ValueError("auto alpha needs at least one training image.")
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts[present].rsqrt()
+    weights = weights / ((weights * counts).sum() / counts.sum())
+    weights[~present] = weights[present].max()
+    return weights.tolist()
+
+
+def resolve_alpha(alpha, class_counts: Sequence[int]) -> list[float] | float | None:
+    """Turn the config's alpha (None, number, list or 'auto') into what FocalLoss takes."""
+    if alpha == "auto":
+        return auto_alpha(class_counts)
+    if isinstance(alpha, list) and len(alpha) != len(class_counts):
+        raise ValueError(f"loss.alpha has {len(alpha)} values but there are {len(class_counts)} classes.")
+    return alpha
+
+
+class FocalLoss(nn.Module):
+    def __init__(self, alpha: float | Sequence[float] | None = None, gamma: float = 2.0, label_smoothing: float = 0.0):
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"focal gamma must be >= 0, not {gamma}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {label_smoothing}.")
+        self.gamma = float(gamma)
+        self.label_smoothing = float(label_smoothing)
+        if alpha is None or isinstance(alpha, (int, float)):
+            self.scalar_alpha = 1.0 if alpha is None else float(alpha)
+            self.register_buffer("alpha", None)
+        else:
+            self.scalar_alpha = 1.0
+            self.register_buffer("alpha", torch.as_tensor(list(alpha), dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # logits: (B, C) any float dtype; targets: (B,) int64 class indices -> scalar mean loss
+        log_p = F.log_softmax(logits.float(), dim=1)  # (B, C) fp32
+        num_classes = log_p.shape[1]
+        target_dist = F.one_hot(targets, num_classes).float()
+        if self.label_smoothing:
+            target_dist = target_dist * (1 - self.label_smoothing) + self.label_smoothing / num_classes
+        per_class = -log_p
+        if self.gamma:
+            per_class = per_class * (1 - log_p.exp()).clamp_min(0).pow(self.gamma)
+        if self.alpha is not None:
+            per_class = per_class * self.alpha
+        loss = (target_dist * per_class).sum(dim=1)  # (B,)
+        return self.scalar_alpha * loss.mean()

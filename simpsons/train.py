@@ -1,0 +1,344 @@
+"""Ray Train loop: resident data, batched augmentation, mixed precision, DDP, per-epoch reports.
+
+`train_loop_per_worker(config)` runs in every Ray Train worker; `build_trainer` wires it to a
+TorchTrainer (also used per trial by the Tune sweep) and `fit` runs a whole job: train, then
+export the best checkpoint with its metrics to `<storage>/<run name>/best/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from simpsons import storage
+from simpsons.augment import eval_transform, train_transform
+from simpsons.config import Config, from_dict, to_dict
+from simpsons.data import ResidentSplit, load_packed, read_manifest
+from simpsons.loss import FocalLoss, resolve_alpha
+from simpsons.metrics import classification_report, confusion_matrix
+from simpsons.model import create_model
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+SCORE = "val_macro_f1"  # the metric checkpoints are ranked by
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (plain PyTorch; no Ray here, so tests and benchmarks call them directly)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    """Warm-up + cosine stepped every batch, or ReduceLROnPlateau stepped every epoch on val loss."""
+    if cfg.optim.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience
+        )
+    total = max(1, cfg.optim.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TrainStep:
+    """One optimisation step: augment -> forward under autocast -> focal loss -> backward -> step."""
+
+    def __init__(self, model, criterion, optimizer, scheduler, cfg: Config, device: torch.device):
+        self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
+        self.cfg = cfg
+        self.dtype = amp_dtype(cfg.train.precision, device)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.per_step_schedule = cfg.optim.schedule == "cosine"
+
+    def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
+        d = self.cfg.data
+        if not d.augment:
+            return eval_transform(images, d.train_size)
+        return train_transform(images, d.train_size, d.crop_scale, d.rotate, d.hflip, generator)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.inputs(images, generator)
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.model(x)  # (B, C)
+            loss = self.criterion(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.per_step_schedule:
+            self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+
+def build_components(cfg: Config, class_counts: list[int], device: torch.device, prepare=lambda m: m):
+    """Model (prepared for DDP by `prepare`), focal loss, AdamW, scheduler and the step."""
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(len(class_counts), cfg.model.head, cfg.model.dropout).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = prepare(model)
+    criterion = FocalLoss(resolve_alpha(cfg.loss.alpha, class_counts), cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
+    return model, criterion, optimizer
+
+
+@torch.no_grad()
+def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.device, num_classes: int,
+             rank: int = 0, world: int = 1) -> tuple[torch.Tensor, float]:
+    """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split)."""
+    model.eval()
+    dtype = amp_dtype(cfg.train.precision, device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    batch = max(1, cfg.optim.batch_size // world) * 2
+    for images, labels in split.eval_batches(batch, rank, world):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(eval_transform(images, cfg.data.train_size))
+        loss_sum += criterion(logits, labels).double() * len(labels)
+        cm += confusion_matrix(labels, logits.argmax(1), num_classes)
+    if world > 1:
+        dist.all_reduce(cm)
+        dist.all_reduce(loss_sum)
+    model.train()
+    total = int(cm.sum())
+    return cm, float(loss_sum) / max(1, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Train worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = from_dict(config["cfg"])
+    dataset_uri = config["dataset"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and cfg.train.cpus_per_worker >= 1:
+        torch.set_num_threads(int(cfg.train.cpus_per_worker))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    dataset_dir = storage.local_dataset_dir(dataset_uri, cfg.data.cache_dir, cfg.run.s3_endpoint)
+    manifest = read_manifest(dataset_dir)
+    class_names = manifest["class_names"]
+    counts = manifest["splits"]["train"]["class_counts"]
+    train_split = ResidentSplit(*load_packed(dataset_dir, "train"), device=device)
+    val_split = ResidentSplit(*load_packed(dataset_dir, "val"), device=device)
+    per_worker_batch = cfg.optim.batch_size // world
+    steps_per_epoch = train_split.steps_per_epoch(per_worker_batch, world)
+
+    ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True}
+    model, criterion, optimizer = build_components(
+        cfg, counts, device,
+        prepare=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs),
+    )
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
+    step = TrainStep(model, criterion, optimizer, scheduler, cfg, device)
+    bare_model = getattr(model, "module", model)
+
+    start_epoch, best_score, history = 0, -1.0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        bare_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step.scaler.load_state_dict(state["scaler"])
+        start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
+        if rank == 0:
+            print(f"Resuming from the checkpoint of epoch {state['epoch']}; continuing at epoch {start_epoch}.", flush=True)
+
+    writer = _TensorBoard(cfg) if rank == 0 else None
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        started = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 997 + rank)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+        for i, (images, labels) in enumerate(train_split.train_batches(epoch, per_worker_batch, cfg.train.seed, rank, world)):
+            loss, logits = step(images, labels, generator)
+            sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+            if rank == 0 and cfg.train.log_every and (i + 1) % cfg.train.log_every == 0:
+                rate = float(sums[2]) * world / (time.perf_counter() - started)
+                print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {i + 1}/{steps_per_epoch} "
+                      f"loss {float(loss):.3f} {rate:.0f} img/s", flush=True)
+        if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
+            writer.histograms(bare_model, epoch)  # gradients of the epoch's last step are still in .grad
+        if world > 1:
+            dist.all_reduce(sums)
+        train_time = time.perf_counter() - started
+        cm, val_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
+        if cfg.optim.schedule == "plateau":
+            scheduler.step(val_loss)
+        report = classification_report(cm, class_names)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(sums[0] / sums[2]),
+            "train_acc": float(sums[1] / sums[2]),
+            "val_loss": val_loss,
+            "val_acc": report["accuracy"],
+            "val_macro_precision": report["macro_precision"],
+            "val_macro_recall": report["macro_recall"],
+            SCORE: report["macro_f1"],
+            "val_weighted_f1": report["weighted_f1"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_img_per_s": float(sums[2]) / train_time,
+            "epoch_time_s": time.perf_counter() - started,
+            "resumed": bool(checkpoint),
+        }
+        history.append(metrics)
+        best_score = max(best_score, metrics[SCORE])
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs} train loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | "
+                  f"val loss {val_loss:.3f} acc {metrics['val_acc']:.3f} macro-F1 {metrics[SCORE]:.3f} | "
+                  f"{metrics['train_img_per_s']:.0f} img/s", flush=True)
+            writer.scalars(metrics, epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({
+                    "model": bare_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": step.scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_score": best_score,
+                    "history": history,
+                    "config": to_dict(cfg),
+                    "class_names": list(class_names),
+                }, Path(tmp) / CHECKPOINT_FILE)
+                (Path(tmp) / METRICS_FILE).write_text(json.dumps(
+                    {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+    if writer:
+        writer.close()
+
+
+class _TensorBoard:
+    """Rank 0's TensorBoard writer: events go to a local folder, copied to the run's storage each epoch."""
+
+    def __init__(self, cfg: Config):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.local = tempfile.mkdtemp(prefix="simpsons-tb-")
+        self.remote = storage.join(cfg.run.storage, cfg.run.name, "tensorboard")
+        self.endpoint = cfg.run.s3_endpoint
+        self.writer = SummaryWriter(self.local)
+
+    def scalars(self, metrics: dict, epoch: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                group = "train" if key.startswith("train_") else "val" if key.startswith("val_") else "misc"
+                self.writer.add_scalar(f"{group}/{key.split('_', 1)[-1] if group != 'misc' else key}", value, epoch)
+        self.writer.flush()
+        try:
+            storage.upload_dir(self.local, self.remote, self.endpoint)
+        except OSError as exc:  # TensorBoard is a convenience: never fail training over it
+            _logger.warning("Could not copy TensorBoard logs to %s: %s", self.remote, exc)
+
+    def histograms(self, model: torch.nn.Module, epoch: int) -> None:
+        for name, param in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), epoch)
+            if param.grad is not None:
+                self.writer.add_histogram(f"gradients/{name}", param.grad.detach().float().cpu(), epoch)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def resolve_resources(cfg: Config) -> Config:
+    """Fill in train.use_gpu="auto" and cpus_per_worker=0 from the Ray cluster's resources."""
+    cfg = from_dict(to_dict(cfg))
+    available = ray.cluster_resources()
+    if cfg.train.use_gpu == "auto":
+        cfg.train.use_gpu = available.get("GPU", 0) >= 1
+    if not cfg.train.cpus_per_worker:
+        cfg.train.cpus_per_worker = float(max(1, int(available.get("CPU", 1) // cfg.train.workers)))
+    return cfg
+
+
+def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer for this config (resources must be resolved: see resolve_resources)."""
+    name = name or cfg.run.name
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    fs, path = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "dataset": dataset_uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def best_checkpoint(result) -> ray.train.Checkpoint:
+    if not result.best_checkpoints:
+        raise RuntimeError("The run reported no checkpoint; nothing to export.")
+    checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
+    return checkpoint
+
+
+def fit(cfg: Config, dataset_uri: str) -> dict:
+    """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
+    from simpsons.export import export_best
+
+    if not ray.is_initialized():
+        ray.init()
+    cfg = resolve_resources(cfg)
+    print(f"Training {cfg.run.name}: {cfg.train.workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'}, "
+          f"{cfg.train.cpus_per_worker:g} CPU(s) each, {cfg.optim.epochs} epochs -> {cfg.run.storage}", flush=True)
+    result = build_trainer(cfg, dataset_uri).fit()
+    dest = storage.join(cfg.run.storage, cfg.run.name, "best")
+    with best_checkpoint(result).as_directory() as ckpt_dir:
+        return export_best(ckpt_dir, dest, cfg)

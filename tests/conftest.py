@@ -1,0 +1,81 @@
+"""Shared fixtures: test-written images, a real local Ray cluster, a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from synthetic import make_image_tree
+
+# Ray workers inherit this; keeps 2-worker fits on 2 cores quick (RAY_NOTES.md).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "simpsons_dataset"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> Path:
+    """A small learnable tree in the original layout: 4 classes, train/val, JPEG and PNG files."""
+    return make_image_tree(tmp_path_factory.mktemp("images"), per_split={"train": 40, "val": 12}, size=48)
+
+
+@pytest.fixture(scope="session")
+def packed_dataset(image_tree, tmp_path_factory) -> Path:
+    from simpsons.prepare import pack_tree
+
+    out = tmp_path_factory.mktemp("packed")
+    pack_tree(image_tree, out, stored_size=40, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's threaded server) on 127.0.0.1 with test credentials in the environment.
+
+    Set before Ray starts so Ray workers (which inherit the raylet's environment) reach it too.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session (4 logical CPUs on 2 cores), stopped at the end."""
+    import ray
+
+    ray.init(num_cpus=4, log_to_driver=True, _node_ip_address="127.0.0.1")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

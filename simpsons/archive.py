@@ -1,0 +1,191 @@
+"""Unpack .tar.xz / .tar.gz / .tar / .zip archives from untrusted sources, safely.
+
+Every member is checked before a byte of it is written: its path must stay inside the target
+folder (no `..`, no absolute path), it must be a regular file or a folder (no symlinks, hard
+links, devices or FIFOs), and the archive may hold at most `max_members` members and
+`max_bytes` unpacked bytes. Files are written by this module (never `tarfile.extract`), so
+modes, owners and link targets from the archive are ignored.
+
+Members go to a hidden sibling folder that is renamed to the target only when the whole
+archive passed; a refused or broken archive leaves nothing behind and raises ArchiveError with
+one sentence naming the archive, the member and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator
+
+from tqdm import tqdm
+
+ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar", ".zip")
+MAX_MEMBERS = 200_000  # the full Kaggle set has ~21k files
+MAX_BYTES = 16 << 30  # 16 GiB unpacked; the full Kaggle set is ~1.2 GiB
+_CHUNK = 1 << 20  # bytes copied per read
+
+
+class ArchiveError(ValueError):
+    """An archive that is refused (unsafe) or cannot be read; the message names it and the member."""
+
+
+def is_archive(path: str | Path) -> bool:
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def safe_extract(archive: str | Path, target: str | Path, max_members: int = MAX_MEMBERS,
+                 max_bytes: int = MAX_BYTES) -> Path:
+    """Unpack `archive` into the folder `target` (which must not exist yet) and return it."""
+    archive, target = Path(archive), Path(target)
+    if target.exists():
+        raise ArchiveError(f"Cannot unpack {archive.name} into {target}: that folder already exists; remove it first.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir()
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, partial, max_members, max_bytes)
+        else:
+            _extract_tar(archive, partial, max_members, max_bytes)
+        os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Member checks
+
+
+def _safe_relpath(archive: Path, name: str) -> PurePosixPath | None:
+    """The member's path inside the target, or None for the archive's own root ('./')."""
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveError(f"Refusing {archive.name}: member '{name}' has an absolute path and would be written outside the target folder.")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError(f"Refusing {archive.name}: member '{name}' contains '..' and would be written outside the target folder.")
+    return PurePosixPath(*parts) if parts else None
+
+
+class _Budget:
+    """Counts members and unpacked bytes against the limits."""
+
+    def __init__(self, archive: Path, max_members: int, max_bytes: int):
+        self.archive, self.max_members, self.max_bytes = archive, max_members, max_bytes
+        self.members = 0
+        self.bytes = 0
+
+    def add_member(self, name: str, size: int) -> None:
+        self.members += 1
+        if self.members > self.max_members:
+            raise ArchiveError(
+                f"Refusing {self.archive.name}: it has more than {self.max_members:,} members "
+                "(a limit against archive bombs); unpack it yourself and pass the folder instead."
+            )
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            raise ArchiveError(
+                f"Refusing {self.archive.name}: it unpacks to more than {self.max_bytes / 2**30:.1f} GiB "
+                f"(reached at member '{name}'), a limit against archive bombs; unpack it yourself and pass the folder instead."
+            )
+
+
+def _write_member(source: BinaryIO, dest: Path, size: int) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remaining = size
+    with open(dest, "wb") as out:
+        while remaining > 0 and (block := source.read(min(_CHUNK, remaining))):
+            out.write(block)
+            remaining -= len(block)
+    if remaining:
+        raise ArchiveError(f"Archive member {dest.name} is truncated ({size - remaining} of {size} bytes); download the archive again.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+class _ProgressReader(io.RawIOBase):
+    """A read-only file whose reads advance a progress bar (compressed bytes of the archive)."""
+
+    def __init__(self, f: BinaryIO, bar: tqdm):
+        self.f, self.bar = f, bar
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        self.bar.update(n)
+        return n
+
+
+def _extract_tar(archive: Path, out: Path, max_members: int, max_bytes: int) -> None:
+    budget = _Budget(archive, max_members, max_bytes)
+    with open(archive, "rb") as raw, tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
+                                          desc=f"unpack {archive.name}", mininterval=1.0) as bar:
+        try:
+            # Stream mode ("r|*"): one sequential pass, each member checked before it is written.
+            with tarfile.open(fileobj=io.BufferedReader(_ProgressReader(raw, bar), _CHUNK), mode="r|*") as tar:
+                for member in tar:
+                    _extract_tar_member(archive, tar, member, out, budget)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            if isinstance(exc, ArchiveError):
+                raise
+            raise ArchiveError(f"Cannot read {archive.name} as a tar or zip archive ({exc}); download it again or check the file.") from None
+
+
+def _extract_tar_member(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, budget: _Budget) -> None:
+    rel = _safe_relpath(archive, member.name)
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"Refusing {archive.name}: member '{member.name}' is a link, and links are not allowed.")
+    if not (member.isreg() or member.isdir()):
+        raise ArchiveError(f"Refusing {archive.name}: member '{member.name}' is a device or special file, which is not allowed.")
+    budget.add_member(member.name, member.size if member.isreg() else 0)
+    if rel is None:
+        return
+    if member.isdir():
+        (out / rel).mkdir(parents=True, exist_ok=True)
+        return
+    source = tar.extractfile(member)
+    assert source is not None  # a regular file always has data
+    _write_member(source, out / rel, member.size)
+
+
+def _extract_zip(archive: Path, out: Path, max_members: int, max_bytes: int) -> None:
+    budget = _Budget(archive, max_members, max_bytes)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            # The central directory lists every member up front: check them all before writing any.
+            for info in infos:
+                _safe_relpath(archive, info.filename)
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    raise ArchiveError(f"Refusing {archive.name}: member '{info.filename}' is a link, and links are not allowed.")
+                if mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise ArchiveError(f"Refusing {archive.name}: member '{info.filename}' is a device or special file, which is not allowed.")
+                budget.add_member(info.filename, info.file_size)
+            for info in tqdm(infos, desc=f"unpack {archive.name}", unit="file", mininterval=1.0):
+                rel = _safe_relpath(archive, info.filename)
+                if rel is None:
+                    continue
+                if info.is_dir():
+                    (out / rel).mkdir(parents=True, exist_ok=True)
+                    continue
+                with zf.open(info) as source:
+                    _write_member(source, out / rel, info.file_size)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
+        raise ArchiveError(f"Cannot read {archive.name} as a zip archive ({exc}); download it again or check the file.") from None
+
+
+def iter_archives(folder: Path) -> Iterator[Path]:
+    """Archive files directly inside `folder`, by name."""
+    return (p for p in sorted(folder.iterdir()) if p.is_file() and is_archive(p))

@@ -30,15 +30,15 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_affine(batch: int, scale: tuple[float, float], rotate_deg: float, hflip: bool,
-                  generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+                  generator: torch.Generator, device: torch.device | str = "cpu",
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """(B, 2, 3) matrices mapping output coords in [-1, 1] to input coords (affine_grid's convention)."""
     u = torch.rand(batch, 6, generator=generator, device=device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
-    ratio = log_ratio.exp()
+    aspect = (math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]).exp()
     # Crop width/height as fractions of the image side; clamp keeps the crop inside the image.
-    w = (area * ratio).sqrt().clamp(max=1.0)
-    h = (area / ratio).sqrt().clamp(max=1.0)
+    w = (area * aspect).sqrt().clamp(max=1.0)
+    h = (area / aspect).sqrt().clamp(max=1.0)
     cx = (1 - w) * (2 * u[:, 2] - 1)
     cy = (1 - h) * (2 * u[:, 3] - 1)
     angle = math.radians(rotate_deg) * (2 * u[:, 4] - 1)
@@ -56,10 +56,11 @@ def random_affine(batch: int, scale: tuple[float, float], rotate_deg: float, hfl
 
 
 def train_transform(images: torch.Tensor, out_size: int, scale=(0.6, 1.0), rotate_deg: float = 15.0,
-                    hflip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                    hflip: bool = True, generator: torch.Generator | None = None,
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, out, out) float32 normalised, randomly cropped/flipped/rotated."""
     x = _to_float(images)
-    theta = random_affine(len(x), tuple(scale), rotate_deg, hflip, generator, device=x.device)
+    theta = random_affine(len(x), tuple(scale), rotate_deg, hflip, generator, device=x.device, ratio=ratio)
     grid = F.affine_grid(theta, [len(x), 3, out_size, out_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return normalize(x).contiguous(memory_format=torch.channels_last)

@@ -40,8 +40,12 @@ def write_report(out_dir: str | Path, report: dict, cm, class_names, history: li
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=1))
 
 
-def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config) -> dict:
-    """Turn a reported checkpoint folder into the best/ folder at dest_uri (local or s3://)."""
+def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: list[dict] | None = None) -> dict:
+    """Turn a reported checkpoint folder into the best/ folder at dest_uri (local or s3://).
+
+    `history` is the whole run's per-epoch metrics (from the latest checkpoint); by default the
+    best checkpoint's own, which stops at the best epoch.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     saved = json.loads((checkpoint_dir / "metrics.json").read_text())
     report = {"epoch": saved["epoch"], **saved["val"]}
@@ -49,11 +53,17 @@ def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config) -> dict:
         shutil.copy(checkpoint_dir / "checkpoint.pt", Path(tmp) / "checkpoint.pt")
         save_config(cfg, Path(tmp) / "config.yaml")
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
-        write_report(tmp, report, saved["confusion"], report_class_names(report), saved["history"], title)
+        write_report(tmp, report, saved["confusion"], report_class_names(report), history or saved["history"], title)
         storage.upload_dir(tmp, dest_uri, cfg.run.s3_endpoint)
     print(f"Best epoch {saved['epoch'] + 1}: val macro-F1 {report['macro_f1']:.4f}, accuracy {report['accuracy']:.4f} "
           f"-> {dest_uri}", flush=True)
     return report
+
+
+def read_history(checkpoint) -> list[dict]:
+    """The per-epoch metrics recorded in a reported Ray checkpoint."""
+    with checkpoint.as_directory() as ckpt_dir:
+        return json.loads((Path(ckpt_dir) / "metrics.json").read_text())["history"]
 
 
 def report_class_names(report: dict) -> list[str]:

@@ -331,7 +331,7 @@ def best_checkpoint(result) -> ray.train.Checkpoint:
 
 def fit(cfg: Config, dataset_uri: str) -> dict:
     """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
-    from simpsons.export import export_best
+    from simpsons.export import export_best, read_history
 
     if not ray.is_initialized():
         ray.init()
@@ -341,4 +341,4 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     result = build_trainer(cfg, dataset_uri).fit()
     dest = storage.join(cfg.run.storage, cfg.run.name, "best")
     with best_checkpoint(result).as_directory() as ckpt_dir:
-        return export_best(ckpt_dir, dest, cfg)
+        return export_best(ckpt_dir, dest, cfg, history=read_history(result.checkpoint))

@@ -1,0 +1,39 @@
+"""Evaluate a checkpoint on a labelled image folder: the same per-class report and PNG as training.
+
+    python jobs/evaluate.py --checkpoint runs/local/best --data ../data/dataset/testset --out runs/local/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from simpsons.cli import run_job  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run's best/ folder or a checkpoint.pt")
+    parser.add_argument("--data", required=True, help="<folder>/<class>/*.jpg, or a dataset root with train/val/testset")
+    parser.add_argument("--split", help="split to evaluate when --data is a dataset root (default: testset, else val)")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, per_class.csv, confusion.png")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    from simpsons.export import write_report
+    from simpsons.inference import evaluate_folder
+
+    report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split)
+    report["files_left_out"] = bad_files
+    names = [row["class"] for row in report["per_class"]]
+    write_report(args.out, report, cm, names, title=f"{args.data}: macro-F1 {report['macro_f1']:.3f}")
+    print(f"{report['images']} images: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} "
+          f"({report['classes_scored']} classes scored, {len(bad_files)} files left out) -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_job(main, get_args_parser())

@@ -1,0 +1,91 @@
+"""Load a checkpoint and use it: evaluate on an image folder, predict top-k labels for images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from simpsons.augment import eval_transform
+from simpsons.config import Config, from_dict
+from simpsons.data import DataError, IMAGE_SUFFIXES, find_splits, load_image, pack_split, scan_split
+from simpsons.metrics import classification_report, confusion_matrix
+from simpsons.model import create_model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, list[str], dict]:
+    """(model in eval mode, config, class names, raw state) from a checkpoint.pt or its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise DataError(f"No checkpoint at {path}; pass a run's best/ folder or its checkpoint.pt.")
+    state = torch.load(path, map_location=device, weights_only=True)
+    cfg = from_dict(state["config"])
+    class_names = list(state["class_names"])
+    model = create_model(len(class_names), cfg.model.head, cfg.model.dropout)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg, class_names, state
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, train_size: int, batch_size: int = 128) -> torch.Tensor:
+    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32."""
+    images = torch.as_tensor(images)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device)
+        out.append(model(eval_transform(batch, train_size)).float().softmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | None = None, workers: int = 0) -> tuple[dict, np.ndarray, list[dict]]:
+    """(report, confusion matrix, files left out) for a labelled folder `<folder>/<class>/*.jpg`.
+
+    `folder` may also be a dataset root; then `split` (default: testset, else val) is evaluated.
+    """
+    model, cfg, class_names, _ = load_checkpoint(checkpoint)
+    folder = Path(folder)
+    if not any(p.is_dir() and p.name in class_names for p in folder.iterdir()):
+        splits = find_splits(folder)
+        split = split or ("testset" if "testset" in splits else "val")
+        if split not in splits:
+            raise DataError(f"{folder} has no '{split}' split; it has {', '.join(splits)}.")
+        folder = splits[split]
+    packed = pack_split(scan_split(folder, class_names), cfg.data.stored_size, workers, desc="decode")
+    probs = predict_proba(model, packed.images, cfg.data.train_size)
+    labels = torch.as_tensor(packed.labels.astype(np.int64))
+    cm = confusion_matrix(labels, probs.argmax(1), len(class_names)).numpy()
+    return classification_report(cm, class_names), cm, packed.bad_files
+
+
+def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3) -> list[dict]:
+    """Top-k labels with probabilities for each image file (folders are expanded to their images)."""
+    model, cfg, class_names, _ = load_checkpoint(checkpoint)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p} does not exist; pass image files or folders of images.")
+    results, images, kept = [], [], []
+    for f in files:
+        try:
+            images.append(load_image(f.read_bytes(), cfg.data.stored_size))
+            kept.append(f)
+        except Exception as exc:  # one unreadable file must not sink the others
+            results.append({"path": str(f), "error": f"cannot decode: {exc}"})
+    if kept:
+        probs = predict_proba(model, np.stack(images), cfg.data.train_size)
+        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
+            results.append({"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]})
+    return results

@@ -1,0 +1,59 @@
+import pytest
+
+from simpsons.config import ConfigError, from_dict, load_config, save_config, to_dict
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\n  epochs: 7\nloss:\n  alpha: 0.25\n")
+    cfg = load_config(path, ["optim.lr=0.002", "train.workers=2", "data.crop_scale=[0.5, 1.0]"])
+    assert cfg.optim.lr == 0.002 and cfg.optim.epochs == 7
+    assert cfg.loss.alpha == 0.25 and cfg.train.workers == 2
+    assert cfg.data.crop_scale == [0.5, 1.0]
+    assert cfg.optim.batch_size == 64  # untouched default
+
+
+def test_int_is_accepted_for_a_float_field():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.learning_rate=0.1", "Unknown config key 'optim.learning_rate'"),
+    ("optimizer.lr=0.1", "Unknown config key 'optimizer.lr'"),
+    ("optim.epochs=ten", "'optim.epochs' must be of type int"),
+    ("train.use_gpu=maybe", "train.use_gpu must be true, false or 'auto'"),
+    ("optim.schedule=linear", "optim.schedule must be one of cosine, plateau"),
+    ("optim", "must look like section.key=value"),
+    ("data.train_size=200", "must not exceed data.stored_size"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_yaml_file_names_the_full_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sorce: x\n")
+    with pytest.raises(ConfigError, match="Unknown config key 'data.sorce'"):
+        load_config(path)
+
+
+def test_missing_file_is_one_clear_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["loss.alpha=[1.0, 2.0]", "run.name=x"])
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(cfg)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        if path.name.startswith("tune"):
+            continue  # sweep files carry a search space on top of a run config
+        load_config(path)

@@ -333,6 +333,9 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
     from simpsons.export import export_best, read_history
 
+    if not storage.is_s3(dataset_uri):
+        dataset_uri = str(Path(dataset_uri).expanduser().resolve())  # workers do not share our cwd
+        read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
     if not ray.is_initialized():
         ray.init()
     cfg = resolve_resources(cfg)

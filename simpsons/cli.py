@@ -38,21 +38,10 @@ def resolve_dataset(cfg: Config) -> str:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user: printed as one sentence, no traceback."""
     from simpsons.data import DataError
+    from simpsons.sources import SourceError
+    from simpsons.storage import StorageError
 
-    errors: list[type[Exception]] = [ConfigError, DataError]
-    try:
-        from simpsons.sources import SourceError
-
-        errors.append(SourceError)
-    except ImportError:
-        pass
-    try:
-        from simpsons.storage import StorageError
-
-        errors.append(StorageError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, DataError, SourceError, StorageError)
 
 
 def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:

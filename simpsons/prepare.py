@@ -1,37 +1,371 @@
-"""Raw images -> a packed, validated dataset folder (see data.py for its layout)."""
+"""Raw images -> a validated, split, packed dataset -> a versioned dataset in object storage.
+
+    tree = scan_tree(root)                       which images, which split, which class
+    build_dataset(tree, out_dir, stored_size)    decode each image once, split if needed, pack,
+                                                 write report.json and manifest.json (data.py layout)
+    prepare_dataset(source, dest, name, version) fetch -> scan -> build (cached) -> upload to
+                                                 <dest>/datasets/<name>/<version>/, manifest last
+
+A tree is either split (`[dataset/]{train,val,testset}/<class>/`: the given split is kept) or
+not (Kaggle's `simpsons_dataset/<class>/`, optionally with the flat
+`kaggle_simpson_testset/<class>_<n>.jpg`). An unsplit tree gets a stratified, seeded train/val
+split in which byte-identical images, and images whose 64-bit difference hash is equal
+(re-encodes, resizes of one frame), always land on the same side. A class with fewer than
+`min_class_size` images stays in train whole, and report.json says so.
+
+The uploaded version holds `originals/<path in the source>` for every kept image, the packed
+arrays, report.json, and last manifest.json: class names, counts per split and the sha256 of
+every object. Its `fingerprint` (the sha256 of every input file and of the settings) lets a
+re-run see that a version is already complete, and a partial upload is completed by sending
+only what is missing.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import logging
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
-from simpsons.data import find_splits, pack_split, read_manifest, scan_split, write_packed
+import numpy as np
 
-_logger = logging.getLogger(__name__)
+from simpsons import storage
+from simpsons.data import (CLASS_NAMES, IMAGE_SUFFIXES, MANIFEST, REPORT, SPLIT_NAMES, DataError, ImageRecord,
+                           PackedSplit, class_counts, file_sha256, pack_split, read_manifest, scan_split, write_packed)
+
+FORMAT = 1  # bump when the same inputs would give a different dataset
+_FLAT_NAME = re.compile(r"^(?P<cls>[a-z_]+?)_(?P<n>\d+)$")  # kaggle_simpson_testset/<class>_<n>.jpg
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the images
+
+
+@dataclass
+class Tree:
+    root: Path  # what fetch_source returned; record relpaths are relative to it
+    groups: dict[str, list[ImageRecord]]  # split name -> records; "unsplit" when a split must be made
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[ImageRecord]:
+        return [r for records in self.groups.values() for r in records]
+
+
+def scan_tree(root: str | Path, class_names=CLASS_NAMES, max_depth: int = 4) -> Tree:
+    """Every image under `root`, by split (or "unsplit"), labelled by the fixed class list."""
+    root = Path(root).resolve()
+    known = set(class_names)
+    for folder in _folders_breadth_first(root, max_depth):
+        if (folder / "train").is_dir():
+            groups = {name: scan_split(folder / name, class_names, root) for name in SPLIT_NAMES if (folder / name).is_dir()}
+            notes = [f"split folders found in {_rel(folder, root)}: {', '.join(groups)}; kept as given"]
+            if "val" not in groups:
+                groups["unsplit"] = groups.pop("train")
+                notes.append("no val folder: train is split into train and val")
+            return Tree(root, groups, notes)
+        subdirs = [p for p in folder.iterdir() if p.is_dir()]
+        if any(p.name in known for p in subdirs):
+            notes = [f"class folders without a split found in {_rel(folder, root)}"]
+            nested = folder / folder.name
+            if nested.is_dir() and any((nested / c).is_dir() for c in known):
+                # Kaggle's download holds simpsons_dataset/ twice, one inside the other.
+                notes.append(f"{_rel(nested, root)} repeats {_rel(folder, root)}; the inner copy is used")
+                folder = nested
+            groups = {"unsplit": scan_split(folder, class_names, root)}
+            flat = _flat_testset(root, class_names, max_depth)
+            if flat:
+                groups["testset"] = flat
+                notes.append(f"flat test set ({len(flat)} images named <class>_<n>) found in {_rel(flat[0].path.parent, root)}")
+            return Tree(root, groups, notes)
+    raise DataError(
+        f"No images found under {root}: expected [dataset/]train/<class>/*.jpg (the original layout) "
+        "or <class>/*.jpg (Kaggle's simpsons_dataset) within a few folders of it."
+    )
+
+
+def _folders_breadth_first(root: Path, max_depth: int):
+    level = [root]
+    for _ in range(max_depth + 1):
+        yield from level
+        level = [p for folder in level for p in sorted(folder.iterdir())
+                 if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+
+
+def _flat_testset(root: Path, class_names, max_depth: int) -> list[ImageRecord]:
+    """Kaggle's test set: image files named <class>_<n>.jpg directly inside a *testset* folder."""
+    index = {name: i for i, name in enumerate(class_names)}
+    for folder in _folders_breadth_first(root, max_depth):
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if "testset" not in folder.name.lower() or not files:
+            continue
+        records = []
+        for path in files:
+            match = _FLAT_NAME.match(path.stem)
+            if not match or match["cls"] not in index:
+                raise DataError(
+                    f"Test image {path} is not named <class>_<number> with one of the {len(class_names)} known "
+                    "classes; rename or remove it."
+                )
+            records.append(ImageRecord(path, index[match["cls"]], path.relative_to(root).as_posix()))
+        return records
+    return []
+
+
+def _rel(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    return "the source folder" if rel == "." else rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+
+
+def difference_hashes(images: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """64-bit difference hash of each (N, S, S, 3) uint8 image -> (N,) uint64.
+
+    Grey, averaged down to 8x9, one bit per "brighter than its right neighbour": equal for
+    re-encodes and resizes of the same frame, different for different frames.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    hashes = np.empty(len(images), dtype=np.uint64)
+    weights = (1 << np.arange(64, dtype=np.uint64)).astype(np.uint64)
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk])).float().mean(-1)  # (n, S, S)
+        small = F.adaptive_avg_pool2d(x[:, None], (8, 9))[:, 0]  # (n, 8, 9)
+        bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(x), 64).numpy()  # (n, 64)
+        hashes[start : start + len(x)] = (bits.astype(np.uint64) * weights).sum(1, dtype=np.uint64)
+    return hashes
+
+
+def duplicate_groups(sha256: list[str], dhash: np.ndarray) -> np.ndarray:
+    """(N,) group id: images joined by an equal sha256 or an equal difference hash share one."""
+    parent = list(range(len(sha256)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for keys in (sha256, dhash.tolist()):
+        first: dict = {}
+        for i, key in enumerate(keys):
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    return np.array([find(i) for i in range(len(sha256))])
+
+
+def stratified_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int,
+                     min_class_size: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(train indices, val indices, classes kept whole in train).
+
+    Per class, its duplicate groups in a seeded order go to val until the class has
+    round(n * val_fraction) val images; a group is never divided, so no duplicate is on both sides.
+    """
+    rng = np.random.default_rng(seed)
+    _, inverse = np.unique(groups, return_inverse=True)
+    members_of = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])  # per group
+    side = np.zeros(len(labels), dtype=np.int8)  # 0 unassigned, 1 train, 2 val
+    small = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        target = round(len(members) * val_fraction)
+        class_groups = np.unique(inverse[members])
+        if len(members) < min_class_size or target == 0 or len(class_groups) < 2:
+            small.append(int(label))
+            target = 0
+        in_val = int(((side == 2) & (labels == label)).sum())  # placed through groups shared with a class before
+        for group in rng.permutation(class_groups):
+            in_group = members_of[group]
+            if side[in_group].any():
+                continue  # already placed through another class's member
+            if in_val < target:
+                side[in_group] = 2
+                in_val += int((labels[in_group] == label).sum())
+            else:
+                side[in_group] = 1
+    return np.flatnonzero(side == 1), np.flatnonzero(side == 2), small
+
+
+def _subset(split: PackedSplit, index: np.ndarray) -> PackedSplit:
+    return PackedSplit(split.images[index], split.labels[index], [split.sources[i] for i in index],
+                       [split.sha256[i] for i in index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the packed dataset
+
+
+def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, workers: int = 0, val_fraction: float = 0.15,
+                  seed: int = 0, min_class_size: int = 5, extra_manifest: dict | None = None,
+                  class_names=CLASS_NAMES) -> dict:
+    """Decode, validate, split and pack `tree` into `out_dir` (written whole or not at all)."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    packed = {name: pack_split(records, stored_size, workers, desc=f"pack {name}") for name, records in tree.groups.items()}
+    seconds = time.perf_counter() - started
+    found = len(tree.records)
+    bad_files = {name: split.bad_files for name, split in packed.items()}
+    report: dict = {"notes": list(tree.notes), "images_found": found, "bad_files": bad_files}
+    small: list[int] = []
+    if "unsplit" in packed:
+        pool = packed.pop("unsplit")
+        groups = duplicate_groups(pool.sha256, difference_hashes(pool.images))
+        train, val, small = stratified_split(pool.labels, groups, val_fraction, seed, min_class_size)
+        packed = {"train": _subset(pool, train), "val": _subset(pool, val), **packed}
+        sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
+        report["split"] = {
+            "method": "stratified by class, seeded; duplicates kept on one side",
+            "val_fraction": val_fraction, "seed": seed, "min_class_size": min_class_size,
+            "duplicate_groups": int((sizes > 1).sum()), "images_in_duplicate_groups": int(sizes[sizes > 1].sum()),
+        }
+    else:
+        report["split"] = {"method": "given by the source's folders"}
+    report["small_classes_kept_in_train"] = [
+        {"class": class_names[c], "images": int((packed["train"].labels == c).sum()),
+         "reason": f"fewer than {min_class_size} images (or all duplicates of one): too few to split"}
+        for c in small
+    ]
+    report["notes"] += _split_notes(packed, class_names)
+    report["counts"] = {name: dict(zip(class_names, class_counts(s.labels, len(class_names)))) for name, s in packed.items()}
+    kept = sum(len(s.labels) for s in packed.values())
+    report["images_kept"] = kept
+    print(f"Decoded {found} images in {seconds:.1f} s ({found / max(seconds, 1e-9):.0f} images/s); kept {kept}, "
+          f"left out {found - kept} (see report.json)", flush=True)
+
+    # Written into a hidden sibling and renamed: out_dir either holds a whole dataset or nothing.
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    manifest = write_packed(partial, packed, stored_size, extra_manifest, class_names)
+    (partial / REPORT).write_text(json.dumps(report, indent=1))  # the full report in place of write_packed's
+    manifest["files"][REPORT] = file_sha256(partial / REPORT)
+    manifest["pack_images_per_s"] = round(found / max(seconds, 1e-9), 1)
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    return manifest
+
+
+def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
+    notes = []
+    for name, split in packed.items():
+        missing = [class_names[i] for i, n in enumerate(class_counts(split.labels, len(class_names))) if n == 0
+                   and (packed["train"].labels == i).any()]
+        if missing and name != "train":
+            notes.append(f"{name} has no images of {len(missing)} class(es) present in train: {', '.join(missing)}")
+    names = list(packed)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = set(packed[a].sha256) & set(packed[b].sha256)
+            if shared:
+                notes.append(f"{len(shared)} byte-identical image(s) appear in both {a} and {b} (as given by the source)")
+    return notes
 
 
 def pack_tree(root: str | Path, out_dir: str | Path, stored_size: int = 144, workers: int = 0) -> dict:
-    """Pack every split found under `root` (train/val/testset folders) into `out_dir`."""
-    root = Path(root)
-    splits = find_splits(root)
-    base = splits["train"].parent
-    packed = {}
-    for name, split_dir in splits.items():
-        records = scan_split(split_dir, root=base)
-        packed[name] = pack_split(records, stored_size, workers, desc=f"pack {name}")
-        print(f"{name}: {len(packed[name].labels)} images packed, {len(packed[name].bad_files)} left out", flush=True)
-    return write_packed(out_dir, packed, stored_size)
+    """Pack every image under `root` (split or not; see scan_tree) into `out_dir`."""
+    return build_dataset(scan_tree(root), out_dir, stored_size, workers)
 
 
 def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144, workers: int = 0) -> Path:
     """Pack `root` into the cache once; later calls with the same tree and size reuse it."""
     root = Path(root).expanduser().resolve()
     key = hashlib.sha256(f"{root}|{stored_size}".encode()).hexdigest()[:16]
-    out_dir = Path(cache_dir).expanduser() / "packed" / key
+    out_dir = Path(cache_dir).expanduser().resolve() / "packed" / key  # absolute: Ray workers run elsewhere
     try:
         read_manifest(out_dir)
         print(f"Using the packed dataset in {out_dir}", flush=True)
     except ValueError:
         pack_tree(root, out_dir, stored_size, workers)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing a versioned dataset in object storage
+
+
+@dataclass
+class Prepared:
+    uri: str  # <dest>/datasets/<name>/<version>
+    images: int  # kept images in the dataset
+    files_sent: int  # objects uploaded by this run (0 when the version was already complete)
+    bytes_sent: int
+    seconds: float
+    pack_images_per_s: float | None  # None when the packed arrays came from the local cache
+
+
+def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str = "v1", stored_size: int = 144,
+                    workers: int = 0, cache_dir: str = "~/.cache/simpsons", endpoint: str = "",
+                    val_fraction: float = 0.15, seed: int = 0, min_class_size: int = 5) -> Prepared:
+    """Fetch, validate, split, pack and upload `source` as <dest>/datasets/<name>/<version>/."""
+    from simpsons.sources import fetch_source
+
+    started = time.perf_counter()
+    for label, value in (("name", name), ("version", version)):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise DataError(f"Dataset {label} {value!r} may hold only letters, digits, '.', '_' and '-'; pick another.")
+    uri = storage.join(dest, "datasets", name, version)
+    if storage.is_s3(dest):
+        storage.check_bucket(dest, endpoint)  # before any long work: say a wrong bucket/endpoint now
+
+    tree = scan_tree(fetch_source(source, cache_dir))
+    records = tree.records
+    shas = storage.sha256_files([r.path for r in records])
+    settings = {"format": FORMAT, "stored_size": stored_size, "val_fraction": val_fraction, "seed": seed,
+                "min_class_size": min_class_size}
+    inputs = sorted(zip((r.relpath for r in records), shas))
+    fingerprint = hashlib.sha256(json.dumps([inputs, settings]).encode()).hexdigest()
+
+    remote = storage.read_bytes(storage.join(uri, MANIFEST), endpoint)
+    if remote is not None:
+        done = json.loads(remote)
+        if done.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{uri} already holds a complete dataset made from other images or settings; "
+                "pass a new --version (a version never changes once its manifest is written)."
+            )
+        print(f"{uri} is already complete with these inputs; nothing to send.", flush=True)
+        return Prepared(uri, sum(s["images"] for s in done["splits"].values()), 0, 0, time.perf_counter() - started, None)
+
+    staging = Path(cache_dir).expanduser() / "prepared" / fingerprint[:16]
+    rate = None
+    if not (staging / MANIFEST).is_file():
+        extra = {"name": name, "version": version, "fingerprint": fingerprint, "settings": settings,
+                 "source": _public(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        rate = build_dataset(tree, staging, stored_size, workers, val_fraction, seed, min_class_size, extra)["pack_images_per_s"]
+    else:
+        print(f"Using the packed dataset in {staging} (built before from the same inputs)", flush=True)
+    manifest = json.loads((staging / MANIFEST).read_text())
+
+    # Every object of the version, key -> (local file, sha256); the manifest lists them all.
+    objects = {f"originals/{rel}": (tree.root / rel, sha) for rel, sha in manifest["sources"].items()}
+    objects.update({fname: (staging / fname, sha) for fname, sha in manifest["files"].items()})
+    manifest["objects"] = {key: sha for key, (_, sha) in sorted(objects.items())}
+    sent, sent_bytes = storage.sync_files({k: p for k, (p, _) in objects.items()}, uri,
+                                          {k: s for k, (_, s) in objects.items()}, endpoint, desc=f"upload {name}/{version}")
+    storage.write_bytes(json.dumps(manifest, indent=1).encode(), storage.join(uri, MANIFEST), endpoint)  # last
+    images = sum(s["images"] for s in manifest["splits"].values())
+    seconds = time.perf_counter() - started
+    counts = ", ".join(f"{k} {v['images']:,}" for k, v in manifest["splits"].items())
+    print(f"Dataset {uri}: {images:,} images ({counts}); sent {sent:,} files ({sent_bytes / 2**20:.1f} MiB) "
+          f"in {seconds:.1f} s. Train on it with --set data.uri={uri}", flush=True)
+    return Prepared(uri, images, sent + 1, sent_bytes, seconds, rate)
+
+
+def _public(source: str) -> str:
+    """The source without user info, query or fragment (they may hold tokens): safe to store."""
+    parsed = urlparse(str(source))
+    if parsed.scheme in ("http", "https"):
+        return urlunparse((parsed.scheme, parsed.hostname or "", parsed.path, "", "", ""))
+    return str(source)

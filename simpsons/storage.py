@@ -79,17 +79,18 @@ def pyarrow_filesystem(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, s
 # boto3 client and errors
 
 
-def s3_client(endpoint: str = "", max_attempts: int = 8, connect_timeout: float = 10.0):
+def s3_client(endpoint: str = "", max_attempts: int = 0, connect_timeout: float = 10.0):
     """A boto3 S3 client for the endpoint (or AWS), with retries in botocore's standard mode.
 
     Standard mode retries throttling, 5xx and connection errors with exponential backoff and
-    jitter (up to 20 s between tries); `max_attempts` counts the first try.
+    jitter (up to 20 s between tries); `max_attempts` counts the first try (default: the standard
+    AWS_MAX_ATTEMPTS, else 8).
     """
     import boto3
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 8)},
         connect_timeout=connect_timeout,
         read_timeout=60,
         max_pool_connections=PARALLEL_FILES * 2,
@@ -397,6 +398,21 @@ def download_dir(uri: str, local_dir: str | Path, endpoint: str = "") -> Path:
 # Packed datasets in S3 -> a node-local cache
 
 
+def check_dataset(uri: str, endpoint: str = "") -> dict:
+    """The manifest of the packed dataset at an s3:// `uri`; StorageError when it has none (incomplete)."""
+    return json.loads(_manifest_bytes(uri, endpoint))
+
+
+def _manifest_bytes(uri: str, endpoint: str) -> bytes:
+    raw = read_bytes(join(uri, MANIFEST), endpoint)
+    if raw is None:
+        raise StorageError(
+            f"{uri} has no {MANIFEST}: the dataset version is missing or its upload did not finish; "
+            "run jobs/prepare_data.py for it (again) or fix data.uri."
+        )
+    return raw
+
+
 def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: str = "") -> Path:
     """A local folder holding the packed dataset at `uri` (local folders are used in place).
 
@@ -410,12 +426,7 @@ def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: 
         return Path(uri).expanduser()
     from filelock import FileLock
 
-    raw = read_bytes(join(uri, MANIFEST), endpoint)
-    if raw is None:
-        raise StorageError(
-            f"{uri} has no {MANIFEST}: the dataset version is missing or its upload did not finish; "
-            "run jobs/prepare_data.py for it (again) or fix data.uri."
-        )
+    raw = _manifest_bytes(uri, endpoint)
     manifest = json.loads(raw)
     key = hashlib.sha256(raw).hexdigest()[:16]
     root = Path(cache_dir).expanduser() / "datasets"
@@ -425,6 +436,7 @@ def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: 
         if (target / MANIFEST).is_file():
             return target
         partial = root / f"{key}.partial"
+        print(f"Downloading the packed dataset {uri} into {target}", flush=True)
         wanted = sorted(manifest["files"])  # the packed arrays and report.json, not the originals
         have = {name for name in wanted if (partial / name).is_file()
                 and _sha256(partial / name) == manifest["files"].get(name)}  # resume: keep verified files

@@ -336,6 +336,8 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     if not storage.is_s3(dataset_uri):
         dataset_uri = str(Path(dataset_uri).expanduser().resolve())  # workers do not share our cwd
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
+    else:
+        storage.check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
     if not ray.is_initialized():
         ray.init()
     cfg = resolve_resources(cfg)
@@ -343,5 +345,8 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
           f"{cfg.train.cpus_per_worker:g} CPU(s) each, {cfg.optim.epochs} epochs -> {cfg.run.storage}", flush=True)
     result = build_trainer(cfg, dataset_uri).fit()
     dest = storage.join(cfg.run.storage, cfg.run.name, "best")
+    # Read the latest checkpoint before opening the best one: when they are the same checkpoint, a
+    # nested as_directory() in one process shares its temp folder and deletes it on the inner exit.
+    history = read_history(result.checkpoint)
     with best_checkpoint(result).as_directory() as ckpt_dir:
-        return export_best(ckpt_dir, dest, cfg, history=read_history(result.checkpoint))
+        return export_best(ckpt_dir, dest, cfg, history=history)

@@ -9,8 +9,8 @@
 A tree is either split (`[dataset/]{train,val,testset}/<class>/`: the given split is kept) or
 not (Kaggle's `simpsons_dataset/<class>/`, optionally with the flat
 `kaggle_simpson_testset/<class>_<n>.jpg`). An unsplit tree gets a stratified, seeded train/val
-split in which byte-identical images, and images whose 64-bit difference hash is equal
-(re-encodes, resizes of one frame), always land on the same side. A class with fewer than
+split in which byte-identical images, and same-class images whose 16x16 grey thumbnails
+are nearly equal (re-encodes, resizes of one frame), always land on the same side. A class with fewer than
 `min_class_size` images stays in train whole, and report.json says so.
 
 The uploaded version holds `originals/<path in the source>` for every kept image, the packed
@@ -126,27 +126,39 @@ def _rel(path: Path, root: Path) -> str:
 # Splitting
 
 
-def difference_hashes(images: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """64-bit difference hash of each (N, S, S, 3) uint8 image -> (N,) uint64.
+NEAR_DUPLICATE = 3.0  # grey levels (0-255): mean |difference| of 16x16 thumbnails below which two images are one picture
 
-    Grey, averaged down to 8x9, one bit per "brighter than its right neighbour": equal for
-    re-encodes and resizes of the same frame, different for different frames.
+
+def near_duplicate_pairs(images: np.ndarray, labels: np.ndarray, threshold: float = NEAR_DUPLICATE,
+                         side: int = 16) -> np.ndarray:
+    """(P, 2) index pairs (i < j) of same-class images that are the same picture re-encoded or resized.
+
+    Each (N, S, S, 3) uint8 image becomes a grey side x side thumbnail; two are near-identical
+    when their mean absolute difference is under `threshold` grey levels (re-encodes measure
+    about 1-2, different frames 4 and up). Compared within each class only: sum of n_c^2 pairs,
+    a few seconds for the whole Kaggle set.
     """
     import torch
     import torch.nn.functional as F
 
-    hashes = np.empty(len(images), dtype=np.uint64)
-    weights = (1 << np.arange(64, dtype=np.uint64)).astype(np.uint64)
-    for start in range(0, len(images), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk])).float().mean(-1)  # (n, S, S)
-        small = F.adaptive_avg_pool2d(x[:, None], (8, 9))[:, 0]  # (n, 8, 9)
-        bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(x), 64).numpy()  # (n, 64)
-        hashes[start : start + len(x)] = (bits.astype(np.uint64) * weights).sum(1, dtype=np.uint64)
-    return hashes
+    thumbs = torch.cat([
+        F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(images[i : i + 512])).float().mean(-1)[:, None], side).flatten(1)
+        for i in range(0, len(images), 512)
+    ]) if len(images) else torch.zeros(0, side * side)  # (N, side*side)
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        for start in range(0, len(members), 1024):
+            rows = members[start : start + 1024]
+            distance = torch.cdist(thumbs[rows], thumbs[members], p=1) / thumbs.shape[1]  # (rows, members)
+            i, j = (t.numpy() for t in torch.nonzero(distance < threshold, as_tuple=True))
+            keep = rows[i] < members[j]
+            pairs.append(np.stack([rows[i][keep], members[j][keep]], axis=1))
+    return np.concatenate(pairs)
 
 
-def duplicate_groups(sha256: list[str], dhash: np.ndarray) -> np.ndarray:
-    """(N,) group id: images joined by an equal sha256 or an equal difference hash share one."""
+def duplicate_groups(sha256: list[str], pairs: np.ndarray) -> np.ndarray:
+    """(N,) group id: images joined by an equal sha256 or by a near-duplicate pair share one."""
     parent = list(range(len(sha256)))
 
     def find(i: int) -> int:
@@ -155,13 +167,12 @@ def duplicate_groups(sha256: list[str], dhash: np.ndarray) -> np.ndarray:
             i = parent[i]
         return i
 
-    for keys in (sha256, dhash.tolist()):
-        first: dict = {}
-        for i, key in enumerate(keys):
-            if key in first:
-                parent[find(i)] = find(first[key])
-            else:
-                first[key] = i
+    first: dict[str, int] = {}
+    for i, digest in enumerate(sha256):
+        first.setdefault(digest, i)
+        parent[find(i)] = find(first[digest])
+    for i, j in pairs.tolist():
+        parent[find(i)] = find(j)
     return np.array([find(i) for i in range(len(sha256))])
 
 
@@ -220,7 +231,7 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
     small: list[int] = []
     if "unsplit" in packed:
         pool = packed.pop("unsplit")
-        groups = duplicate_groups(pool.sha256, difference_hashes(pool.images))
+        groups = duplicate_groups(pool.sha256, near_duplicate_pairs(pool.images, pool.labels))
         train, val, small = stratified_split(pool.labels, groups, val_fraction, seed, min_class_size)
         packed = {"train": _subset(pool, train), "val": _subset(pool, val), **packed}
         sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
@@ -249,6 +260,8 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
     manifest = write_packed(partial, packed, stored_size, extra_manifest, class_names)
     (partial / REPORT).write_text(json.dumps(report, indent=1))  # the full report in place of write_packed's
     manifest["files"][REPORT] = file_sha256(partial / REPORT)
+    for name, split in packed.items():
+        manifest["splits"][name]["sources"] = split.sources  # row i of the arrays came from sources[i]
     manifest["pack_images_per_s"] = round(found / max(seconds, 1e-9), 1)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if out_dir.exists():

@@ -1,0 +1,264 @@
+"""Validation, splitting and upload of a dataset version, on test-written images and a real S3 server."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from simpsons import storage
+from simpsons.data import CLASS_NAMES, DataError, load_image, read_manifest
+from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree
+from simpsons.storage import StorageError
+from synthetic import draw_example, make_image_tree
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    name = f"prep-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def objects(bucket: str) -> dict[str, dict]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+
+
+def get(bucket: str, key: str) -> bytes:
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and message.endswith(".")
+
+
+def unsplit_tree(root: Path, per_class: int = 30, seed: int = 0) -> Path:
+    """Kaggle-style `<class>/*.jpg`, plus duplicates of both kinds and a class too small to split."""
+    make_image_tree(root, per_split={"": per_class}, size=48, seed=seed, layout="flat")
+    bart, lisa = root / "bart_simpson", root / "lisa_simpson"
+    for i in range(4):  # byte-identical copies under other names
+        shutil.copy(bart / f"pic_{i:04d}.jpg", bart / f"copy_{i}.jpg")
+    for i in range(4):  # re-encoded at another quality and size: other bytes, the same picture
+        with Image.open(lisa / f"pic_{i:04d}.jpg") as img:
+            img.resize((44, 44)).save(lisa / f"reencoded_{i}.jpg", quality=60)
+    gil = root / "gil"
+    gil.mkdir()
+    import random
+
+    for i in range(3):
+        draw_example(4, 48, random.Random(i)).save(gil / f"pic_{i}.jpg")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and split (local, no S3)
+
+
+def test_unsplit_tree_gets_a_seeded_stratified_split_without_duplicates_across(tmp_path):
+    tree = scan_tree(unsplit_tree(tmp_path / "src"))
+    assert set(tree.groups) == {"unsplit"}
+    manifest = build_dataset(tree, tmp_path / "a", stored_size=32, workers=1, val_fraction=0.2, seed=1)
+    sides = {name: set(manifest["splits"][name]["sources"]) for name in ("train", "val")}
+    assert sides["train"].isdisjoint(sides["val"]) and len(sides["train"] | sides["val"]) == len(tree.records)
+
+    # Byte-identical: no sha256 on both sides. Re-encoded: each pair on one side.
+    sha = manifest["sources"]
+    assert {sha[s] for s in sides["train"]}.isdisjoint({sha[s] for s in sides["val"]})
+    for i in range(4):
+        pair = {f"lisa_simpson/pic_{i:04d}.jpg", f"lisa_simpson/reencoded_{i}.jpg"}
+        assert pair <= sides["train"] or pair <= sides["val"]
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["split"]["duplicate_groups"] >= 8
+
+    # Stratified: about 20 % of each splittable class in val; the tiny class whole in train, and said.
+    val_counts = dict(zip(CLASS_NAMES, manifest["splits"]["val"]["class_counts"]))
+    assert all(5 <= val_counts[c] <= 8 for c in ("bart_simpson", "homer_simpson", "lisa_simpson", "marge_simpson"))
+    assert val_counts["gil"] == 0 and {r["class"] for r in report["small_classes_kept_in_train"]} == {"gil"}
+    assert "too few to split" in report["small_classes_kept_in_train"][0]["reason"]
+
+    # Seeded: the same seed gives the same split, another seed another.
+    again = build_dataset(tree, tmp_path / "b", stored_size=32, workers=1, val_fraction=0.2, seed=1)
+    other = build_dataset(tree, tmp_path / "c", stored_size=32, workers=1, val_fraction=0.2, seed=2)
+    assert again["splits"]["val"]["sources"] == manifest["splits"]["val"]["sources"]
+    assert set(other["splits"]["val"]["sources"]) != sides["val"]
+
+
+def test_near_duplicates_are_reencodes_not_merely_similar_pictures(tmp_path):
+    root = unsplit_tree(tmp_path / "src", per_class=6)
+    lisa = root / "lisa_simpson"
+    files = [lisa / "pic_0000.jpg", lisa / "reencoded_0.jpg", lisa / "pic_0001.jpg", lisa / "pic_0002.jpg",
+             lisa / "reencoded_2.jpg", root / "bart_simpson" / "pic_0000.jpg"]
+    images = np.stack([load_image(f.read_bytes(), 32) for f in files])
+    labels = np.array([0, 0, 0, 0, 0, 1])
+    assert near_duplicate_pairs(images, labels).tolist() == [[0, 1], [3, 4]]
+    assert near_duplicate_pairs(images, np.arange(6)).tolist() == []  # compared within a class only
+
+
+def test_given_split_is_kept_and_cross_split_duplicates_are_noted(tmp_path):
+    root = make_image_tree(tmp_path / "src", per_split={"train": 6, "val": 3}, size=32)
+    base = root / "dataset"
+    shutil.copy(base / "train/bart_simpson/pic_0000.jpg", base / "val/bart_simpson/same_as_train.jpg")
+    manifest = build_dataset(scan_tree(root), tmp_path / "out", stored_size=32, workers=1)
+    assert all(s.startswith("dataset/val/") for s in manifest["splits"]["val"]["sources"])
+    assert manifest["splits"]["val"]["images"] == 4 * 3 + 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "1 byte-identical image(s) appear in both train and val (as given by the source)" in report["notes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare into S3
+
+
+def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_path):
+    root = make_image_tree(tmp_path / "src", per_split={"train": 5, "val": 3}, size=32)
+    bart = root / "dataset" / "train" / "bart_simpson"
+    (bart / "empty.jpg").write_bytes(b"")
+    good = (bart / "pic_0000.jpg").read_bytes()
+    (bart / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (bart / "notes.jpg").write_text("these are my notes, not a picture")
+
+    result = prepare_dataset(str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1,
+                             cache_dir=str(tmp_path / "cache"))
+    prefix = "simpsons/datasets/tiny/v1/"
+    assert result.uri == f"s3://{bucket}/{prefix}".rstrip("/") and result.images == 4 * 8
+    stored = {k[len(prefix):]: o for k, o in objects(bucket).items()}
+    manifest = json.loads(get(bucket, prefix + "manifest.json"))
+    # Every object is listed with its sha256, and matches it; the manifest names classes and counts.
+    assert set(stored) == set(manifest["objects"]) | {"manifest.json"}
+    for key, sha in manifest["objects"].items():
+        assert storage.hashlib.sha256(get(bucket, prefix + key)).hexdigest() == sha
+    assert manifest["class_names"] == list(CLASS_NAMES) and manifest["splits"]["train"]["images"] == 20
+    assert {"train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy", "report.json"} <= set(stored)
+    assert "originals/dataset/train/bart_simpson/pic_0000.jpg" in stored
+    # Bad files: reported with their reason, left out of the arrays and of originals/.
+    report = json.loads(get(bucket, prefix + "report.json"))
+    bad = {b["path"]: b["reason"] for b in report["bad_files"]["train"]}
+    assert set(bad) == {f"dataset/train/bart_simpson/{n}" for n in ("empty.jpg", "truncated.jpg", "notes.jpg")}
+    assert "0 bytes" in bad["dataset/train/bart_simpson/empty.jpg"] and "cannot decode" in bad["dataset/train/bart_simpson/notes.jpg"]
+    assert not any("empty.jpg" in k or "notes.jpg" in k for k in stored)
+
+    # Same inputs again: nothing is sent. Other inputs into the complete version: refused.
+    before = {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket).items()}
+    assert prepare_dataset(str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1,
+                           cache_dir=str(tmp_path / "cache")).files_sent == 0
+    assert {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket).items()} == before
+    (bart / "pic_0001.jpg").unlink()
+    with pytest.raises(DataError, match="already holds a complete dataset made from other images or settings; pass a new --version"):
+        prepare_dataset(str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1,
+                        cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("problem", ["unknown class", "empty class"])
+def test_bad_tree_is_refused_and_nothing_is_stored(bucket, tmp_path, problem):
+    root = make_image_tree(tmp_path / "src", per_split={"train": 2, "val": 1}, size=32)
+    if problem == "unknown class":
+        shutil.copytree(root / "dataset/train/bart_simpson", root / "dataset/train/bartman")
+        expected = "Unknown class folder .*'bartman' is not one of the 42 known classes; rename or remove it."
+    else:
+        (root / "dataset/val/gil").mkdir()
+        expected = "Class folder .*gil holds no images; add images or remove the folder."
+    with pytest.raises(DataError, match=expected) as err:
+        prepare_dataset(str(root), f"s3://{bucket}/p", cache_dir=str(tmp_path / "cache"))
+    assert one_sentence(str(err.value)) and objects(bucket) == {}
+
+
+def test_job_exits_with_one_sentence_for_a_missing_bucket(s3_server, tmp_path):
+    root = make_image_tree(tmp_path / "src", per_split={"train": 1, "val": 1}, size=16)
+    done = subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), "--source", str(root),
+                           "--dest", "s3://not-a-bucket-yet/simpsons", "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: Bucket 'not-a-bucket-yet' does not exist at {s3_server}; create it "
+        "(aws s3 mb s3://not-a-bucket-yet) or fix the URI s3://not-a-bucket-yet/simpsons.")
+    assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# An S3 failure in the middle of an upload
+
+
+class CuttingProxy:
+    """A TCP proxy to the S3 server that, once `budget` request bytes have passed, drops every
+    connection and stops listening: the S3 endpoint goes away in the middle of the upload."""
+
+    def __init__(self, upstream: str, budget: int):
+        self.upstream = (urlparse(upstream).hostname, urlparse(upstream).port)
+        self.budget, self.sent, self.lock = budget, 0, threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.cut.is_set():
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, is_request):
+        try:
+            while data := src.recv(1 << 16):
+                if is_request:
+                    with self.lock:
+                        self.sent += len(data)
+                        over = self.sent > self.budget
+                    if over:
+                        self.close()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.cut.set()
+        for sock in [self.listener, *self.sockets]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def test_upload_cut_in_the_middle_completes_on_rerun(bucket, s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # fail within seconds once the endpoint is gone
+    monkeypatch.setattr(storage, "FILE_ATTEMPTS", 1)
+    root = make_image_tree(tmp_path / "src", per_split={"train": 10, "val": 4}, size=48)
+    args = dict(source=str(root), dest=f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache"))
+    proxy = CuttingProxy(s3_server, budget=40_000)  # about a third of the version's bytes
+    try:
+        with pytest.raises(StorageError) as err:
+            prepare_dataset(**args, endpoint=proxy.url)
+    finally:
+        proxy.close()
+    assert one_sentence(str(err.value)) and proxy.url in str(err.value), str(err.value)
+    partial = objects(bucket)
+    assert "p/datasets/simpsons/v1/manifest.json" not in partial  # incomplete, and marked so
+    with pytest.raises(StorageError, match="has no manifest.json"):
+        storage.local_dataset_dir(f"s3://{bucket}/p/datasets/simpsons/v1", str(tmp_path / "train_cache"))
+
+    result = prepare_dataset(**args)
+    complete = objects(bucket)
+    manifest = json.loads(get(bucket, "p/datasets/simpsons/v1/manifest.json"))
+    assert 0 < len(partial) < len(manifest["objects"])  # the cut really came in the middle
+    assert len(complete) == len(manifest["objects"]) + 1
+    assert result.files_sent == len(manifest["objects"]) - len(partial) + 1  # only what was missing, then the manifest
+    assert read_manifest(storage.local_dataset_dir(result.uri, str(tmp_path / "train_cache")))["fingerprint"]

@@ -181,19 +181,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file (if any), then each `section.key=value` override in order."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist; pass one of the files in configs/.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"Config file {path} must hold a mapping of sections, e.g. 'optim: {{lr: 0.001}}'.")
-        _merge(cfg, values, prefix="")
+        _merge(cfg, read_config_file(path), prefix="")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"Override {item!r} must look like section.key=value, e.g. optim.lr=0.001.")
         _set(cfg, key.strip(), yaml.safe_load(raw))
     return cfg.validate()
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping of sections in a YAML config file (the sweep job reads its `tune:` section too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; pass one of the files in configs/.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections, e.g. 'optim: {{lr: 0.001}}'.")
+    return values
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

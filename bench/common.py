@@ -1,0 +1,120 @@
+"""What the benchmarks share: where the data comes from, how figures are printed, how to skip.
+
+Every benchmark prints its figures on stdout, one per line, as `name value` (a number), so a
+test or a script can parse them; progress and notes go to stderr. A benchmark that cannot run
+here (no real sample, no CUDA) prints one line starting with `skipped ` and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+# The real sample shipped beside the repository (see ../shared/data/README.md); never copied into it.
+REAL_ARCHIVE = REPO.parent / "shared" / "data" / "simpsons_dataset" / "dataset.tar.xz"
+DEFAULT_CACHE = REPO / "bench" / "out" / "cache"
+
+
+def emit(name: str, value: float, digits: int = 2) -> None:
+    """One figure on stdout: `name value`."""
+    print(f"{name} {value:.{digits}f}", flush=True)
+
+
+def note(message: str) -> None:
+    """Progress and explanations: stderr, so stdout holds only figures."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def skip(reason: str) -> None:
+    """Say in one line why this benchmark does not run here, and exit 0."""
+    print(f"skipped {reason}", flush=True)
+    sys.exit(0)
+
+
+def load_average() -> float:
+    """The 1-minute load average: how busy the machine was while a figure was measured."""
+    return os.getloadavg()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def real_sample_tree(cache: Path, archive: Path = REAL_ARCHIVE) -> Path | None:
+    """The real sample unpacked once into `cache/real` (a tree with dataset/train, dataset/val), or None."""
+    if not archive.is_file():
+        return None
+    root = cache / "real"
+    stamp = root / ".unpacked"
+    # The archive's size and mtime identify it well enough for a benchmark cache.
+    key = f"{archive.resolve()} {archive.stat().st_size} {archive.stat().st_mtime_ns}"
+    if stamp.is_file() and stamp.read_text() == key:
+        return root
+    note(f"Unpacking {archive} into {root} (once; about 10 s) ...")
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as tar:
+        tar.extractall(root, filter="data")
+    stamp.write_text(key)
+    return root
+
+
+def image_tree(images: str | None, cache: Path, archive: Path = REAL_ARCHIVE) -> Path:
+    """The image-folder tree to benchmark on: `--images` if given, else the real sample (or skip)."""
+    if images:
+        path = Path(images)
+        if not path.is_dir():
+            raise SystemExit(f"error: --images {images} is not a folder; give an image tree like <root>/dataset/train/<class>/*.jpg.")
+        return path
+    tree = real_sample_tree(cache, archive)
+    if tree is None:
+        skip(f"the real sample {archive} is not here; pass --archive <dataset.tar.xz> or --images <image tree>.")
+    return tree
+
+
+def packed(tree: Path, cache: Path, stored_size: int) -> Path:
+    """The tree packed once into the cache (uint8 arrays, see simpsons/data.py)."""
+    from simpsons.prepare import cached_pack
+
+    with contextlib.redirect_stdout(sys.stderr):  # the packer's progress lines are not figures
+        return cached_pack(tree, cache, stored_size)
+
+
+def stored_size_for(train_size: int) -> int:
+    """The stored side for a train side, in the default config's ratio (144 px stored for 128 px)."""
+    return max(train_size, round(train_size * 144 / 128))
+
+
+def forever(make_iterable):
+    """Chain `make_iterable()` calls forever (e.g. one epoch of batches after another)."""
+    while True:
+        yield from make_iterable()
+
+
+def bare_step_class():
+    """TrainStep fed a ready input tensor: the network's step with no data path at all."""
+    from simpsons.train import TrainStep
+
+    class BareStep(TrainStep):
+        def inputs(self, images, generator):
+            return images  # already (B, 3, T, T) float in the config's layout
+
+    return BareStep
+
+
+def add_common_args(parser, quick_help: str) -> None:
+    parser.add_argument("--images", help="image tree to use instead of the real sample (<root>/dataset/{train,val}/<class>/*.jpg)")
+    parser.add_argument("--archive", type=Path, default=REAL_ARCHIVE,
+                        help="the real sample's dataset.tar.xz, unpacked once into the cache (default: %(default)s)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the unpacked and packed sample are kept (default: %(default)s)")
+    parser.add_argument("--config", help="YAML config for this project's pipeline (default: the built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. --set train.precision=fp32")
+    parser.add_argument("--quick", action="store_true", help=quick_help)

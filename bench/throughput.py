@@ -1,0 +1,294 @@
+"""Training throughput on the CPU: the original project's pipeline and this project's, side by side.
+
+    python bench/throughput.py                        # real sample, 128 px, batch 64, 2 threads
+    python bench/throughput.py --variants all         # also fp32 and bf16 without channels_last
+    python bench/throughput.py --images <tree> --quick
+
+Pipelines, each timed over the same number of training steps after warm-up; the timed steps are
+taken in rounds, a few steps of each pipeline per round in a rotating order, so load from other
+processes on the machine falls on all of them alike:
+
+  baseline     the original project (IlyaKarakulin/Classification-of-the-Simpsons, Model/): a
+               Dataset that opens each JPEG with PIL and builds Compose([Resize((S, S)), ToTensor(),
+               Normalize]) inside every __getitem__, DataLoader(num_workers=0), the same network in
+               fp32 NCHW, its FocalLoss(gamma=1.5) and AdamW
+  train        this project's step: packed uint8 images resident in memory (simpsons.data), batched
+               augmentation (simpsons.augment.train_transform), simpsons.train.TrainStep with the
+               config's precision and layout (defaults: bf16 autocast, channels_last), cosine schedule
+  model_step   the same TrainStep on a ready random input tensor: the cost of the network alone
+
+Figures (stdout, `name value`; img/s = training images per second):
+  baseline_img_per_s, train_img_per_s, model_step_img_per_s
+  speedup_vs_baseline = train / baseline          (target >= 2.5)
+  data_path_fraction  = train / model_step        (target >= 0.9: the data path costs < 10 %)
+  baseline_data_img_per_s, data_path_img_per_s    the two data paths alone (no network)
+  *_worst_round                                    the lowest per-round ratio, to judge the noise
+  load_avg_1m_start/_end                           the machine's 1-minute load around the run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import add_common_args, bare_step_class, emit, forever, image_tree, load_average, note, packed, stored_size_for
+
+import torch  # noqa: E402  (after common, which puts the repo on sys.path)
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+from simpsons.augment import MEAN, STD  # noqa: E402
+from simpsons.config import Config, load_config  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, find_splits, load_packed, read_manifest  # noqa: E402
+from simpsons.model import create_model  # noqa: E402
+from simpsons.train import TrainStep, build_components, create_scheduler  # noqa: E402
+
+# Extra pipelines that show what each choice is worth: name -> config overrides.
+VARIANTS = {
+    "fp32": ["train.precision=fp32", "train.channels_last=false"],  # the original's arithmetic and layout
+    "fp32_cl": ["train.precision=fp32", "train.channels_last=true"],
+    "bf16_nchw": ["train.precision=bf16", "train.channels_last=false"],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The original project's pipeline (Model/Dataset.py and Model/Model.py, as published)
+
+
+class OriginalDataset(torch.utils.data.Dataset):
+    """The original SimpsonDataset: one PIL open and a freshly built Compose per item.
+
+    One deviation, in the baseline's favour: labels come from a dict instead of a per-item
+    sklearn LabelEncoder.transform call (same indices: sorted class names).
+    """
+
+    def __init__(self, split_dir: Path, size: int):
+        self.size = size
+        self.files = sorted(Path(split_dir).rglob("*.jpg"))
+        if not self.files:
+            raise SystemExit(f"error: no *.jpg files under {split_dir}; the original pipeline reads JPEGs only.")
+        self.labels = [path.parent.name for path in self.files]
+        self.index = {name: i for i, name in enumerate(sorted(set(self.labels)))}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        image = Image.open(self.files[i])
+        image.load()
+        transform = transforms.Compose([
+            transforms.Resize((self.size, self.size)),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ])
+        return transform(image), self.index[self.labels[i]]
+
+
+class OriginalFocalLoss(torch.nn.Module):
+    """The original FocalLoss: softmax, gather, -log(p + 1e-6), (1 - p)^gamma, mean."""
+
+    def __init__(self, gamma: float = 1.5):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, inputs, targets):
+        probs = F.softmax(inputs, dim=1)
+        class_probs = probs.gather(1, targets.view(-1, 1)).squeeze(1)
+        return ((1 - class_probs) ** self.gamma * -torch.log(class_probs + 1e-6)).mean()
+
+
+class OriginalPipeline:
+    """The original training step: fp32, NCHW, AdamW(lr 3e-3, wd 0.02), loss.item() every step."""
+
+    def __init__(self, split_dir: Path, size: int, batch: int, data_only: bool = False):
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(OriginalDataset(split_dir, size), batch_size=batch, shuffle=True, num_workers=0)
+        self.batches = forever(lambda: loader)
+        self.data_only = data_only
+        if not data_only:
+            self.model = create_model(len(CLASS_NAMES), head="original")
+            self.loss_fn = OriginalFocalLoss(gamma=1.5)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3, weight_decay=0.02)
+        self.summ_loss, self.corrects = 0.0, 0
+
+    def step(self) -> int:
+        x, y = next(self.batches)
+        if self.data_only:
+            return len(y)
+        self.optimizer.zero_grad()
+        predict = self.model(x)
+        loss = self.loss_fn(predict, y)
+        loss.backward()
+        self.optimizer.step()
+        self.summ_loss += loss.item() * x.size(0)
+        self.corrects += int(torch.sum(predict.argmax(1) == y))
+        return len(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's pipeline
+
+
+class NCHWStep(TrainStep):
+    """TrainStep with NCHW-contiguous inputs.
+
+    augment.py returns channels_last tensors whatever the config says, and a channels_last input
+    makes the convolutions run channels_last even with NCHW weights; without this copy a
+    "no channels_last" variant would silently measure channels_last.
+    """
+
+    def inputs(self, images, generator):
+        return super().inputs(images, generator).contiguous()
+
+
+class ProjectPipeline:
+    """One training step of simpsons.train's loop: next resident batch -> TrainStep -> running sums."""
+
+    def __init__(self, cfg: Config, split: ResidentSplit, class_counts: list[int], bare: bool = False, data_only: bool = False):
+        device = torch.device("cpu")
+        self.cfg, self.split, self.data_only = cfg, split, data_only
+        batch = cfg.optim.batch_size
+        model, criterion, optimizer = build_components(cfg, class_counts, device)
+        scheduler = create_scheduler(optimizer, cfg, split.steps_per_epoch(batch))
+        step_class = bare_step_class() if bare else (TrainStep if cfg.train.channels_last else NCHWStep)
+        self.train_step = step_class(model, criterion, optimizer, scheduler, cfg, device)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        if bare:
+            # The input TrainStep.inputs would produce: (B, 3, T, T) float32 in the config's layout.
+            size = cfg.data.train_size
+            x = torch.randn(batch, 3, size, size)
+            x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+            y = torch.randint(0, len(class_counts), (batch,))
+            self.batches = forever(lambda: [(x, y)])
+        else:
+            counter = iter(range(1 << 30))
+            self.batches = forever(lambda: split.train_batches(next(counter), batch, cfg.train.seed))
+
+    def step(self) -> int:
+        images, labels = next(self.batches)
+        if self.data_only:
+            self.train_step.inputs(images, self.generator)
+            return len(labels)
+        loss, logits = self.train_step(images, labels, self.generator)
+        # The training loop's per-step bookkeeping (loss * n, correct, n), kept on the device.
+        self.sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
+                                  torch.tensor(float(len(labels)), dtype=torch.float64)])
+        return len(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def measure(pipelines: dict, warmup: int, rounds: int, steps: int) -> tuple[dict, list[dict]]:
+    """Images per second of each pipeline, over `rounds` rounds of `steps` timed steps each.
+
+    Returns (overall img/s per pipeline, per-round img/s per pipeline). The order rotates every
+    round so no pipeline always runs right after the same neighbour.
+    """
+    names = list(pipelines)
+    for name in names:
+        started = time.perf_counter()
+        for _ in range(warmup):
+            pipelines[name].step()
+        note(f"warm-up {name}: {warmup} step(s) in {time.perf_counter() - started:.1f} s")
+    images = dict.fromkeys(names, 0)
+    seconds = dict.fromkeys(names, 0.0)
+    per_round = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        this_round = {}
+        for name in order:
+            started = time.perf_counter()
+            count = sum(pipelines[name].step() for _ in range(steps))
+            elapsed = time.perf_counter() - started
+            images[name] += count
+            seconds[name] += elapsed
+            this_round[name] = count / elapsed
+        per_round.append(this_round)
+        note(f"round {r + 1}/{rounds} (load {load_average():.2f}): "
+             + ", ".join(f"{name} {this_round[name]:.1f}" for name in names) + " img/s")
+    return {name: images[name] / seconds[name] for name in names}, per_round
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, "tiny run for tests: 32 px, batch 8, 1 warm-up step, 2 rounds of 1 step")
+    parser.add_argument("--size", type=int, default=128, help="side of the training images in px (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per pipeline first (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4, help="timing rounds (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per pipeline per round (default: %(default)s)")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="NAME",
+                        help=f"extra pipelines (train and model step) with other precision/layout: {', '.join(VARIANTS)} or all")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the original pipeline (it is the slowest)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.size, args.batch, args.warmup, args.rounds, args.steps = 32, 8, 1, 2, 1
+    variants = list(VARIANTS) if args.variants == ["all"] else args.variants
+    for name in variants:
+        if name not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(VARIANTS)} or all.")
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    tree = image_tree(args.images, cache, args.archive)
+    stored = stored_size_for(args.size)
+    base = [f"data.train_size={args.size}", f"data.stored_size={stored}", f"optim.batch_size={args.batch}"]
+    cfg = load_config(args.config, base + args.set)
+    dataset_dir = packed(tree, cache, cfg.data.stored_size)
+    images, labels = load_packed(dataset_dir, "train")
+    split = ResidentSplit(images, labels)
+    counts = read_manifest(dataset_dir)["splits"]["train"]["class_counts"]
+    if len(split) < args.batch:
+        raise SystemExit(f"error: the train split has {len(split)} images, fewer than one batch of {args.batch}; use --batch {len(split)} or more images.")
+    note(f"{len(split)} training images from {tree}; {args.size} px, batch {args.batch}, {args.threads} threads, "
+         f"precision {cfg.train.precision}, channels_last {cfg.train.channels_last}")
+
+    pipelines = {}
+    if not args.no_baseline:
+        train_dir = find_splits(tree)["train"]
+        pipelines["baseline"] = OriginalPipeline(train_dir, args.size, args.batch)
+        pipelines["baseline_data"] = OriginalPipeline(train_dir, args.size, args.batch, data_only=True)
+    pipelines["train"] = ProjectPipeline(cfg, split, counts)
+    pipelines["model_step"] = ProjectPipeline(cfg, split, counts, bare=True)
+    pipelines["data_path"] = ProjectPipeline(cfg, split, counts, data_only=True)
+    for name in variants:
+        vcfg = load_config(args.config, base + args.set + VARIANTS[name])
+        pipelines[f"train_{name}"] = ProjectPipeline(vcfg, split, counts)
+        pipelines[f"model_step_{name}"] = ProjectPipeline(vcfg, split, counts, bare=True)
+
+    load_start = load_average()
+    rates, per_round = measure(pipelines, args.warmup, args.rounds, args.steps)
+    load_end = load_average()
+
+    for name, rate in rates.items():
+        emit(f"{name}_img_per_s", rate)
+    if "baseline" in rates:
+        emit("speedup_vs_baseline", rates["train"] / rates["baseline"], 3)
+        emit("speedup_vs_baseline_worst_round", min(r["train"] / r["baseline"] for r in per_round), 3)
+    emit("data_path_fraction", rates["train"] / rates["model_step"], 3)
+    emit("data_path_fraction_worst_round", min(r["train"] / r["model_step"] for r in per_round), 3)
+    emit("data_path_fraction_median_round", statistics.median(r["train"] / r["model_step"] for r in per_round), 3)
+    for name in variants:
+        emit(f"data_path_fraction_{name}", rates[f"train_{name}"] / rates[f"model_step_{name}"], 3)
+    emit("load_avg_1m_start", load_start)
+    emit("load_avg_1m_end", load_end)
+    emit("image_size", args.size, 0)
+    emit("batch_size", args.batch, 0)
+    emit("threads", args.threads, 0)
+    emit("timed_steps_per_pipeline", args.rounds * args.steps, 0)
+
+
+if __name__ == "__main__":
+    from simpsons.cli import run_job
+
+    run_job(main, get_args_parser())

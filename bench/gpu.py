@@ -1,0 +1,190 @@
+"""Training throughput on one CUDA GPU: the training step and a whole epoch, data resident on the device.
+
+    python bench/gpu.py                        # real sample if present, else random images of its shape
+    python bench/gpu.py --batch 1024 --compile
+    python bench/gpu.py --device cpu --quick   # the same code path on the CPU (a wiring check, not a figure)
+
+The packed uint8 images and labels live in GPU memory (simpsons.data.ResidentSplit on cuda), each
+batch is augmented on the GPU in one grid_sample (simpsons.augment), and the step is
+simpsons.train.TrainStep: bf16 autocast (the config's "auto" on a GPU with bf16), channels_last,
+fused AdamW (build_components), cudnn.benchmark, per-GPU batch 512 by default. One process
+drives one GPU, so every figure is per GPU.
+
+Figures (stdout, `name value`):
+  train_step_img_per_s   full training step (batch gather + augmentation + forward/backward/step)
+  model_step_img_per_s   the same step on a ready input tensor (the network alone)
+  data_path_fraction     train_step / model_step
+  epoch_img_per_s        training images / wall time of a whole epoch: train + evaluation of the
+                         val split + metrics, as simpsons.train's loop does (no checkpoint writing)
+  epoch_s, eval_img_per_s, peak_mem_gib
+Without CUDA it prints one line `skipped ...` and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import (add_common_args, bare_step_class, emit, forever, note, packed, real_sample_tree, skip,
+                    stored_size_for)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from simpsons.config import load_config  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, load_packed, read_manifest  # noqa: E402
+from simpsons.metrics import classification_report  # noqa: E402
+from simpsons.train import TrainStep, build_components, create_scheduler, evaluate  # noqa: E402
+
+# The real sample's split sizes, used for random data when no images are at hand.
+RANDOM_TRAIN, RANDOM_VAL = 11903, 2337
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_splits(args, stored: int, device: torch.device):
+    """(train split, val split, train class counts, where the images came from), resident on `device`."""
+    cache = Path(args.cache)
+    tree = Path(args.images) if args.images else (None if args.random else real_sample_tree(cache, args.archive))
+    if tree is not None:
+        dataset_dir = packed(tree, cache, stored)
+        train = ResidentSplit(*load_packed(dataset_dir, "train"), device=device)
+        val = ResidentSplit(*load_packed(dataset_dir, "val"), device=device)
+        return train, val, read_manifest(dataset_dir)["splits"]["train"]["class_counts"], str(tree)
+    # Throughput does not depend on the pixels: random uint8 images of the real sample's shape.
+    n_train, n_val = (256, 64) if args.quick else (RANDOM_TRAIN, RANDOM_VAL)
+    rng = np.random.default_rng(0)
+    make = lambda n: (rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8),  # noqa: E731
+                      rng.integers(0, len(CLASS_NAMES), n))
+    train, val = ResidentSplit(*make(n_train), device=device), ResidentSplit(*make(n_val), device=device)
+    counts = np.bincount(train.labels.cpu().numpy(), minlength=len(CLASS_NAMES)).tolist()
+    return train, val, counts, f"random uint8 images ({n_train} train, {n_val} val)"
+
+
+def time_steps(step, batches, generator, steps: int, device: torch.device) -> tuple[int, float]:
+    """(images, seconds) of `steps` steps, timed from an idle GPU to an idle GPU."""
+    sync(device)
+    started = time.perf_counter()
+    images = 0
+    for _ in range(steps):
+        x, y = next(batches)
+        step(x, y, generator)
+        images += len(y)
+    sync(device)
+    return images, time.perf_counter() - started
+
+
+def run_epoch(step, train, val, cfg, device, epoch: int, generator) -> tuple[float, float]:
+    """One epoch as simpsons.train's loop runs it -> (train + eval seconds, eval seconds)."""
+    sync(device)
+    started = time.perf_counter()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    for images, labels in train.train_batches(epoch, cfg.optim.batch_size, cfg.train.seed):
+        loss, logits = step(images, labels, generator)
+        sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
+                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    sync(device)
+    eval_started = time.perf_counter()
+    cm, _ = evaluate(step.model, step.criterion, val, cfg, device, len(CLASS_NAMES))
+    classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
+    float(sums[2])  # the loop reads its sums every epoch: a sync
+    finished = time.perf_counter()
+    return finished - started, finished - eval_started
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, "tiny run for tests: 32 px, batch 16, few steps, 256 random images unless --images")
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the code path without a GPU")
+    parser.add_argument("--size", type=int, default=128, help="side of the training images in px (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=512, help="per-GPU batch (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (cudnn.benchmark tuning; default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed whole epochs, after one untimed (default: %(default)s)")
+    parser.add_argument("--random", action="store_true", help="random images of the real sample's shape, even if the sample is here")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (its compile time is not timed)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        skip("CUDA is not available on this machine (torch.cuda.is_available() is False); run bench/gpu.py on a machine "
+             "with an NVIDIA GPU, or pass --device cpu to check the code path.")
+    if args.quick:
+        args.size, args.batch, args.warmup, args.steps, args.epochs = 32, 16, 2, 4, 1
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as simpsons.train does: fixed shapes, pick the fastest kernels
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "CPU (code-path check only)"
+    stored = stored_size_for(args.size)
+    base = [f"data.train_size={args.size}", f"data.stored_size={stored}", f"optim.batch_size={args.batch}"]
+    cfg = load_config(args.config, base + args.set)
+    train, val, counts, source = load_splits(args, cfg.data.stored_size, device)
+    if len(train) < args.batch:
+        raise SystemExit(f"error: the train split has {len(train)} images, fewer than one batch of {args.batch}; use a smaller --batch.")
+
+    def make_step(step_class):
+        model, criterion, optimizer = build_components(cfg, counts, device)
+        if args.compile:
+            model = torch.compile(model)
+        scheduler = create_scheduler(optimizer, cfg, train.steps_per_epoch(args.batch))
+        return step_class(model, criterion, optimizer, scheduler, cfg, device)
+
+    step, bare = make_step(TrainStep), make_step(bare_step_class())
+    note(f"bench/gpu.py on {name}, torch {torch.__version__}: {source}, {args.size} px, batch {args.batch}, "
+         f"precision {cfg.train.precision} ({step.dtype}), channels_last {cfg.train.channels_last}, "
+         f"fused AdamW {device.type == 'cuda'}, compile {args.compile}")
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+
+    epoch_counter = iter(range(1 << 30))
+    batches = forever(lambda: train.train_batches(next(epoch_counter), args.batch, cfg.train.seed))
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+    y = torch.randint(0, len(CLASS_NAMES), (args.batch,), device=device)
+    ready = forever(lambda: [(x, y)])
+
+    time_steps(step, batches, generator, args.warmup, device)
+    time_steps(bare, ready, generator, args.warmup, device)
+    # Two halves each, interleaved, so drift (clocks, other jobs) falls on both alike.
+    half = max(1, args.steps // 2)
+    timed = {"train": [0, 0.0], "bare": [0, 0.0]}
+    for _ in range(2):
+        for key, fn, source in (("train", step, batches), ("bare", bare, ready)):
+            images, seconds = time_steps(fn, source, generator, half, device)
+            timed[key][0] += images
+            timed[key][1] += seconds
+    train_rate, bare_rate = (images / seconds for images, seconds in timed.values())
+    note(f"steps: train {train_rate:.0f} img/s, model {bare_rate:.0f} img/s")
+
+    run_epoch(step, train, val, cfg, device, 0, generator)  # untimed: tunes the last partial batch's shapes
+    epoch_times, eval_times = [], []
+    for epoch in range(1, args.epochs + 1):
+        total, in_eval = run_epoch(step, train, val, cfg, device, epoch, generator)
+        epoch_times.append(total)
+        eval_times.append(in_eval)
+        note(f"epoch {epoch}: {total:.2f} s ({in_eval:.2f} s evaluating {len(val)} images)")
+    epoch_s = sum(epoch_times) / len(epoch_times)
+
+    emit("train_step_img_per_s", train_rate, 1)
+    emit("model_step_img_per_s", bare_rate, 1)
+    emit("data_path_fraction", train_rate / bare_rate, 3)
+    emit("epoch_img_per_s", len(train) / epoch_s, 1)
+    emit("epoch_s", epoch_s, 3)
+    emit("eval_img_per_s", len(val) / (sum(eval_times) / len(eval_times)), 1)
+    if device.type == "cuda":
+        emit("peak_mem_gib", torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    emit("image_size", args.size, 0)
+    emit("batch_size", args.batch, 0)
+
+
+if __name__ == "__main__":
+    from simpsons.cli import run_job
+
+    run_job(main, get_args_parser())

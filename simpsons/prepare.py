@@ -129,22 +129,29 @@ def _rel(path: Path, root: Path) -> str:
 NEAR_DUPLICATE = 3.0  # grey levels (0-255): mean |difference| of 16x16 thumbnails below which two images are one picture
 
 
-def near_duplicate_pairs(images: np.ndarray, labels: np.ndarray, threshold: float = NEAR_DUPLICATE,
-                         side: int = 16) -> np.ndarray:
-    """(P, 2) index pairs (i < j) of same-class images that are the same picture re-encoded or resized.
-
-    Each (N, S, S, 3) uint8 image becomes a grey side x side thumbnail; two are near-identical
-    when their mean absolute difference is under `threshold` grey levels (re-encodes measure
-    about 1-2, different frames 4 and up). Compared within each class only: sum of n_c^2 pairs,
-    a few seconds for the whole Kaggle set.
-    """
+def thumbnails(images: np.ndarray, side: int = 16, chunk: int = 512):
+    """(N, S, S, 3) uint8 images -> (N, side*side) float32 tensor of grey, area-averaged thumbnails."""
     import torch
     import torch.nn.functional as F
 
-    thumbs = torch.cat([
-        F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(images[i : i + 512])).float().mean(-1)[:, None], side).flatten(1)
-        for i in range(0, len(images), 512)
-    ]) if len(images) else torch.zeros(0, side * side)  # (N, side*side)
+    if not len(images):
+        return torch.zeros(0, side * side)
+    return torch.cat([
+        F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(images[i : i + chunk])).float().mean(-1)[:, None], side).flatten(1)
+        for i in range(0, len(images), chunk)
+    ])
+
+
+def near_duplicate_pairs(thumbs, labels: np.ndarray, threshold: float = NEAR_DUPLICATE) -> np.ndarray:
+    """(P, 2) index pairs (i < j) of same-class images that are one picture (re-encoded, resized, or
+    the neighbouring frame of a video).
+
+    Two images are near-identical when the mean absolute difference of their `thumbnails` is under
+    `threshold` grey levels (re-encodes measure 1-2, different pictures 4 and up). Compared within
+    each class only (sum of n_c^2 pairs): about 8 CPU-seconds for the 14,240-image sample.
+    """
+    import torch
+
     pairs = [np.zeros((0, 2), dtype=np.int64)]
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
@@ -231,7 +238,7 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
     small: list[int] = []
     if "unsplit" in packed:
         pool = packed.pop("unsplit")
-        groups = duplicate_groups(pool.sha256, near_duplicate_pairs(pool.images, pool.labels))
+        groups = duplicate_groups(pool.sha256, near_duplicate_pairs(thumbnails(pool.images), pool.labels))
         train, val, small = stratified_split(pool.labels, groups, val_fraction, seed, min_class_size)
         packed = {"train": _subset(pool, train), "val": _subset(pool, val), **packed}
         sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
@@ -242,6 +249,7 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
         }
     else:
         report["split"] = {"method": "given by the source's folders"}
+        report["notes"] += _near_duplicates_across(packed)
     report["small_classes_kept_in_train"] = [
         {"class": class_names[c], "images": int((packed["train"].labels == c).sum()),
          "reason": f"fewer than {min_class_size} images (or all duplicates of one): too few to split"}
@@ -268,6 +276,23 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
     return manifest
+
+
+def _near_duplicates_across(packed: dict[str, PackedSplit]) -> list[str]:
+    """A note on near-identical pairs that a given split puts on both sides (kept as given)."""
+    import torch
+
+    splits = list(packed.values())
+    thumbs = torch.cat([thumbnails(s.images) for s in splits])
+    labels = np.concatenate([s.labels for s in splits])
+    which = np.concatenate([np.full(len(s.labels), k) for k, s in enumerate(splits)])
+    sha = [h for s in splits for h in s.sha256]
+    pairs = near_duplicate_pairs(thumbs, labels)
+    across = sum(1 for i, j in pairs.tolist() if which[i] != which[j] and sha[i] != sha[j])
+    if not across:
+        return []
+    return [f"{across} near-identical image pair(s) (re-encodes or neighbouring video frames) straddle the given "
+            f"splits {', '.join(packed)}; kept as given"]
 
 
 def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -33,6 +34,9 @@ MULTIPART_THRESHOLD = 16 << 20  # bytes; larger files go up in parts of MULTIPAR
 MULTIPART_CHUNK = 16 << 20
 PARALLEL_FILES = 16  # files in flight at once (small images: latency-bound, not bandwidth-bound)
 FILE_ATTEMPTS = 3  # whole-file attempts on top of botocore's per-request retries
+QUIET_BELOW = 32 << 20  # bytes; smaller transfers (e.g. TensorBoard logs every epoch) draw no progress bar
+# One INFO line per client ("Found credentials in environment variables") is noise in job logs.
+logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
 
 class StorageError(OSError):
@@ -244,7 +248,7 @@ def upload_files(files: dict[str, str | Path], uri: str, endpoint: str = "", sha
         return 0
     sha256 = sha256 or {}
     total = sum(Path(p).stat().st_size for p in files.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0, disable=total < QUIET_BELOW) as bar:
         if not is_s3(uri):
             root = Path(uri).expanduser()
             for key, path in files.items():
@@ -332,7 +336,8 @@ def download_files(files: dict[str, str | Path], uri: str, endpoint: str = "", d
     missing = sorted(set(files) - set(sizes))
     if missing:
         raise StorageError(f"{join(uri, missing[0])} does not exist ({len(missing)} object(s) missing); the data there is incomplete, prepare it again.")
-    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=desc, mininterval=1.0) as bar:
+    total = sum(sizes.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0, disable=total < QUIET_BELOW) as bar:
 
         def fetch(key: str, path: Path) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, load_image, read_manifest
-from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree
+from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree, thumbnails
 from simpsons.storage import StorageError
 from synthetic import draw_example, make_image_tree
 
@@ -100,21 +100,25 @@ def test_near_duplicates_are_reencodes_not_merely_similar_pictures(tmp_path):
     lisa = root / "lisa_simpson"
     files = [lisa / "pic_0000.jpg", lisa / "reencoded_0.jpg", lisa / "pic_0001.jpg", lisa / "pic_0002.jpg",
              lisa / "reencoded_2.jpg", root / "bart_simpson" / "pic_0000.jpg"]
-    images = np.stack([load_image(f.read_bytes(), 32) for f in files])
+    thumbs = thumbnails(np.stack([load_image(f.read_bytes(), 32) for f in files]))
     labels = np.array([0, 0, 0, 0, 0, 1])
-    assert near_duplicate_pairs(images, labels).tolist() == [[0, 1], [3, 4]]
-    assert near_duplicate_pairs(images, np.arange(6)).tolist() == []  # compared within a class only
+    assert near_duplicate_pairs(thumbs, labels).tolist() == [[0, 1], [3, 4]]
+    assert near_duplicate_pairs(thumbs, np.arange(6)).tolist() == []  # compared within a class only
 
 
 def test_given_split_is_kept_and_cross_split_duplicates_are_noted(tmp_path):
     root = make_image_tree(tmp_path / "src", per_split={"train": 6, "val": 3}, size=32)
     base = root / "dataset"
     shutil.copy(base / "train/bart_simpson/pic_0000.jpg", base / "val/bart_simpson/same_as_train.jpg")
+    with Image.open(base / "train/lisa_simpson/pic_0001.jpg") as img:
+        img.save(base / "val/lisa_simpson/reencoded.jpg", quality=50)
     manifest = build_dataset(scan_tree(root), tmp_path / "out", stored_size=32, workers=1)
     assert all(s.startswith("dataset/val/") for s in manifest["splits"]["val"]["sources"])
-    assert manifest["splits"]["val"]["images"] == 4 * 3 + 1
+    assert manifest["splits"]["val"]["images"] == 4 * 3 + 2
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "1 byte-identical image(s) appear in both train and val (as given by the source)" in report["notes"]
+    assert any(n.startswith("1 near-identical image pair(s) (re-encodes or neighbouring video frames) straddle")
+               for n in report["notes"]), report["notes"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,15 +49,16 @@ def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history:
     checkpoint_dir = Path(checkpoint_dir)
     saved = json.loads((checkpoint_dir / "metrics.json").read_text())
     report = {"epoch": saved["epoch"], **saved["val"]}
+    history = history or saved["history"]
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(checkpoint_dir / "checkpoint.pt", Path(tmp) / "checkpoint.pt")
         save_config(cfg, Path(tmp) / "config.yaml")
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
-        write_report(tmp, report, saved["confusion"], report_class_names(report), history or saved["history"], title)
+        write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)
         storage.upload_dir(tmp, dest_uri, cfg.run.s3_endpoint)
     print(f"Best epoch {saved['epoch'] + 1}: val macro-F1 {report['macro_f1']:.4f}, accuracy {report['accuracy']:.4f} "
           f"-> {dest_uri}", flush=True)
-    return report
+    return {**report, "history": history}
 
 
 def read_history(checkpoint) -> list[dict]:

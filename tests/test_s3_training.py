@@ -43,7 +43,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
     assert prepared.uri == f"s3://{bucket}/simpsons/datasets/synthetic/v1" and prepared.images == 4 * 52
 
     overrides = [
-        "optim.epochs=3", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32", "optim.warmup_epochs=0.5",
+        "optim.epochs=2", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32", "optim.warmup_epochs=0.5",
         "train.workers=2", "train.cpus_per_worker=1", "train.use_gpu=false", f"data.uri={prepared.uri}",
         f"data.cache_dir={tmp_path / 'node_cache'}", f"run.storage=s3://{bucket}/runs", "run.name=e2e",
     ]
@@ -61,16 +61,17 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
     assert {row["support"] for row in scored.values()} == {12}
     rows = list(csv.DictReader(io.StringIO(get(bucket, "runs/e2e/best/per_class.csv").decode())))
     assert {r["class"] for r in rows if r["support"] != "0"} == set(CLASSES)
-    assert metrics["accuracy"] == report["accuracy"] >= 0.7  # it learned (chance is 0.25)
+    assert metrics["accuracy"] == report["accuracy"]
     # Ray's checkpoints and the TensorBoard logs are in S3 too; no object carries the credentials.
     assert any(k.startswith("checkpoint_") and k.endswith("/checkpoint.pt") for k in run)
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in run)
     assert not any(SECRET.encode() in get(bucket, f"runs/e2e/{k}") for k in run)
 
     # The same name again resumes from the last checkpoint in S3 instead of starting over.
-    fit(load_config(None, overrides + ["optim.epochs=4"]), prepared.uri)
+    resumed = fit(load_config(None, overrides + ["optim.epochs=3"]), prepared.uri)
     history = json.loads(get(bucket, "runs/e2e/best/metrics.json"))["history"]
-    assert [h["resumed"] for h in history] == [False, False, False, True]
+    assert [h["resumed"] for h in history] == [False, False, True]
+    assert resumed["accuracy"] >= 0.7  # it learned (chance is 0.25)
 
     # A second prepare with the same inputs uploads nothing new.
     before = {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket, "simpsons/").items()}

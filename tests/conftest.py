@@ -74,8 +74,18 @@ def ray_cluster(s3_server):
     """One local Ray cluster for the session (4 logical CPUs on 2 cores), stopped at the end."""
     import ray
 
-    ray.init(num_cpus=4, log_to_driver=True, _node_ip_address="127.0.0.1")
+    # Ray Train's placement-group cleaner (it frees the workers of a Tune trial that ASHA stops)
+    # finds the cluster through the dashboard; with other Ray instances on the machine it cannot
+    # guess which one, so every Ray process inherits the address (the raylet copies this env).
+    dashboard_port = free_port()
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(num_cpus=4, log_to_driver=True, _node_ip_address="127.0.0.1", dashboard_port=dashboard_port)
     try:
         yield ray
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved

@@ -1,0 +1,260 @@
+"""A real Ray head on 127.0.0.1, started the way a cluster node starts one: `ray start --head`.
+
+Used by the job-submission and fault-tolerance tests. What makes it safe on a shared machine:
+- every port is a free one picked here, and `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes Ray use
+  the loopback address as the node IP, so nothing listens beyond 127.0.0.1;
+- token authentication is on, with a token this module writes into the head's own temp dir
+  (`RAY_AUTH_TOKEN_PATH`), so clients need `RAY_AUTH_MODE=token` exactly as on a real cluster
+  and the user's `~/.ray/auth_token` is neither read nor written;
+- stopping never runs `ray stop` (that stops every Ray cluster of the user on the machine): the
+  head runs with `--block` in its own session and is sent SIGTERM, then every process whose
+  environment names this head's temp dir (raylet, GCS, workers, drivers started here) is killed
+  by its pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # the head, `ray job submit` and the job's `python` all come from here
+
+# Runs in a subprocess with the client environment: the test process itself never connects to
+# Ray, so it cannot disturb (or be disturbed by) another test's in-process ray.init().
+_LIST_TRAIN_WORKERS = """
+import json, sys
+from ray.util.state import list_actors
+actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                     raise_on_missing_output=False)
+print(json.dumps([{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id} for a in actors]))
+"""
+
+
+def _die_with_parent(sig: int):
+    """preexec_fn: the kernel sends `sig` to the child if this (pytest) process dies first, so a
+    killed test run does not leave a Ray head behind (Linux; elsewhere nothing)."""
+    def set_parent_death_signal() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+    return set_parent_death_signal
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A subprocess whose combined output is collected line by line while it runs."""
+
+    def __init__(self, cmd: list[str], env: dict, cwd: Path):
+        self.cmd = cmd
+        self.lines: list[str] = []
+        self.seconds: list[float] = []  # when each line arrived, since the start
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True, preexec_fn=_die_with_parent(signal.SIGKILL))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.seconds.append(time.monotonic() - self.started)
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        """All output so far, each line stamped with its arrival time (for reading failures)."""
+        return "\n".join(f"[{t:6.1f}s] {line}" for t, line in zip(self.seconds, self.lines))
+
+    def wait_for_line(self, text: str, timeout: float) -> str:
+        """The first output line containing `text`; fails if the process ends or time runs out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            if self.popen.poll() is not None:
+                self._reader.join(5)
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} did not appear in the output of {' '.join(self.cmd[:4])} ...:\n{self.output[-6000:]}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{' '.join(self.cmd[:4])} ... still running after {timeout:.0f} s:\n{self.output[-6000:]}")
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(10)
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 4):
+        self.num_cpus = num_cpus
+        # Short path: Ray puts unix sockets under it (limit ~107 characters).
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+        self.token_path = self.temp_dir / "auth_token"
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self._head: subprocess.Popen | None = None
+        self._processes: list[Process] = []
+
+    # -- environments -------------------------------------------------------------------------
+
+    def _base_env(self) -> dict:
+        # Our own address and token only, whatever another fixture left in this process's environment.
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update(
+            PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token_path),
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # nothing to drain: stop at once
+            # Ray processes that look the cluster up themselves (Train's placement-group cleaner
+            # uses the state API) would otherwise find every Ray instance on the machine and fail,
+            # or follow another test's RAY_API_SERVER_ADDRESS to its cluster.
+            RAY_ADDRESS=self.address,
+            RAY_API_SERVER_ADDRESS=self.dashboard_url,
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def job_client_env(self) -> dict:
+        """What `ray job submit` needs: the dashboard address and the token (RAY_AUTH_MODE=token)."""
+        return dict(self._base_env(), RAY_ADDRESS=self.dashboard_url)
+
+    def driver_env(self) -> dict:
+        """What a plain `python jobs/train.py` driver needs to join this cluster."""
+        return self._base_env()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90) -> "RayHead":
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        ports = {flag: free_port() for flag in (
+            "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--temp-dir={self.temp_dir}",
+               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--disable-usage-stats",
+               "--min-worker-port=0", "--max-worker-port=0",  # random free ports for workers
+               *(f"{flag}={port}" for flag, port in ports.items())]
+        env = self._base_env()
+        self._log = open(self.temp_dir / "ray_start.log", "w")
+        self._head = subprocess.Popen(cmd, env=env, cwd=self.temp_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._head.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {self._head.returncode}:\n{self.log_tail()}")
+            if self._dashboard_answers():
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"The Ray head did not come up within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def _dashboard_answers(self) -> bool:
+        request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/",
+                                         headers={"Authorization": f"Bearer {self.token_path.read_text()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """Stop everything this head started, and only that; safe to call more than once."""
+        for process in self._processes:
+            process.kill()
+        if self._head is not None and self._head.poll() is None:
+            self._head.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its node
+            try:
+                self._head.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._head.pid, signal.SIGKILL)
+                self._head.wait(10)
+        for pid in self.leftover_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        """Live processes whose environment names this head's temp dir (all of them inherit it)."""
+        marker = str(self.temp_dir).encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes():  # empty for zombies
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def __enter__(self) -> "RayHead":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- using it -----------------------------------------------------------------------------
+
+    def spawn(self, cmd: list[str], env: dict) -> Process:
+        """Start `cmd` in the repo root; it is killed when the head stops."""
+        process = Process(cmd, env, REPO)
+        self._processes.append(process)
+        return process
+
+    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def train_workers(self) -> list[dict]:
+        """Live Ray Train worker actors, through Ray's state API: [{actor_id, pid, node_id}]."""
+        done = self.run([str(VENV_BIN / "python"), "-c", _LIST_TRAIN_WORKERS, self.dashboard_url],
+                        self.job_client_env(), timeout=60)
+        if done.returncode != 0:
+            raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return (self.temp_dir / "ray_start.log").read_text()[-chars:]
+        except OSError:
+            return ""

@@ -1,0 +1,68 @@
+"""`ray job submit --working-dir . -- python jobs/train.py ...` against a real Ray head, as on a cluster.
+
+The head is started by `ray start --head` on 127.0.0.1 with token authentication on (tests/ray_head.py);
+the job trains 2 CPU workers on images written by the test, with its run storage in S3 on the
+loopback moto server; the test then finds the best/ outputs in the bucket with boto3.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import boto3
+import pytest
+
+from ray_head import VENV_BIN, RayHead
+from simpsons.export import OUTPUT_FILES
+
+pytestmark = pytest.mark.slow
+
+RAY = str(VENV_BIN / "ray")
+
+
+def test_submitted_job_trains_and_writes_best_to_s3(s3_server, packed_dataset):
+    bucket, prefix, run_name = "cluster-jobs", "simpsons/runs", "submitted"
+    s3 = boto3.client("s3")  # reaches the loopback server through AWS_ENDPOINT_URL
+    s3.create_bucket(Bucket=bucket)
+    job_id = "simpsons-submit-test"
+    with RayHead(num_cpus=4) as head:
+        # Token authentication is on: the job API refuses a request that carries no token.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+
+        # The command a user runs, from the repo root: a relative config path plus overrides that
+        # point at the test's packed images and keep the run small.
+        submit = head.run([
+            RAY, "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
+            "python", "jobs/train.py", "--config", "configs/smoke.yaml",
+            "--set", f"data.uri={packed_dataset}", "--set", "data.stored_size=40", "--set", "data.train_size=32",
+            "--set", "optim.epochs=2", "--set", "optim.batch_size=32",
+            "--set", "train.workers=2", "--set", "train.cpus_per_worker=1",
+            "--set", f"run.storage=s3://{bucket}/{prefix}", "--set", f"run.name={run_name}",
+        ], env=head.job_client_env(), timeout=300)
+        submitted = submit.stdout + submit.stderr
+        assert submit.returncode == 0, submitted[-6000:]
+        # `ray job submit` ends by asking the server for the job's final status.
+        assert f"Job '{job_id}' succeeded" in submitted, submitted[-6000:]
+
+        # The working dir the job ran in (unpacked on this "node"): .gitignore/.rayignore kept the
+        # virtualenv, runs, data and caches out of it.
+        unpacked = [path for path in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
+                    if path.is_dir()]
+        assert len(unpacked) == 1, unpacked
+        assert (unpacked[0] / "jobs" / "train.py").is_file() and (unpacked[0] / "configs" / "smoke.yaml").is_file()
+        assert not {".venv", ".git", "runs", "data", "cache"} & {p.name for p in unpacked[0].iterdir()}
+        size = sum(f.stat().st_size for f in unpacked[0].rglob("*") if f.is_file())
+        assert size < 5e6, f"the uploaded working dir holds {size / 1e6:.1f} MB"
+
+        # Progress and metrics are in `ray job logs`: both epochs' summaries and the export line.
+        logs = head.run([RAY, "job", "logs", job_id], env=head.job_client_env(), timeout=60).stdout
+        assert "epoch 1/2 train loss" in logs and "epoch 2/2 train loss" in logs, logs[-4000:]
+        assert f"-> s3://{bucket}/{prefix}/{run_name}/best" in logs, logs[-4000:]
+
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{run_name}/best/")
+    names = {item["Key"].rsplit("/", 1)[-1]: item["Size"] for item in listed.get("Contents", [])}
+    assert set(OUTPUT_FILES) <= set(names), sorted(names)
+    assert all(names[name] > 0 for name in OUTPUT_FILES)

@@ -1,0 +1,109 @@
+"""Fault tolerance on a real Ray head (`ray start --head`, token auth, 127.0.0.1; tests/ray_head.py).
+
+1. A Ray Train worker process is killed from outside mid-run (found through Ray's state API, as an
+   operator would find it; nothing in the training code helps): FailureConfig restarts the worker
+   group, which resumes from the latest checkpoint in S3 and finishes the configured epochs.
+2. The driver (`python jobs/train.py`) is killed mid-run: running the same command again resumes
+   from the run's storage in S3 and finishes.
+
+Both are judged from what the run reported: the `history` in the last checkpoint's checkpoint.pt
+(one entry per epoch, each with its `epoch` and a `resumed` flag).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import boto3
+import pytest
+import torch
+
+from ray_head import VENV_BIN, RayHead
+from simpsons.export import OUTPUT_FILES
+
+pytestmark = pytest.mark.slow
+
+BUCKET, PREFIX = "fault-tolerance", "runs"
+EPOCHS = 5  # the kill lands after the 2nd epoch's line, with 3 epochs to go
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    with RayHead(num_cpus=4) as head:
+        yield head
+
+
+def train_command(packed_dataset, run_name: str) -> list[str]:
+    return [str(VENV_BIN / "python"), "jobs/train.py", "--config", "configs/smoke.yaml",
+            "--set", f"data.uri={packed_dataset}", "--set", "data.stored_size=40", "--set", "data.train_size=32",
+            "--set", f"optim.epochs={EPOCHS}", "--set", "optim.batch_size=32",
+            "--set", "train.workers=2", "--set", "train.cpus_per_worker=1", "--set", "train.histogram_every=0",
+            "--set", f"run.storage=s3://{BUCKET}/{PREFIX}", "--set", f"run.name={run_name}"]
+
+
+def wait_for_train_workers(head: RayHead, count: int, timeout: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = head.train_workers()
+        if len(workers) == count:
+            return workers
+        assert time.monotonic() < deadline, f"expected {count} live Train workers, the state API lists {workers}"
+        time.sleep(1)
+
+
+def reported_history(run_name: str) -> list[dict]:
+    """The `history` in checkpoint.pt of the run's last reported checkpoint in S3."""
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{run_name}/checkpoint_")
+    keys = [item["Key"] for item in listed.get("Contents", []) if item["Key"].endswith("/checkpoint.pt")]
+    assert keys, f"no checkpoint under s3://{BUCKET}/{PREFIX}/{run_name}/"
+    states = [torch.load(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()), weights_only=True)
+              for key in keys]
+    return max(states, key=lambda state: state["epoch"])["history"]
+
+
+def assert_finished_after_resuming(run_name: str, output: str) -> None:
+    history = reported_history(run_name)
+    epochs = [entry["epoch"] for entry in history]
+    assert epochs == list(range(EPOCHS)), f"every epoch once, in order: {epochs}"
+    resumed = [entry["resumed"] for entry in history]
+    first = resumed.index(True) if True in resumed else None
+    # Epochs before the failure ran fresh, every epoch after it ran in the resumed run, and the
+    # resumed run started from a checkpoint (epoch >= 1), not from scratch.
+    assert first is not None and first >= 1 and resumed == [False] * first + [True] * (EPOCHS - first), resumed
+    assert f"Resuming from the checkpoint of epoch {first - 1}; continuing at epoch {first}." in output, output[-4000:]
+    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{run_name}/best/")
+    assert set(OUTPUT_FILES) <= {item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])}
+
+
+def test_killed_train_worker_restarts_the_group_and_resumes(head, packed_dataset):
+    run_name = "worker-killed"
+    driver = head.spawn(train_command(packed_dataset, run_name), head.driver_env())
+    workers = wait_for_train_workers(head, 2)
+    driver.wait_for_line(f"epoch 2/{EPOCHS} train loss", timeout=180)
+
+    victim = workers[-1]["pid"]
+    # Only ever kill a process of this test's own cluster (its environment names the head's temp dir).
+    assert victim in head.leftover_pids(), f"pid {victim} is not a process of this test's Ray head"
+    os.kill(victim, signal.SIGKILL)
+
+    assert driver.wait(timeout=240) == 0, driver.output[-6000:]
+    assert_finished_after_resuming(run_name, driver.output)
+
+
+def test_killed_driver_resumes_when_the_same_command_runs_again(head, packed_dataset):
+    run_name = "driver-killed"
+    command = train_command(packed_dataset, run_name)
+    first = head.spawn(command, head.driver_env())
+    first.wait_for_line(f"epoch 2/{EPOCHS} train loss", timeout=180)
+    first.kill()  # SIGKILL: no chance to clean up, as when a job's process or its node dies
+    # Ray takes the run's controller and workers down with their driver.
+    wait_for_train_workers(head, 0, timeout=60)
+
+    second = head.spawn(command, head.driver_env())
+    assert second.wait(timeout=240) == 0, second.output[-6000:]
+    assert_finished_after_resuming(run_name, second.output)

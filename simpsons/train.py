@@ -58,7 +58,8 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_ep
             optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience
         )
     total = max(1, cfg.optim.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(cfg.optim.warmup_epochs * steps_per_epoch))
+    # At most a quarter of the run warms up, so a short run (EPOCHS=1) still trains at full rate.
+    warmup = min(total // 4, int(cfg.optim.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -7,6 +7,7 @@ loopback moto server; the test then finds the best/ outputs in the bucket with b
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 
@@ -61,6 +62,9 @@ def test_submitted_job_trains_and_writes_best_to_s3(s3_server, packed_dataset):
         logs = head.run([RAY, "job", "logs", job_id], env=head.job_client_env(), timeout=60).stdout
         assert "epoch 1/2 train loss" in logs and "epoch 2/2 train loss" in logs, logs[-4000:]
         assert f"-> s3://{bucket}/{prefix}/{run_name}/best" in logs, logs[-4000:]
+        # Neither the cluster token nor the S3 secret key shows up in what the user sees.
+        for secret in (head.token_path.read_text(), os.environ["AWS_SECRET_ACCESS_KEY"]):
+            assert secret not in submitted and secret not in logs
 
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{run_name}/best/")
     names = {item["Key"].rsplit("/", 1)[-1]: item["Size"] for item in listed.get("Contents", [])}

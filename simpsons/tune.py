@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import posixpath
 import socket
@@ -37,7 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage
 from simpsons.config import Config, ConfigError, _set, from_dict, read_config_file, to_dict
-from simpsons.train import SCORE, build_trainer, resolve_resources
+from simpsons.train import METRICS_FILE, SCORE, build_trainer, resolve_resources
 
 EPOCHS = "epochs"  # epochs completed (1-based), added to every result Tune sees: ASHA's clock
 SPACE_KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -432,7 +433,8 @@ def summarize_trials(cfg: Config, sweep_uri: str) -> list[dict]:
             status = "completed" if epochs_run >= cfg.optim.epochs else "stopped early"
         row.update(status=status, epochs_run=epochs_run, best_val_macro_f1=float(best[SCORE]),
                    best_epoch=int(best["epoch"]) + 1, val_acc=float(best["val_acc"]),
-                   val_loss=float(best["val_loss"]), checkpoint=best.get("checkpoint_path", ""))
+                   val_loss=float(best["val_loss"]), checkpoint=best.get("checkpoint_path", ""),
+                   history=frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records"))
         rows.append(row)
     rows.sort(key=lambda r: r.get("best_val_macro_f1", -1.0), reverse=True)
     return rows
@@ -463,7 +465,11 @@ def export_sweep(cfg: Config, sweep_uri: str) -> list[dict]:
     with checkpoint.as_directory() as ckpt_dir:
         from simpsons.export import export_best
 
-        export_best(ckpt_dir, storage.join(sweep_uri, "best"), best_cfg)
+        # The checkpoint's own history stops at its epoch; curves.png gets every epoch the trial
+        # ran (Tune's copy of them, with the keys the training loop reports).
+        keys = json.loads((Path(ckpt_dir) / METRICS_FILE).read_text())["history"][0].keys()
+        history = [{k: epoch[k] for k in keys if k in epoch} for epoch in best["history"]]
+        export_best(ckpt_dir, storage.join(sweep_uri, "best"), best_cfg, history=history)
     return rows
 
 
@@ -485,6 +491,7 @@ def plot_trials(rows: list[dict], params: list[str], path: str | Path, title: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     scored = [r for r in rows if "best_val_macro_f1" in r]
     fig, axes = plt.subplots(1, max(1, len(params)), figsize=(4.2 * max(1, len(params)), 3.8), dpi=110, squeeze=False)
@@ -497,6 +504,7 @@ def plot_trials(rows: list[dict], params: list[str], path: str | Path, title: st
             positive = [v for v in values if v > 0]
             if positive and len(positive) == len(values) and max(values) / min(values) >= 20:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # they overlap
         else:  # e.g. alpha chosen from 'auto' and numbers: one column per choice
             labels = sorted({str(v) for v in values})
             xs = [labels.index(str(v)) for v in values]

@@ -9,7 +9,7 @@ Used by the job-submission and fault-tolerance tests. What makes it safe on a sh
 - stopping never runs `ray stop` (that stops every Ray cluster of the user on the machine): the
   head runs with `--block` in its own session and is sent SIGTERM, then every process whose
   environment names this head's temp dir (raylet, GCS, workers, drivers started here) is killed
-  by its pid.
+  by its pid; if pytest itself is killed, the kernel's parent-death signal stops the head.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
     assert cfg.optim.batch_size == 64  # untouched default
 
 
-def test_int_is_accepted_for_a_float_field():
+def test_int_and_exponent_strings_are_accepted_for_a_float_field():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML reads 1e-3 as a string
 
 
 @pytest.mark.parametrize("override, message", [

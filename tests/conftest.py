@@ -69,9 +69,13 @@ def s3_server():
                 os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    """One local Ray cluster for the session (4 logical CPUs on 2 cores), stopped at the end."""
+    """A local Ray cluster per test module (4 logical CPUs on 2 cores), stopped at its end.
+
+    Per module, not per session: a Train run in a long-lived session once waited forever for its
+    worker group after other modules' runs, and a fresh cluster costs only a few seconds.
+    """
     import ray
 
     # Ray Train's placement-group cleaner (it frees the workers of a Tune trial that ASHA stops)

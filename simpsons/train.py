@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -280,6 +281,7 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+        shutil.rmtree(self.local, ignore_errors=True)  # everything in it was copied to storage
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def main(args: argparse.Namespace) -> None:
              "with an NVIDIA GPU, or pass --device cpu to check the code path.")
     if args.quick:
         args.size, args.batch, args.warmup, args.steps, args.epochs = 32, 16, 2, 4, 1
+        if device.type == "cpu":
+            torch.set_num_threads(1)  # on a busy machine two threads of tiny ops stall on each other
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as simpsons.train does: fixed shapes, pick the fastest kernels
         name = torch.cuda.get_device_name(device)

@@ -119,9 +119,13 @@ def main(args: argparse.Namespace) -> None:
                 ray.init(address=args.address)
             else:
                 os.environ.pop("RAY_ADDRESS", None)  # without --address: our own cluster, never someone else's
+                # Ray Train's placement-group cleaner finds the cluster through the dashboard; with other
+                # Ray instances on the machine it cannot guess which, so name ours (Ray processes inherit it).
+                dashboard_port = free_port()
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
                 cpus = max(args.workers) * args.cpus_per_worker
                 ray.init(num_cpus=max(1, math.ceil(cpus)), _node_ip_address="127.0.0.1",
-                         dashboard_host="127.0.0.1", dashboard_port=free_port())
+                         dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
             for workers in args.workers:
                 overrides = [
                     f"data.train_size={args.size}", f"data.stored_size={stored}",

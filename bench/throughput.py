@@ -212,7 +212,7 @@ def measure(pipelines: dict, warmup: int, rounds: int, steps: int) -> dict[str, 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, "tiny run for tests: 32 px, batch 8, 1 warm-up step, 2 timed steps per pipeline")
+    add_common_args(parser, "tiny run for tests: 32 px, batch 8, 1 thread, 1 warm-up step, 2 timed steps per pipeline")
     parser.add_argument("--size", type=int, default=128, help="side of the training images in px (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -227,7 +227,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     if args.quick:
-        args.size, args.batch, args.warmup, args.rounds, args.steps = 32, 8, 1, 2, 1
+        # One thread: on a busy machine two threads of tiny ops stall on each other's time slices.
+        args.size, args.batch, args.warmup, args.rounds, args.steps, args.threads = 32, 8, 1, 2, 1, 1
     variants = list(VARIANTS) if args.variants == ["all"] else args.variants
     for name in variants:
         if name not in VARIANTS:

@@ -53,6 +53,3 @@ def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ itself is not built by these tests.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import subprocess
@@ -90,8 +91,14 @@ def driver_floor(variant: str) -> int:
     return torch_cuda_table()["driver"][variant[2:-1]]
 
 
+@functools.cache
+def ec2_model():
+    """botocore's model of the EC2 API (a large file: loaded once)."""
+    return botocore.session.get_session().get_service_model("ec2")
+
+
 def ec2_shape(name: str):
-    return botocore.session.get_session().get_service_model("ec2").shape_for(name)
+    return ec2_model().shape_for(name)
 
 
 def run_instances_errors(node_config: dict) -> str:
@@ -100,7 +107,7 @@ def run_instances_errors(node_config: dict) -> str:
     Ray passes node_config to boto3's `create_instances` after adding the counts and its tags, so
     the request is node_config plus MinCount/MaxCount.
     """
-    operation = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances")
+    operation = ec2_model().operation_model("RunInstances")
     try:
         validate_parameters(dict(node_config, MinCount=1, MaxCount=1), operation.input_shape)
     except ParamValidationError as exc:

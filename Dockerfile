@@ -33,6 +33,9 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/${TO
 # Stream print() to `ray job logs` as it happens.
 ENV PYTHONUNBUFFERED=1
 
+# Made by the ray user, not by WORKDIR: the legacy builder creates a missing WORKDIR as root, and
+# `pip install .` below writes its build files into this folder.
+RUN mkdir -p /home/ray/simpsons
 WORKDIR /home/ray/simpsons
 
 # Dependencies first, from pyproject.toml alone, so that editing the code does not reinstall them.

@@ -34,6 +34,7 @@ from simpsons.cli import load_job_config
 from simpsons.config import load_config, read_config_file
 from simpsons.storage import is_s3
 from simpsons.tune import load_sweep_config, section_overrides
+from ray_head import VENV_BIN, RayHead
 from test_cluster_config import SECRET, dockerfile_instructions, documented_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,6 +392,18 @@ def test_the_rayjob_runs_the_training_entrypoint_from_the_images_working_directo
     for path in (script, args.config):
         assert (ROOT / path).is_file(), f"{path} is not in the repo"
         assert path_in_image(path) == f"{dockerfile_workdir()}/{path}", f"the Dockerfile does not copy {path} into its WORKDIR"
+
+
+@pytest.mark.slow
+def test_a_job_submitted_without_a_working_dir_runs_where_ray_start_ran():
+    # What the relative entrypoint relies on: KubeRay submits it with no working_dir, and the head's
+    # `ray start` runs in the container's working directory. A real head, started in its temp dir,
+    # and a submission from the repo root: the job sees the head's directory, not the client's.
+    with RayHead(num_cpus=1) as head:
+        done = head.run([str(VENV_BIN / "ray"), "job", "submit", "--", "python", "-c", "import os; print('cwd=' + os.getcwd())"],
+                        head.job_client_env(), timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"cwd={head.temp_dir.resolve()}" in done.stdout, done.stdout[-3000:]
 
 
 def test_the_rayjob_is_sized_for_the_config_it_runs_and_resumes_after_a_retry():

@@ -284,6 +284,7 @@ def cluster_spec_problems(spec: dict) -> list[str]:
             problems.append(f"group {name} states resources in both rayStartParams and resources")
         if "labels" in params:
             problems.append(f"group {name}: rayStartParams['labels'] is not supported; use labels")
+        # Not refused by the operator (it clamps), but a group outside its own bounds is a typo.
         if name != "head" and not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
             problems.append(f"group {name}: replicas must lie between minReplicas and maxReplicas")
     if spec.get("authOptions", {}).get("mode") == "token":
@@ -326,13 +327,15 @@ def dockerfile_workdir() -> str:
 
 def image_paths() -> dict[str, str]:
     """Repo path (file, or folder ending in /) -> where the Dockerfile's COPY lines put it in the image."""
-    copied = {}
+    copied, workdir = {}, "/"
     for line in dockerfile_instructions():
-        if line.startswith("COPY ") and "--from" not in line:
+        if line.startswith("WORKDIR "):
+            workdir = line.split()[1]  # absolute in this Dockerfile; a COPY lands relative to the one in force
+        elif line.startswith("COPY ") and "--from" not in line:
             *sources, dest = [token for token in line.split()[1:] if not token.startswith("--")]
             for source in sources:
-                target = dest if not dest.endswith("/") or source.endswith("/") else dest + source
-                copied[source] = target if target.startswith("/") else f"{dockerfile_workdir()}/{target.removeprefix('./')}"
+                target = dest + source if dest.endswith("/") and not source.endswith("/") else dest
+                copied[source] = target if target.startswith("/") else f"{workdir.rstrip('/')}/{target.removeprefix('./')}"
     return copied
 
 
@@ -354,8 +357,8 @@ def entry_script(name: str):
     return module
 
 
-def job_command(command: str) -> tuple[str, "object"]:
-    """(script path, parsed arguments) of `python jobs/x.py ...`, parsed by that script's parser."""
+def job_command(command: str) -> tuple[str, argparse.Namespace]:
+    """(script path, parsed arguments) of `python jobs/x.py ...`, parsed by that script's own parser."""
     python, script, *args = shlex.split(command)
     assert python == "python" and script.startswith("jobs/"), command
     return script, entry_script(Path(script).stem).get_args_parser().parse_args(args)
@@ -367,31 +370,114 @@ def pinned_ray() -> SpecifierSet:
     return SpecifierSet(re.sub(r"^ray(\[[^\]]*\])?", "", ray))
 
 
-def test_every_pod_runs_the_documented_image_and_the_pinned_ray():
-    image = documented_image()
+def image_ray() -> str:
+    """The Ray version of the image's base (rayproject/ray:<version>-...)."""
     base = [line.split()[1] for line in dockerfile_instructions() if line.startswith("FROM ")][-1]
-    base_ray = re.search(r":(\d+\.\d+\.\d+)", base).group(1)
-    for name, doc in manifests():
-        if doc["kind"] not in CRD_FILES:
-            continue
-        version = cluster_spec(doc)["rayVersion"]
-        assert version in pinned_ray(), f"{name}: rayVersion {version} is not the Ray pyproject.toml pins ({pinned_ray()})"
-        assert version == base_ray, f"{name}: rayVersion {version}, but the image is built on Ray {base_ray}"
-        for group, template in pod_templates(doc).items():
-            for container in template["spec"]["containers"]:
-                assert container["image"] == image, f"{name} {group}: run the image the Dockerfile documents"
+    return re.search(r":(\d+\.\d+\.\d+)", base).group(1)
 
 
-def test_the_rayjob_runs_the_training_entrypoint_from_the_images_working_directory():
-    job = the("RayJob")
+def gpu_capacity(spec: dict, cpus_per_worker: float) -> tuple[int, list[str]]:
+    """(GPUs the worker groups reach at maxReplicas, problems of pods short of CPUs for their GPUs)."""
+    gpus, problems = 0, []
+    for group in spec["workerGroupSpecs"]:
+        limits = ray_container(group["template"])["resources"]["limits"]
+        gpus += int(limits.get(GPU, 0)) * group["maxReplicas"]
+        if int(limits.get(GPU, 0)) * cpus_per_worker > float(limits["cpu"]):
+            problems.append(f"group {group['groupName']}: {limits.get(GPU)} GPU workers x {cpus_per_worker:g} CPUs "
+                            f"do not fit its {limits['cpu']} CPUs")
+    return gpus, problems
+
+
+def repo_problems(doc: dict) -> list[str]:
+    """How a RayJob / RayCluster disagrees with the Dockerfile, pyproject.toml, cluster.yaml and the
+    service account manifest; for a RayJob, also with the config its entrypoint runs."""
+    spec, problems = cluster_spec(doc), []
+    if spec["rayVersion"] not in pinned_ray():
+        problems.append(f"rayVersion {spec['rayVersion']} is not the Ray pyproject.toml pins ({pinned_ray()})")
+    if spec["rayVersion"] != image_ray():
+        problems.append(f"rayVersion {spec['rayVersion']}, but the image is built on Ray {image_ray()}")
+    if spec["headGroupSpec"]["rayStartParams"].get("num-cpus") != "0":
+        problems.append('the head takes no training: rayStartParams num-cpus "0"')
+    if spec.get("enableInTreeAutoscaling") is not True or spec.get("authOptions") != {"mode": "token"}:
+        problems.append("in-tree autoscaling and token authOptions are both on")
+    if not spec.get("workerGroupSpecs") or any(group["minReplicas"] != 0 for group in spec["workerGroupSpecs"]):
+        problems.append("GPU worker groups scale from zero (minReplicas 0)")
+    account = the("ServiceAccount")["metadata"]["name"]
+    for group, template in pod_templates(doc).items():
+        pod, container = template["spec"], ray_container(template)
+        if any(c["image"] != documented_image() for c in pod["containers"]):
+            problems.append(f"{group}: run the image the Dockerfile documents, {documented_image()}")
+        if pod.get("serviceAccountName") != account:
+            problems.append(f"{group}: S3 comes through the service account {account}")
+        memory = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
+        if not any(m["mountPath"] == "/dev/shm" and m["name"] in memory for m in container.get("volumeMounts", [])):
+            problems.append(f"{group}: /dev/shm must be a memory-backed volume")
+        if (GPU in container["resources"]["limits"]) != (group != "head"):
+            problems.append(f"{group}: GPUs on the workers only")
+    if doc["kind"] == "RayJob":
+        problems += rayjob_problems(doc)
+    return problems
+
+
+def rayjob_problems(job: dict) -> list[str]:
+    problems = []
     script, args = job_command(job["spec"]["entrypoint"])
-    assert script == "jobs/train.py" and args.config == "configs/cluster.yaml"
-    head = ray_container(pod_templates(job)["head"])
     # The job driver runs on the head from where `ray start` ran: the container's working directory.
-    assert head.get("workingDir", dockerfile_workdir()) == dockerfile_workdir()
-    for path in (script, args.config):
-        assert (ROOT / path).is_file(), f"{path} is not in the repo"
-        assert path_in_image(path) == f"{dockerfile_workdir()}/{path}", f"the Dockerfile does not copy {path} into its WORKDIR"
+    if ray_container(pod_templates(job)["head"]).get("workingDir", dockerfile_workdir()) != dockerfile_workdir():
+        problems.append(f"the head's workingDir must be the Dockerfile's WORKDIR {dockerfile_workdir()}")
+    for path in filter(None, (script, args.config)):
+        if not (ROOT / path).is_file() or path_in_image(path) != f"{dockerfile_workdir()}/{path}":
+            problems.append(f"{path} is not a repo file that the Dockerfile copies into its WORKDIR")
+    if problems:
+        return problems
+    cfg = load_job_config(argparse.Namespace(**{**vars(args), "config": args.config and str(ROOT / args.config)}))
+    gpus, short = gpu_capacity(job["spec"]["rayClusterSpec"], cfg.train.cpus_per_worker)
+    problems += short
+    if cfg.train.use_gpu is not True or gpus < cfg.train.workers:
+        problems.append(f"{cfg.train.workers} GPU workers need GPUs x maxReplicas >= {cfg.train.workers}; the groups reach {gpus}")
+    # A retry runs on a fresh cluster: it resumes only from storage the cluster does not own, under
+    # a name the config states rather than one made up per run.
+    if not (is_s3(cfg.run.storage) and is_s3(cfg.data.uri)):
+        problems.append("run.storage and data.uri must be in S3 for a retry on a fresh cluster to resume")
+    if not args.config or "name" not in read_config_file(ROOT / args.config).get("run", {}):
+        problems.append("the config the job runs must state run.name, so that a retry resumes the same run")
+    if not job["spec"].get("backoffLimit") or not job["spec"].get("activeDeadlineSeconds"):
+        problems.append("backoffLimit (retries) and activeDeadlineSeconds (no endless Initializing) are set")
+    if job["spec"].get("shutdownAfterJobFinishes") is not True or "ttlSecondsAfterFinished" not in job["spec"]:
+        problems.append("the cluster is deleted after the job: shutdownAfterJobFinishes and ttlSecondsAfterFinished")
+    return problems
+
+
+@pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
+                         ids=lambda value: value if isinstance(value, str) else "")
+def test_kuberay_objects_agree_with_the_dockerfile_pyproject_and_the_config_they_run(name, doc):
+    assert repo_problems(doc) == [], name
+
+
+def test_the_rayjob_runs_the_training_entrypoint_with_the_cluster_config():
+    script, args = job_command(the("RayJob")["spec"]["entrypoint"])
+    assert (script, args.config) == ("jobs/train.py", "configs/cluster.yaml")
+
+
+@pytest.mark.parametrize("dotted, value, complaint", [
+    ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].image", "rayproject/ray:2.60.0", "the image the Dockerfile"),
+    ("spec.rayClusterSpec.rayVersion", "2.59.0", "not the Ray pyproject.toml pins"),
+    ("spec.rayClusterSpec.headGroupSpec.rayStartParams", {}, "head takes no training"),
+    ("spec.entrypoint", "python jobs/train.py --config configs/clusters.yaml", "configs/clusters.yaml is not a repo file"),
+    ("spec.entrypoint", "python bench/accuracy.py", "bench/accuracy.py"),
+    ("spec.entrypoint", "python jobs/train.py --config configs/cluster.yaml --set run.storage=/tmp/runs", "must be in S3"),
+    ("spec.entrypoint", "python jobs/train.py --config configs/cluster.yaml --set train.workers=12", "the groups reach 8"),
+    ("spec.rayClusterSpec.workerGroupSpecs.[0].maxReplicas", 1, "the groups reach 4"),
+    ("spec.rayClusterSpec.workerGroupSpecs.[0].template.spec.volumes", [], "/dev/shm"),
+    ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].workingDir", "/home/ray", "workingDir"),
+    ("spec.backoffLimit", 0, "backoffLimit (retries)"),
+])
+def test_the_repo_checks_refuse_a_rayjob_that_disagrees_with_the_repo(dotted, value, complaint):
+    try:
+        problems = repo_problems(rayjob_with(dotted, value))
+    except AssertionError as error:  # job_command refuses an entrypoint that is not `python jobs/...`
+        problems = [str(error)]
+    assert any(complaint in problem for problem in problems), problems
 
 
 @pytest.mark.slow
@@ -406,43 +492,9 @@ def test_a_job_submitted_without_a_working_dir_runs_where_ray_start_ran():
         assert f"cwd={head.temp_dir.resolve()}" in done.stdout, done.stdout[-3000:]
 
 
-def test_the_rayjob_is_sized_for_the_config_it_runs_and_resumes_after_a_retry():
-    job = the("RayJob")
-    _, args = job_command(job["spec"]["entrypoint"])
-    cfg = load_job_config(argparse.Namespace(**{**vars(args), "config": str(ROOT / args.config)}))
-    spec = cluster_spec(job)
-    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head takes no training"
-    groups = spec["workerGroupSpecs"]
-    assert cfg.train.use_gpu is True
-    assert sum(int(ray_container(g["template"])["resources"]["limits"].get(GPU, 0)) * g["maxReplicas"] for g in groups) >= cfg.train.workers
-    for group in groups:
-        limits = ray_container(group["template"])["resources"]["limits"]
-        assert int(limits[GPU]) * cfg.train.cpus_per_worker <= float(limits["cpu"]), f"{group['groupName']}: CPUs for its GPU workers"
-    # A retry runs on a fresh cluster: it resumes only from storage it does not own, under a name
-    # that the config states rather than one made up per run.
-    assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["activeDeadlineSeconds"] > 0
-    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] >= 0
-    assert is_s3(cfg.run.storage) and is_s3(cfg.data.uri)
-    assert read_config_file(ROOT / args.config)["run"]["name"] == cfg.run.name
-
-
-def test_gpu_workers_scale_from_zero_with_shared_memory_and_s3_through_the_service_account():
-    account = the("ServiceAccount")
-    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
-    for name, doc in manifests():
-        if doc["kind"] not in CRD_FILES:
-            continue
-        spec = cluster_spec(doc)
-        assert spec["enableInTreeAutoscaling"] is True and spec["authOptions"] == {"mode": "token"}, name
-        assert spec["workerGroupSpecs"] and all(g["minReplicas"] == 0 for g in spec["workerGroupSpecs"]), name
-        for group, template in pod_templates(doc).items():
-            pod = template["spec"]
-            assert pod["serviceAccountName"] == account["metadata"]["name"], f"{name} {group}"
-            memory_volumes = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
-            mounts = {m["name"] for m in ray_container(template).get("volumeMounts", []) if m["mountPath"] == "/dev/shm"}
-            assert mounts & memory_volumes, f"{name} {group}: /dev/shm must be a memory-backed volume"
-            limits = ray_container(template)["resources"]["limits"]
-            assert (GPU in limits) == (group != "head"), f"{name} {group}: GPUs on the workers only"
+def test_s3_access_comes_from_the_service_accounts_role_and_no_manifest_holds_a_secret():
+    role = the("ServiceAccount")["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", role)
     for path in DEPLOY.glob("*.yaml"):
         assert not SECRET.search(path.read_text()), f"{path.name} holds a secret"
 
@@ -463,27 +515,20 @@ def sweep_command(doc_path: Path) -> str:
 
 def test_the_sweep_cluster_puts_trial_drivers_on_the_head_and_fits_its_submit_command():
     cluster = the("RayCluster")
-    spec = cluster_spec(cluster)
-    params = spec["headGroupSpec"]["rayStartParams"]
-    assert params["num-cpus"] == "0", "the head takes no training"
     drivers = head_resources(cluster)
     assert drivers.get("trial_driver", 0) >= 1
     # The same scheme as the VM cluster: whatever custom resource its head advertises, this one does.
     launcher = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    launcher_head = launcher["available_node_types"][launcher["head_node_type"]]["resources"]
-    for resource, amount in launcher_head.items():
+    for resource, amount in launcher["available_node_types"][launcher["head_node_type"]]["resources"].items():
         if resource not in ("CPU", "GPU"):
             assert drivers.get(resource) == amount, f"cluster.yaml's head advertises {resource}: {amount}"
-    # The documented command parses, and what it asks for fits the cluster.
+    # The documented command parses (the file's training sections, then --set, as jobs/tune.py
+    # loads them), and what it asks for fits the cluster.
     script, args = job_command(sweep_command(DEPLOY / "raycluster-sweeps.yaml"))
     assert script == "jobs/tune.py"
     training, overrides, sweep = load_sweep_config(ROOT / args.config, args.set)
     cfg = load_config(None, section_overrides(training) + overrides)
     assert cfg.train.use_gpu is True and is_s3(cfg.run.storage) and is_s3(cfg.data.uri)
     assert 1 <= sweep.max_concurrent_trials <= drivers["trial_driver"]
-    groups = spec["workerGroupSpecs"]
-    gpus = sum(int(ray_container(g["template"])["resources"]["limits"][GPU]) * g["maxReplicas"] for g in groups)
-    assert sweep.max_concurrent_trials * cfg.train.workers <= gpus
-    for group in groups:
-        limits = ray_container(group["template"])["resources"]["limits"]
-        assert int(limits[GPU]) * cfg.train.cpus_per_worker <= float(limits["cpu"])
+    gpus, short = gpu_capacity(cluster_spec(cluster), cfg.train.cpus_per_worker)
+    assert short == [] and sweep.max_concurrent_trials * cfg.train.workers <= gpus

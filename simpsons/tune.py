@@ -282,7 +282,7 @@ def trial_driver_resources(sweep: SweepConfig) -> dict[str, float]:
     """What each trial's driver (the Tune function running the TorchTrainer) holds.
 
     On a cluster whose safe nodes (cluster.yaml: the head) advertise TRIAL_DRIVER, one unit of
-    it and no CPU, so trial drivers never land on the GPU (possibly spot) nodes beside training
+    it and no CPU, so trial drivers never land on the GPU nodes beside training
     workers; elsewhere (a laptop's `ray.init()`) tune.trial_cpus CPUs.
     """
     if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:

@@ -118,3 +118,33 @@ def test_ray_train_gives_up_on_a_worker_group_that_never_starts(ray_cluster, pac
     with pytest.raises(ray.train.ControllerError) as err:  # 9 workers x 1 CPU on a 4-CPU cluster
         build_trainer(cfg, str(packed_dataset)).fit()
     assert "worker group startup timed out after 2.0 seconds waiting for 9 workers" in str(err.value), err.value
+
+
+@pytest.mark.slow
+def test_the_driver_finds_the_autoscalers_node_types_where_ray_keeps_them(ray_cluster, tmp_path, monkeypatch):
+    """`ray up` leaves its config in the head's ~/ray_bootstrap_config.yaml; an autoscaler that
+    reports its node groups to the GCS (autoscaler_pb2.ClusterConfig) is read from there first."""
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from simpsons.train import cluster_capacity
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the driver's home on the head
+    plain = cluster_capacity()  # a plain `ray.init()`: no autoscaler
+    assert (plain.node_types, plain.max_added, plain.other_nodes) == ([], None, 0) and not plain.can_add_nodes()
+    (tmp_path / "ray_bootstrap_config.yaml").write_text((REPO / "cluster.yaml").read_text())
+    capacity = cluster_capacity()
+    assert ("gpu_4x_a10g", {"CPU": 48.0, "GPU": 4.0}, 4) in capacity.node_types and capacity.max_added == 4
+    assert capacity.can_add_nodes() and capacity.has("GPU")
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.name, group.max_count = "gpu-group", 2
+    group.resources.update({"CPU": 8, "GPU": 1})
+    namespace, key = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE, ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+    try:
+        assert cluster_capacity().node_types == [("gpu-group", {"CPU": 8.0, "GPU": 1.0}, 2)]
+    finally:
+        _internal_kv_del(key, namespace=namespace)

@@ -442,6 +442,11 @@ def check_storage_reach(cfg: Config, dataset_uri: str, capacity: ClusterCapacity
         )
 
 
+def absolute_dataset_uri(uri: str) -> str:
+    """An s3:// URI as it is; a local folder as an absolute path (workers do not share our cwd)."""
+    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
 def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
     """The driver's checks before anything travels to a worker: paths made absolute, local folders
     refused on a multi-node cluster, resources resolved and the placement shown to be possible.
@@ -494,8 +499,8 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
     from simpsons.export import export_best, read_history
 
+    dataset_uri = absolute_dataset_uri(dataset_uri)
     if not storage.is_s3(dataset_uri):
-        dataset_uri = str(Path(dataset_uri).expanduser().resolve())  # workers do not share our cwd
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
     else:
         storage.check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version

@@ -38,7 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage
 from simpsons.config import Config, ConfigError, _set, from_dict, read_config_file, to_dict
-from simpsons.train import METRICS_FILE, SCORE, build_trainer, prepare_run
+from simpsons.train import METRICS_FILE, SCORE, absolute_dataset_uri, build_trainer, prepare_run
 
 # The custom resource that marks nodes safe for trial drivers (cluster.yaml's head advertises it).
 TRIAL_DRIVER = "trial_driver"
@@ -384,8 +384,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig, dataset_uri: str, resume: bool = 
     init_ray()
     check_space(cfg, sweep)
     cfg, concurrent = resolve_sweep_resources(cfg, sweep, dataset_uri)
-    if not storage.is_s3(dataset_uri):
-        dataset_uri = str(Path(dataset_uri).expanduser().resolve())  # trials run in folders of their own
+    dataset_uri = absolute_dataset_uri(dataset_uri)  # trials run in folders of their own
     sweep_uri = storage.join(cfg.run.storage, sweep.name)
     fs, root = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     experiment_path = posixpath.join(root, sweep.name)

@@ -30,8 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_job_config(args)
-    from simpsons.train import fit
+    from simpsons.train import fit, prepare_run
 
+    cfg = prepare_run(cfg)  # a run the cluster cannot hold fails here, before any data is prepared
     fit(cfg, resolve_dataset(cfg))
 
 

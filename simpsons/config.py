@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
+from urllib.parse import urlparse
 
 import yaml
 
@@ -203,6 +204,35 @@ def read_config_file(path: str | Path) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# The config fields that name a place on disk (or an s3:// / http(s) / Drive URI).
+PATH_KEYS = ("data.source", "data.uri", "data.cache_dir", "run.storage")
+
+
+def resolve_paths(cfg: Config, cwd: str | Path | None = None) -> Config:
+    """A copy of cfg whose relative local paths are absolute, resolved against `cwd` (default: ours).
+
+    Ray Train runs every worker, and Tune every trial, in a folder of its own, so `./runs` would
+    mean a different place there than where the user typed it; the driver settles it before the
+    config travels. URIs stay as they are, and so does a leading `~`: it means the home folder of
+    whichever node reads it (the node-local cache), not the driver's.
+    """
+    cwd = Path(cwd or Path.cwd())
+    nested = to_dict(cfg)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = nested[section][key]
+        if value and _is_relative_path(value):
+            nested[section][key] = str((cwd / value).resolve())
+    return from_dict(nested)
+
+
+def _is_relative_path(value: str) -> bool:
+    scheme = urlparse(value).scheme
+    if len(scheme) > 1:  # s3://, http(s)://, file:// (absolute by definition); one letter is a drive
+        return False
+    return not (value.startswith("~") or Path(value).is_absolute())
 
 
 def _merge(obj: Any, values: dict, prefix: str) -> None:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -440,7 +441,7 @@ def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: 
     with FileLock(str(root / f"{key}.lock")):
         if (target / MANIFEST).is_file():
             return target
-        partial = root / f"{key}.partial"
+        partial = _partial_dir(root, key)
         print(f"Downloading the packed dataset {uri} into {target}", flush=True)
         wanted = sorted(manifest["files"])  # the packed arrays and report.json, not the originals
         have = {name for name in wanted if (partial / name).is_file()
@@ -452,8 +453,46 @@ def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: 
                 (partial / name).unlink()
                 raise StorageError(f"{join(uri, name)} does not match the sha256 in its manifest; the dataset is damaged, prepare it again.")
         (partial / MANIFEST).write_bytes(raw)  # last: a folder with a manifest is complete
-        os.replace(partial, target)
+        try:
+            os.replace(partial, target)
+        except OSError:
+            # Another host sharing this cache folder (a file lock does not hold across NFS
+            # clients) finished first; its complete copy is as good as ours.
+            if not (target / MANIFEST).is_file():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _partial_dir(root: Path, key: str) -> Path:
+    """This host's and process's download folder for dataset `key`, taking over one left behind.
+
+    Per host and process so that two downloads never write into one folder, even when the cache
+    is shared between nodes; a folder left by a dead process of this host is renamed to ours, so
+    its verified files are not fetched again.
+    """
+    host = socket.gethostname()
+    partial = root / f"{key}.partial.{host}.{os.getpid()}"
+    if not partial.exists():
+        for stale in root.glob(f"{key}.partial.{host}.*"):
+            pid = stale.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                try:
+                    os.replace(stale, partial)
+                    break
+                except OSError:  # taken over by another process first
+                    continue
+    return partial
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def sha256_files(paths: Iterable[Path], workers: int = 4) -> list[str]:

@@ -13,6 +13,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from simpsons import storage
 from simpsons.augment import eval_transform, train_transform
-from simpsons.config import Config, from_dict, to_dict
+from simpsons.config import Config, ConfigError, from_dict, resolve_paths, to_dict
 from simpsons.data import ResidentSplit, load_packed, read_manifest
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
@@ -287,23 +288,184 @@ class _TensorBoard:
 # The driver
 
 
-def resolve_resources(cfg: Config) -> Config:
-    """Fill in train.use_gpu="auto" and cpus_per_worker=0 from the Ray cluster's resources."""
+# Restarts of the Train controller after a failure of its own (a worker group that did not start
+# in RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, e.g. while the autoscaler boots a cold node) before
+# the run fails. Ray's default, -1, retries for ever: a run that can never start would never end.
+CONTROLLER_FAILURE_LIMIT = 3
+# Where the cluster launcher (`ray up`) puts its config on the head node.
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass
+class ClusterCapacity:
+    """The Ray cluster's nodes and what its autoscaler may add (nothing on a plain `ray.init()`)."""
+
+    # Total resources of every live node, e.g. {"CPU": 48.0, "GPU": 4.0}; busy ones included,
+    # since they are freed again: only what can never exist makes a run impossible.
+    nodes: list[dict[str, float]]
+    # Live nodes other than the driver's (Ray Train workers may land on any of them).
+    other_nodes: int
+    # Autoscaler node types: (name, resources of one node, nodes of the type it may start).
+    node_types: list[tuple[str, dict[str, float], int]] = field(default_factory=list)
+    # The autoscaler's limit on worker nodes of all types together (None: no limit given).
+    max_added: int | None = None
+
+    def can_add_nodes(self) -> bool:
+        return any(count > 0 for _, _, count in self.node_types) and self.max_added != 0
+
+    def has(self, resource: str) -> bool:
+        """Whether some node has, or some node type the autoscaler may start would have, `resource`."""
+        return any(node.get(resource, 0) > 0 for node in self.nodes) or any(
+            res.get(resource, 0) > 0 for _, res, count in self.node_types if count > 0 and self.max_added != 0)
+
+    def bundles_that_fit(self, bundle: dict[str, float]) -> int:
+        """How many copies of `bundle` (one worker's resources) the cluster holds at most, counting
+        the nodes its autoscaler may add, so a PACK or SPREAD placement of that many can succeed."""
+        def per_node(resources: dict[str, float]) -> int:
+            needed = [(k, v) for k, v in bundle.items() if v > 0]
+            if not needed:
+                return 1 << 30
+            return min(int(resources.get(k, 0) / v + 1e-9) for k, v in needed)
+
+        total = sum(per_node(node) for node in self.nodes)
+        room = float("inf") if self.max_added is None else self.max_added
+        for _, resources, count in sorted(self.node_types, key=lambda t: per_node(t[1]), reverse=True):
+            added = int(min(count, room))
+            total += per_node(resources) * added
+            room -= added
+        return total
+
+    def describe(self) -> str:
+        def fmt(resources: dict[str, float]) -> str:
+            shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store"))}
+            return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+        text = f"{len(self.nodes)} node(s) {', '.join(fmt(n) for n in self.nodes) or ''}".rstrip()
+        types = [f"up to {count} x {name} {fmt(res)}" for name, res, count in self.node_types if count > 0]
+        if types and self.max_added != 0:
+            limit = "" if self.max_added is None else f", at most {self.max_added} in all"
+            return f"{text}; its autoscaler can add {', '.join(types)}{limit}"
+        return f"{text} and no autoscaler that can add more"
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """The connected Ray cluster's nodes, plus the node types its autoscaler reported to the GCS."""
+    driver_node = ray.get_runtime_context().get_node_id()
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    capacity = ClusterCapacity(
+        nodes=[{k: float(v) for k, v in node.get("Resources", {}).items()} for node in alive],
+        other_nodes=sum(node.get("NodeID") != driver_node for node in alive),
+    )
+    capacity.node_types, capacity.max_added = _autoscaler_node_types()
+    return capacity
+
+
+def _autoscaler_node_types() -> tuple[list[tuple[str, dict[str, float], int]], int | None]:
+    """(node types, limit on added nodes) of the cluster's autoscaler; ([], None) without one."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()  # reported to the GCS by autoscalers that do (KubeRay's v2)
+    if config is not None and config.node_group_configs:
+        unlimited = 1 << 30
+        return [(group.name, {k: float(v) for k, v in group.resources.items()},
+                 unlimited if group.max_count < 0 else int(group.max_count))
+                for group in config.node_group_configs], None
+    # The VM launcher (`ray up`) reports nothing; it leaves its config where Tune also looks for it
+    # (ray.tune.execution.cluster_info): on the head, where `ray job submit` runs the driver.
+    path = Path(LAUNCHER_CONFIG).expanduser()
+    if path.is_file():
+        import yaml
+
+        return launcher_node_types(yaml.safe_load(path.read_text()) or {})
+    return [], None
+
+
+def launcher_node_types(config: dict) -> tuple[list[tuple[str, dict[str, float], int]], int | None]:
+    """(worker node types, global max_workers) of a cluster launcher config such as cluster.yaml."""
+    head = config.get("head_node_type")
+    types = [(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()}, int(spec.get("max_workers", 0)))
+             for name, spec in (config.get("available_node_types") or {}).items() if name != head]
+    limit = config.get("max_workers")
+    return types, None if limit is None else int(limit)
+
+
+def resolve_resources(cfg: Config, capacity: ClusterCapacity | None = None) -> Config:
+    """Fill in train.use_gpu="auto" and cpus_per_worker=0 from the Ray cluster, and refuse a
+    placement the cluster can never satisfy (Ray Train would otherwise wait and retry for ever)."""
     cfg = from_dict(to_dict(cfg))
-    available = ray.cluster_resources()
+    capacity = capacity or cluster_capacity()
     if cfg.train.use_gpu == "auto":
-        cfg.train.use_gpu = available.get("GPU", 0) >= 1
+        # On an autoscaling cluster the GPU nodes may not exist yet when the job starts: the node
+        # types decide, or "auto" would quietly train on the GPU nodes' CPUs.
+        cfg.train.use_gpu = capacity.has("GPU")
     if not cfg.train.cpus_per_worker:
-        cfg.train.cpus_per_worker = float(max(1, int(available.get("CPU", 1) // cfg.train.workers)))
+        cpus = sum(node.get("CPU", 0) for node in capacity.nodes)
+        cfg.train.cpus_per_worker = float(max(1, int(cpus // cfg.train.workers)))
+    bundle = worker_resources(cfg)
+    fits = capacity.bundles_that_fit(bundle)
+    if fits < cfg.train.workers:
+        asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+        raise ConfigError(
+            f"The run asks for {cfg.train.workers} Ray Train worker(s) with {asked} each, but the cluster "
+            f"({capacity.describe()}) can hold {fits}; lower train.workers or train.cpus_per_worker"
+            f"{', set train.use_gpu=false' if cfg.train.use_gpu else ''}, or add nodes (cluster.yaml max_workers)."
+        )
     return cfg
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker holds (resources must be resolved: see resolve_resources)."""
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return resources
+
+
+def check_storage_reach(cfg: Config, dataset_uri: str, capacity: ClusterCapacity) -> None:
+    """Refuse local folders for the data and the run when workers may run on another machine.
+
+    A folder on the driver's disk does not exist on the other nodes: their workers would fail
+    with a misleading "dataset missing" (retried train.max_failures times) or, for run.storage,
+    only at the first checkpoint, an epoch later.
+    """
+    if not (capacity.other_nodes or capacity.can_add_nodes()):
+        return
+    where = f"this Ray cluster has (or can add) nodes other than the driver's ({capacity.describe()}), whose workers cannot see it"
+    if not storage.is_s3(dataset_uri):
+        raise ConfigError(
+            f"The dataset {dataset_uri or cfg.data.source} is a local folder, but {where}; prepare it into S3 "
+            f"(python jobs/prepare_data.py --dest s3://BUCKET/PREFIX) and set data.uri to the s3:// version it prints."
+        )
+    if not storage.is_s3(cfg.run.storage):
+        raise ConfigError(
+            f"run.storage {cfg.run.storage} is a local folder, but {where}; set run.storage=s3://BUCKET/PREFIX."
+        )
+
+
+def absolute_dataset_uri(uri: str) -> str:
+    """An s3:// URI as it is; a local folder as an absolute path (workers do not share our cwd)."""
+    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
+    """The driver's checks before anything travels to a worker: paths made absolute, local folders
+    refused on a multi-node cluster, resources resolved and the placement shown to be possible.
+
+    `dataset_uri` defaults to data.uri (empty: prepared from data.source into the local cache).
+    Joins the Ray cluster (or starts a local one) if this process has not yet.
+    """
+    if not ray.is_initialized():
+        ray.init()
+    cfg = resolve_paths(cfg)
+    capacity = cluster_capacity()
+    check_storage_reach(cfg, cfg.data.uri if dataset_uri is None else dataset_uri, capacity)
+    return resolve_resources(cfg, capacity)
 
 
 def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for this config (resources must be resolved: see resolve_resources)."""
     name = name or cfg.run.name
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(cfg)
     fs, path = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -318,7 +480,9 @@ def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callba
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
             callbacks=callbacks,
         ),
     )
@@ -335,14 +499,12 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
     from simpsons.export import export_best, read_history
 
+    dataset_uri = absolute_dataset_uri(dataset_uri)
     if not storage.is_s3(dataset_uri):
-        dataset_uri = str(Path(dataset_uri).expanduser().resolve())  # workers do not share our cwd
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
     else:
         storage.check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
-    if not ray.is_initialized():
-        ray.init()
-    cfg = resolve_resources(cfg)
+    cfg = prepare_run(cfg, dataset_uri)
     print(f"Training {cfg.run.name}: {cfg.train.workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'}, "
           f"{cfg.train.cpus_per_worker:g} CPU(s) each, {cfg.optim.epochs} epochs -> {cfg.run.storage}", flush=True)
     result = build_trainer(cfg, dataset_uri).fit()

@@ -38,8 +38,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage
 from simpsons.config import Config, ConfigError, _set, from_dict, read_config_file, to_dict
-from simpsons.train import METRICS_FILE, SCORE, build_trainer, resolve_resources
+from simpsons.train import METRICS_FILE, SCORE, absolute_dataset_uri, build_trainer, prepare_run
 
+# The custom resource that marks nodes safe for trial drivers (cluster.yaml's head advertises it).
+TRIAL_DRIVER = "trial_driver"
 EPOCHS = "epochs"  # epochs completed (1-based), added to every result Tune sees: ASHA's clock
 SPACE_KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 
@@ -276,25 +278,40 @@ def _trial_dirname(trial) -> str:
 # The sweep driver
 
 
-def resolve_sweep_resources(cfg: Config, sweep: SweepConfig) -> tuple[Config, int]:
-    """(cfg with per-worker CPUs and GPU use settled, trials that run at once).
+def trial_driver_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What each trial's driver (the Tune function running the TorchTrainer) holds.
+
+    On a cluster whose safe nodes (cluster.yaml: the head) advertise TRIAL_DRIVER, one unit of
+    it and no CPU, so trial drivers never land on the GPU nodes beside training
+    workers; elsewhere (a laptop's `ray.init()`) tune.trial_cpus CPUs.
+    """
+    if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:
+        return {"CPU": 0, TRIAL_DRIVER: 1}
+    return {"CPU": sweep.trial_cpus}
+
+
+def resolve_sweep_resources(cfg: Config, sweep: SweepConfig, dataset_uri: str | None = None) -> tuple[Config, int]:
+    """(cfg with paths and resources settled and checked, trials that run at once).
 
     A sweep shares the cluster between trials, so an unset train.cpus_per_worker means 1 (not
     the single-run default of every CPU), and 0 concurrent trials means as many as fit.
     """
     if not cfg.train.cpus_per_worker:
         cfg = with_overrides(cfg, {"train.cpus_per_worker": 1.0})
-    cfg = resolve_resources(cfg)
+    cfg = prepare_run(cfg, dataset_uri)
     if sweep.max_concurrent_trials:
         return cfg, sweep.max_concurrent_trials
     available = ray.cluster_resources()
-    per_trial = sweep.trial_cpus + cfg.train.workers * cfg.train.cpus_per_worker
+    driver = trial_driver_resources(sweep)
+    per_trial = driver["CPU"] + cfg.train.workers * cfg.train.cpus_per_worker
     fits = int(available.get("CPU", 0) / per_trial + 1e-9)
     if cfg.train.use_gpu:
         fits = min(fits, int(available.get("GPU", 0) // cfg.train.workers))
+    if TRIAL_DRIVER in driver:
+        fits = min(fits, int(available.get(TRIAL_DRIVER, 0)))
     if fits < 1:
         raise ConfigError(
-            f"One trial needs {per_trial:g} CPUs ({sweep.trial_cpus:g} for its driver + {cfg.train.workers} workers x "
+            f"One trial needs {per_trial:g} CPUs ({driver['CPU']:g} for its driver + {cfg.train.workers} workers x "
             f"{cfg.train.cpus_per_worker:g}){f' and {cfg.train.workers} GPUs' if cfg.train.use_gpu else ''} but the cluster "
             f"has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs; lower train.workers or "
             f"train.cpus_per_worker, or set tune.max_concurrent_trials if the cluster autoscales."
@@ -366,13 +383,14 @@ def run_sweep(cfg: Config, sweep: SweepConfig, dataset_uri: str, resume: bool = 
     """Run (or with resume=True, continue) the sweep, then export it; returns the trials.csv rows."""
     init_ray()
     check_space(cfg, sweep)
-    cfg, concurrent = resolve_sweep_resources(cfg, sweep)
+    cfg, concurrent = resolve_sweep_resources(cfg, sweep, dataset_uri)
+    dataset_uri = absolute_dataset_uri(dataset_uri)  # trials run in folders of their own
     sweep_uri = storage.join(cfg.run.storage, sweep.name)
     fs, root = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     experiment_path = posixpath.join(root, sweep.name)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=to_dict(cfg), dataset=dataset_uri, sweep_uri=sweep_uri),
-        {"cpu": sweep.trial_cpus},
+        trial_driver_resources(sweep),
     )
     exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
     if resume:
@@ -401,6 +419,9 @@ def run_sweep(cfg: Config, sweep: SweepConfig, dataset_uri: str, resume: bool = 
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=root, storage_filesystem=fs, verbose=1,
                 callbacks=[ProgressCallback(cfg.optim.epochs)],
+                # A trial whose driver was lost (its node died) starts again; its Train run, named
+                # after the trial, resumes from its last checkpoint.
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             ),
         )
     tuner.fit()

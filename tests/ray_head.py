@@ -1,6 +1,8 @@
-"""A real Ray head on 127.0.0.1, started the way a cluster node starts one: `ray start --head`.
+"""A real Ray head on 127.0.0.1, started the way a cluster node starts one: `ray start --head`,
+and, for multi-node tests, more Ray nodes joined to it the way a worker machine joins one
+(tests/ray_node.py), each with its own temp dir, ports and processes (`RayNode`).
 
-Used by the job-submission and fault-tolerance tests. What makes it safe on a shared machine:
+Used by the job-submission, fault-tolerance and topology tests. What makes it safe on a shared machine:
 - every port is a free one picked here, and `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes Ray use
   the loopback address as the node IP, so nothing listens beyond 127.0.0.1;
 - token authentication is on, with a token this module writes into the head's own temp dir
@@ -40,6 +42,15 @@ from ray.util.state import list_actors
 actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                      raise_on_missing_output=False)
 print(json.dumps([{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id} for a in actors]))
+"""
+
+
+_LIST_ACTORS = """
+import json, sys
+from ray.util.state import list_actors
+actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", sys.argv[2])], limit=10000,
+                     raise_on_missing_output=False)
+print(json.dumps([{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id, "state": a.state} for a in actors]))
 """
 
 
@@ -113,9 +124,42 @@ class Process:
             self.popen.wait(10)
 
 
+# Lists the cluster's live nodes with the temp dir each runs from (its raylet socket lives there).
+_LIST_NODES = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps([{"node_id": n["NodeID"], "socket": n["RayletSocketName"], "resources": n["Resources"]}
+                  for n in ray.nodes() if n["Alive"]]))
+"""
+
+
+def _node_ports() -> list[str]:
+    """Free ports for everything a Ray node listens on, so two nodes on one machine never clash."""
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+    return [f"{flag}={free_port()}" for flag in flags]
+
+
+def _pids_with_marker(marker: str) -> list[int]:
+    """Live processes whose environment contains `marker` (every Ray process inherits its node's)."""
+    needle = marker.encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():  # empty for zombies
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 class RayHead:
-    def __init__(self, num_cpus: int = 4):
+    def __init__(self, num_cpus: int = 4, resources: dict[str, float] | None = None):
         self.num_cpus = num_cpus
+        self.resources = resources or {}
+        self.nodes: list[RayNode] = []
         # Short path: Ray puts unix sockets under it (limit ~107 characters).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
         self.token_path = self.temp_dir / "auth_token"
@@ -158,15 +202,13 @@ class RayHead:
     def start(self, timeout: float = 90) -> "RayHead":
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        ports = {flag: free_port() for flag in (
-            "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-            "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--temp-dir={self.temp_dir}",
                "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--disable-usage-stats",
+               f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--resources={json.dumps(self.resources)}",
+               "--disable-usage-stats",
                "--min-worker-port=0", "--max-worker-port=0",  # random free ports for workers
-               *(f"{flag}={port}" for flag, port in ports.items())]
+               f"--ray-client-server-port={free_port()}", *_node_ports()]
         env = self._base_env()
         self._log = open(self.temp_dir / "ray_start.log", "w")
         self._head = subprocess.Popen(cmd, env=env, cwd=self.temp_dir, stdout=self._log, stderr=subprocess.STDOUT,
@@ -194,6 +236,8 @@ class RayHead:
         """Stop everything this head started, and only that; safe to call more than once."""
         for process in self._processes:
             process.kill()
+        for node in self.nodes:
+            node.stop()
         if self._head is not None and self._head.poll() is None:
             self._head.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its node
             try:
@@ -211,18 +255,9 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def leftover_pids(self) -> list[int]:
-        """Live processes whose environment names this head's temp dir (all of them inherit it)."""
-        marker = str(self.temp_dir).encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "environ").read_bytes():  # empty for zombies
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+        """Live processes whose environment names this head's temp dir (all of them inherit it,
+        the processes of the nodes joined to it included)."""
+        return _pids_with_marker(str(self.temp_dir))
 
     def __enter__(self) -> "RayHead":
         try:
@@ -245,6 +280,32 @@ class RayHead:
     def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, timeout: float = 120) -> "RayNode":
+        """Join another Ray node to this head (stopped with the head); returns once the GCS lists it."""
+        node = RayNode(self, num_cpus, resources or {})
+        self.nodes.append(node)
+        node.start(timeout)
+        return node
+
+    def live_nodes(self) -> list[dict]:
+        """The cluster's live nodes: [{node_id, socket (the raylet socket path), resources}]."""
+        done = self.run([str(VENV_BIN / "python"), "-c", _LIST_NODES, self.address], self.driver_env(), timeout=90)
+        if done.returncode != 0:
+            raise AssertionError(f"Listing the nodes failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def node_id_of_head(self) -> str:
+        return next(n["node_id"] for n in self.live_nodes() if n["socket"].startswith(str(self.temp_dir)))
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Actors of a class in any state (dead ones included), through Ray's state API:
+        [{actor_id, pid, node_id, state}]."""
+        done = self.run([str(VENV_BIN / "python"), "-c", _LIST_ACTORS, self.dashboard_url, class_name],
+                        self.job_client_env(), timeout=60)
+        if done.returncode != 0:
+            raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     def train_workers(self) -> list[dict]:
         """Live Ray Train worker actors, through Ray's state API: [{actor_id, pid, node_id}]."""
         done = self.run([str(VENV_BIN / "python"), "-c", _LIST_TRAIN_WORKERS, self.dashboard_url],
@@ -252,6 +313,70 @@ class RayHead:
         if done.returncode != 0:
             raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return (self.temp_dir / "ray_start.log").read_text()[-chars:]
+        except OSError:
+            return ""
+
+
+class RayNode:
+    """A Ray node joined to a RayHead, as on a worker machine (tests/ray_node.py: what `ray start
+    --address=<head> --block` runs), with a temp dir, ports and processes of its own.
+
+    `kill()` is a node loss: every process of the node (the `ray start` process, its raylet and
+    agents, and the workers it runs) is SIGKILLed by pid, found through a marker in their
+    environment that every one of them inherits.
+    """
+
+    def __init__(self, head: RayHead, num_cpus: int, resources: dict[str, float]):
+        self.head, self.num_cpus, self.resources = head, num_cpus, resources
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="raynode-", dir="/tmp"))  # short: unix sockets go under it
+        self.node_id = ""
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout: float) -> None:
+        env = dict(self.head._base_env(), SIMPSONS_TEST_RAY_NODE=str(self.temp_dir))
+        spec = {"gcs_address": self.head.address, "temp_dir": str(self.temp_dir), "num_cpus": self.num_cpus,
+                "resources": self.resources,
+                "ports": {"node_manager_port": free_port(), "object_manager_port": free_port(),
+                          "dashboard_agent_listen_port": free_port(), "metrics_agent_port": free_port(),
+                          "runtime_env_agent_port": free_port(), "metrics_export_port": free_port()}}
+        cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("ray_node.py")), json.dumps(spec)]
+        self._log = open(self.temp_dir / "ray_start.log", "w")
+        self._process = subprocess.Popen(cmd, env=env, cwd=self.temp_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM))
+        deadline = time.monotonic() + timeout
+        while not self.node_id:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"The Ray node exited with {self._process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"The Ray node did not join within {timeout:.0f} s:\n{self.log_tail()}")
+            mine = [n for n in self.head.live_nodes() if n["socket"].startswith(str(self.temp_dir))]
+            if mine:
+                self.node_id = mine[0]["node_id"]
+            else:
+                time.sleep(1)
+
+    def pids(self) -> list[int]:
+        return _pids_with_marker(f"SIMPSONS_TEST_RAY_NODE={self.temp_dir}")
+
+    def kill(self) -> None:
+        """The node is lost: every one of its processes dies at once, with no chance to clean up."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._process is not None:
+            self._process.wait(10)
+
+    def stop(self) -> None:
+        self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -6,24 +6,21 @@
 2. The driver (`python jobs/train.py`) is killed mid-run: running the same command again resumes
    from the run's storage in S3 and finishes.
 
-Both are judged from what the run reported: the `history` in the last checkpoint's checkpoint.pt
-(one entry per epoch, each with its `epoch` and a `resumed` flag).
+Both are judged from what the run reported (tests/run_history.py): the `history` in the last
+checkpoint's checkpoint.pt (one entry per epoch, each with its `epoch` and a `resumed` flag).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import time
 
 import boto3
 import pytest
-import torch
 
 from ray_head import VENV_BIN, RayHead
-from simpsons.export import OUTPUT_FILES
+from run_history import assert_finished_after_resuming
 
 pytestmark = pytest.mark.slow
 
@@ -56,38 +53,6 @@ def wait_for_train_workers(head: RayHead, count: int, timeout: float = 180) -> l
         time.sleep(1)
 
 
-def reported_history(run_name: str) -> list[dict]:
-    """The `history` in checkpoint.pt of the run's last reported checkpoint in S3."""
-    s3 = boto3.client("s3")
-    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{run_name}/checkpoint_")
-    folders = {item["Key"].rsplit("/", 1)[0] for item in listed.get("Contents", [])
-               if item["Key"].endswith("/checkpoint.pt")}
-    assert folders, f"no checkpoint under s3://{BUCKET}/{PREFIX}/{run_name}/"
-
-    def epoch(folder: str) -> int:  # metrics.json is small; checkpoint.pt is tens of MB
-        return json.loads(s3.get_object(Bucket=BUCKET, Key=f"{folder}/metrics.json")["Body"].read())["epoch"]
-
-    latest = max(folders, key=epoch)
-    state = torch.load(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{latest}/checkpoint.pt")["Body"].read()),
-                       weights_only=True)
-    return state["history"]
-
-
-def assert_finished_after_resuming(run_name: str, output: str) -> None:
-    history = reported_history(run_name)
-    epochs = [entry["epoch"] for entry in history]
-    assert epochs == list(range(EPOCHS)), f"every epoch once, in order: {epochs}"
-    resumed = [entry["resumed"] for entry in history]
-    first = resumed.index(True) if True in resumed else None
-    # Epochs before the failure ran fresh, every epoch after it ran in the resumed run, and the
-    # resumed run started from a checkpoint (epoch >= 1), not from scratch.
-    assert first is not None, f"no epoch ran after a resume: the kill came after the last checkpoint (raise EPOCHS?): {history}"
-    assert first >= 1 and resumed == [False] * first + [True] * (EPOCHS - first), resumed
-    assert f"Resuming from the checkpoint of epoch {first - 1}; continuing at epoch {first}." in output, output[-4000:]
-    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{run_name}/best/")
-    assert set(OUTPUT_FILES) <= {item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])}
-
-
 def test_killed_train_worker_restarts_the_group_and_resumes(head, packed_dataset):
     run_name = "worker-killed"
     driver = head.spawn(train_command(packed_dataset, run_name), head.driver_env())
@@ -101,7 +66,7 @@ def test_killed_train_worker_restarts_the_group_and_resumes(head, packed_dataset
     os.kill(victim, signal.SIGKILL)
 
     assert driver.wait(timeout=240) == 0, driver.output[-6000:]
-    assert_finished_after_resuming(run_name, driver.output)
+    assert_finished_after_resuming(BUCKET, PREFIX, run_name, driver.output, EPOCHS)
 
 
 def test_killed_driver_resumes_when_the_same_command_runs_again(head, packed_dataset):
@@ -115,4 +80,4 @@ def test_killed_driver_resumes_when_the_same_command_runs_again(head, packed_dat
 
     second = head.spawn(command, head.driver_env())
     assert second.wait(timeout=240) == 0, second.output[-6000:]
-    assert_finished_after_resuming(run_name, second.output)
+    assert_finished_after_resuming(BUCKET, PREFIX, run_name, second.output, EPOCHS)

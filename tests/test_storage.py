@@ -144,3 +144,55 @@ def test_dataset_is_downloaded_once_per_node_and_verified(bucket, packed_dataset
     with pytest.raises(StorageError, match="val_labels.npy does not match the sha256 in its manifest"):
         storage.local_dataset_dir(uri, str(tmp_path / "other_cache"))
     assert not list((tmp_path / "other_cache" / "datasets").glob("*/manifest.json"))
+
+
+def test_a_complete_copy_from_another_host_after_a_lost_race_counts_as_success(bucket, packed_dataset, tmp_path, monkeypatch):
+    """Two hosts sharing one cache folder (e.g. NFS, where the file lock does not reach across
+    hosts): each downloads into its own per-host, per-process folder; the one that finishes
+    second finds the other's complete copy in place and uses it."""
+    import socket
+
+    uri = f"s3://{bucket}/datasets/tiny/v1"
+    storage.upload_dir(packed_dataset, uri)
+    cache = tmp_path / "cache"
+    real = storage.download_files
+    partials = []
+
+    def other_host_finishes_first(files, *args, **kwargs):
+        real(files, *args, **kwargs)  # our own download completes...
+        partial = Path(next(iter(files.values()))).parent
+        partials.append(partial.name)
+        # ...while the other host's copy (a whole packed dataset with its manifest) lands first.
+        other = partial.with_name(partial.name.replace(".partial.", ".other-host."))
+        other.mkdir()
+        for item in packed_dataset.iterdir():
+            (other / item.name).write_bytes(item.read_bytes())
+        os.replace(other, partial.parent / partial.name.split(".partial.")[0])
+
+    monkeypatch.setattr(storage, "download_files", other_host_finishes_first)
+    local = storage.local_dataset_dir(uri, str(cache))
+    assert partials == [f"{local.name}.partial.{socket.gethostname()}.{os.getpid()}"]
+    assert read_manifest(local) == read_manifest(packed_dataset)
+    assert sorted(p.name for p in local.parent.iterdir()) == sorted([local.name, f"{local.name}.lock"])  # ours removed
+
+
+def test_a_download_left_by_a_dead_process_is_taken_over_not_repeated(bucket, packed_dataset, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    uri = f"s3://{bucket}/datasets/tiny/v1"
+    storage.upload_dir(packed_dataset, uri)
+    cache = tmp_path / "cache"
+    first = storage.local_dataset_dir(uri, str(cache))  # learn the key, then make it a half-done download
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = first.with_name(f"{first.name}.partial.{socket.gethostname()}.{int(dead.stdout)}")
+    first.rename(left)
+    (left / "manifest.json").unlink()
+    (left / "val_images.npy").unlink()  # not yet fetched when its process died
+    fetched = []
+    real = storage.download_files
+    monkeypatch.setattr(storage, "download_files", lambda files, *a, **k: (fetched.extend(files), real(files, *a, **k)))
+    assert storage.local_dataset_dir(uri, str(cache)) == first
+    assert fetched == ["val_images.npy"]  # the verified files of the dead process's folder were kept
+    assert not list(cache.glob("datasets/*.partial.*"))

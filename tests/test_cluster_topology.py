@@ -1,0 +1,201 @@
+"""The cluster's topology on one machine: a head started like cluster.yaml's and a separate worker node.
+
+Real processes on 127.0.0.1 only (tests/ray_head.py): a `ray start --head` that offers 0 CPUs
+and the `trial_driver` resource (as cluster.yaml's head type does) with token authentication,
+plus a second Ray node joined to it with its own temp dir, ports and processes, standing for a
+GPU worker machine (it offers CPUs only: this machine has no GPU). Data and runs live in S3 on the
+loopback moto server, as they must on a real multi-node cluster.
+
+- a run the cluster can never place (`--gpu`, more workers than CPUs, a sweep with `--gpu`)
+  exits 2 at once with one sentence, instead of Ray Train retrying for ever;
+- a local dataset or a local run.storage is refused before any worker starts;
+- (a) `ray job submit ... jobs/train.py` trains on the worker node; nothing trains on the head;
+- (b) a sweep's trial drivers run on the head (through `trial_driver`), never on the worker
+  node; a trial whose driver is killed is retried by Tune and its Train run resumes;
+- (c) the worker node is lost whole mid-run (every process of it SIGKILLed by pid), a
+  replacement joins as the autoscaler would start one, and the run resumes from its last
+  checkpoint in S3 and finishes with every epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import time
+
+import boto3
+import pytest
+
+from ray_head import VENV_BIN, RayHead
+from run_history import assert_finished_after_resuming
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "topology"
+DATA = f"s3://{BUCKET}/datasets/tiny/v1"
+RUNS = "runs"
+PYTHON, RAY = str(VENV_BIN / "python"), str(VENV_BIN / "ray")
+WORKER_CPUS = 4  # logical CPUs of the worker node (2 real cores here)
+
+
+class Cluster:
+    def __init__(self, head: RayHead):
+        self.head = head
+        self.worker = head.add_node(num_cpus=WORKER_CPUS)
+
+    def replace_worker(self) -> None:
+        """A fresh node in place of the lost one, as the autoscaler starts one for pending work."""
+        self.worker = self.head.add_node(num_cpus=WORKER_CPUS)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, packed_dataset):
+    from simpsons import storage
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    storage.upload_dir(packed_dataset, DATA)
+    # As cluster.yaml's head type: no CPUs or GPUs for the scheduler, 16 trial-driver slots.
+    with RayHead(num_cpus=0, resources={"trial_driver": 16}) as head:
+        yield Cluster(head)
+
+
+def small_run(*flags: str, data: str = DATA, storage_uri: str = f"s3://{BUCKET}/{RUNS}") -> list[str]:
+    """Overrides that keep a run tiny, then `flags` (later --set values win)."""
+    return ["--set", f"data.uri={data}", "--set", "data.stored_size=40", "--set", "data.train_size=32",
+            "--set", "optim.batch_size=32", "--set", "train.cpus_per_worker=1", "--set", "train.histogram_every=0",
+            "--set", f"run.storage={storage_uri}", *flags]
+
+
+def user_error(done) -> str:
+    """The one line a failed job prints for the user (cli.run_job: 'error: ...', exit 2)."""
+    assert done.returncode == 2, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused before anything starts
+
+
+# Without the check, Ray Train waits 60 s for the worker group, fails, and retries for ever. The
+# subprocess limit below is a hang guard, not a speed target: on a quiet machine the refusal
+# comes in seconds (Python, torch and Ray imports plus joining the cluster).
+@pytest.mark.parametrize("job, flags, asked", [
+    ("train", ["--gpu"], "asks for 2 Ray Train worker(s) with 1 CPU, 1 GPU each"),
+    ("train", ["--workers", "9"], "asks for 9 Ray Train worker(s) with 1 CPU each"),
+    ("tune", ["--gpu"], "asks for 1 Ray Train worker(s) with 1 CPU, 1 GPU each"),
+])
+def test_a_run_the_cluster_cannot_place_exits_2_at_once(cluster, job, flags, asked):
+    config = {"train": "configs/smoke.yaml", "tune": "configs/tune.yaml"}[job]
+    extra = ["--set", "tune.num_samples=1", "--set", "train.workers=1"] if job == "tune" else []
+    done = cluster.head.run([PYTHON, f"jobs/{job}.py", "--config", config, *small_run(*extra), *flags],
+                            cluster.head.driver_env(), timeout=120)
+    error = user_error(done)
+    assert asked in error, error
+    # What exists (both nodes, the worker's CPUs) and what to change.
+    assert "2 node(s)" in error and f"CPU: {WORKER_CPUS}" in error and "no autoscaler" in error, error
+    assert "lower train.workers" in error, error
+    if "--gpu" in flags:
+        assert "can hold 0" in error and "set train.use_gpu=false" in error, error
+    assert not cluster.head.train_workers()  # nothing was started
+
+
+@pytest.mark.parametrize("where, flags, named", [
+    ("dataset", ["--set", "data.uri={packed}"], "The dataset {packed} is a local folder"),
+    ("storage", ["--set", "run.storage=./runs"], "run.storage {repo}/runs is a local folder"),
+])
+def test_local_folders_are_refused_on_a_multinode_cluster(cluster, packed_dataset, where, flags, named):
+    from ray_head import REPO
+
+    flags = [f.format(packed=packed_dataset) for f in flags]
+    done = cluster.head.run([PYTHON, "jobs/train.py", "--config", "configs/smoke.yaml", *small_run(*flags)],
+                            cluster.head.driver_env(), timeout=120)
+    error = user_error(done)
+    assert named.format(packed=packed_dataset, repo=REPO) in error, error
+    assert "nodes other than the driver's" in error and "s3://" in error, error
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) a submitted job trains on the worker node
+
+
+def test_submitted_job_trains_on_the_worker_node_only(cluster):
+    head, job_id = cluster.head, "topology-submit"
+    submit = head.run([RAY, "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
+                       "python", "jobs/train.py", "--config", "configs/smoke.yaml",
+                       *small_run("--set", "run.name=submitted")], env=head.job_client_env(), timeout=400)
+    out = submit.stdout + submit.stderr
+    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in out, out[-6000:]
+    workers = head.actors("RayTrainWorker")
+    assert len(workers) == 2, workers
+    assert {w["node_id"] for w in workers} == {cluster.worker.node_id}, (workers, cluster.worker.node_id)
+    # The controller stays with the job's driver on the head; it trains nothing.
+    controllers = head.actors("TrainController")
+    assert controllers and {c["node_id"] for c in controllers} == {head.node_id_of_head()}, controllers
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) trial drivers on the head; a killed one is retried and its Train run resumes
+
+
+def trial_drivers(head: RayHead) -> list[dict]:
+    """The Tune trial actors (the function trainable running each trial's TorchTrainer)."""
+    return head.actors("ImplicitFunc")
+
+
+def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
+    head, epochs, sweep = cluster.head, 3, "placed"
+    driver = head.spawn([PYTHON, "jobs/tune.py", "--config", "configs/tune.yaml", *small_run(
+        "--set", f"run.storage=s3://{BUCKET}/sweeps", "--set", f"tune.name={sweep}", "--set", "tune.num_samples=1",
+        "--set", "tune.scheduler=fifo", "--set", f"optim.epochs={epochs}", "--set", "train.workers=1")],
+        head.driver_env())
+    driver.wait_for_line(f"epoch 2/{epochs} train loss", timeout=300)  # epoch 1's checkpoint is in S3
+    running = [a for a in trial_drivers(head) if a["state"] == "ALIVE"]
+    assert len(running) == 1, trial_drivers(head)
+    victim = running[0]["pid"]
+    # Only ever kill a process of this test's cluster, and one on the head, not on the worker node.
+    assert victim in head.leftover_pids() and victim not in cluster.worker.pids(), victim
+    os.kill(victim, signal.SIGKILL)
+
+    assert driver.wait(timeout=400) == 0, driver.output[-6000:]
+    drivers = trial_drivers(head)
+    assert len(drivers) == 2, drivers  # the killed one and its retry
+    assert {a["node_id"] for a in drivers} == {head.node_id_of_head()}, drivers
+    assert {w["node_id"] for w in head.actors("RayTrainWorker")} == {cluster.worker.node_id}
+
+    s3 = boto3.client("s3")
+    rows = list(csv.DictReader(io.StringIO(
+        s3.get_object(Bucket=BUCKET, Key=f"sweeps/{sweep}/trials.csv")["Body"].read().decode())))
+    assert [(r["status"], r["epochs_run"]) for r in rows] == [("completed", str(epochs))], rows
+    assert_finished_after_resuming(BUCKET, f"sweeps/{sweep}/runs", f"{sweep}-{rows[0]['trial_id']}",
+                                   driver.output, epochs, exported=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the worker node is lost; a replacement joins; the run resumes from S3
+
+
+def test_lost_worker_node_is_replaced_and_the_run_resumes(cluster):
+    head, epochs, run_name = cluster.head, 5, "node-lost"
+    driver = head.spawn([PYTHON, "jobs/train.py", "--config", "configs/smoke.yaml",
+                         *small_run("--set", f"optim.epochs={epochs}", "--set", f"run.name={run_name}")],
+                        head.driver_env())
+    driver.wait_for_line(f"epoch 2/{epochs} train loss", timeout=300)
+    lost = cluster.worker
+    pids = lost.pids()
+    assert pids and set(pids) <= set(head.leftover_pids())
+    lost.kill()  # raylet, agents and both Train workers at once
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in pids):
+        assert time.monotonic() < deadline, "the lost node's processes are still running"
+        time.sleep(0.2)
+    cluster.replace_worker()
+
+    assert driver.wait(timeout=400) == 0, driver.output[-6000:]
+    assert_finished_after_resuming(BUCKET, RUNS, run_name, driver.output, epochs)
+    # The resumed epochs trained on the replacement node.
+    alive = [w for w in head.actors("RayTrainWorker") if w["node_id"] == cluster.worker.node_id]
+    assert len(alive) == 2, head.actors("RayTrainWorker")

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,35 @@ def check_bucket(uri: str, endpoint: str = "") -> None:
     client = s3_client(endpoint, max_attempts=2, connect_timeout=5)
     try:
         client.head_bucket(Bucket=bucket)
+    except _s3_errors() as exc:
+        raise explain(exc, uri, endpoint) from None
+
+
+def check_writable(uri: str, endpoint: str = "") -> None:
+    """Fail fast, in one sentence, when a run could not store its checkpoints at `uri`.
+
+    For s3:// the endpoint must answer, the bucket exist and a probe object be written and
+    deleted; for a local folder it must be creatable and writable. Checked before Ray starts,
+    so a wrong bucket or endpoint is said in seconds instead of by Ray's controller later.
+    """
+    probe_name = f".write-check-{uuid.uuid4().hex[:12]}"
+    if not is_s3(uri):
+        folder = Path(uri).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / probe_name).write_bytes(b"")
+            (folder / probe_name).unlink()
+        except OSError as exc:
+            raise StorageError(f"Cannot write to the run storage folder {folder} ({exc.strerror or exc}); "
+                               "fix its permissions or point run.storage elsewhere.") from None
+        return
+    check_bucket(uri, endpoint)
+    bucket, prefix = split_uri(uri)
+    key = f"{prefix}/{probe_name}" if prefix else probe_name
+    client = s3_client(endpoint, max_attempts=2, connect_timeout=5)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+        client.delete_object(Bucket=bucket, Key=key)
     except _s3_errors() as exc:
         raise explain(exc, uri, endpoint) from None
 

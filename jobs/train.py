@@ -30,8 +30,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_job_config(args)
+    from simpsons.storage import check_writable
     from simpsons.train import fit
 
+    check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # before the data is prepared and Ray starts
     fit(cfg, resolve_dataset(cfg))
 
 

@@ -34,12 +34,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    from simpsons.storage import check_writable
     from simpsons.tune import load_sweep_config, run_sweep, section_overrides
 
     overrides = args.set + (["tune.num_samples=2", "tune.grace_period=1"] if args.smoke_test else [])
     training, overrides, sweep = load_sweep_config(args.config, overrides)
     # The file's training sections go first, then --set and the flags: one loader checks them all.
     cfg = load_job_config(argparse.Namespace(**{**vars(args), "config": None, "set": section_overrides(training) + overrides}))
+    check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # before the data is prepared and Ray starts
     run_sweep(cfg, sweep, resolve_dataset(cfg), resume=args.resume)
 
 

@@ -19,7 +19,7 @@ from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, load_image, read_manifest
 from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree, thumbnails
 from simpsons.storage import StorageError
-from synthetic import draw_example, make_image_tree
+from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,6 +255,26 @@ def test_job_exits_with_one_sentence_for_a_missing_bucket(s3_server, tmp_path):
         f"error: Bucket 'not-a-bucket-yet' does not exist at {s3_server}; create it "
         "(aws s3 mb s3://not-a-bucket-yet) or fix the URI s3://not-a-bucket-yet/simpsons.")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # inflates 4 GiB of zeros to pass the member: ~20 s on 2 busy cores
+def test_archive_with_a_4_gib_image_is_refused_unread_and_nothing_is_published(bucket, tmp_path):
+    archive = write_zero_member_tar_xz(tmp_path / "bomb.tar.xz", "dataset/train/bart_simpson/huge.jpg", 4 << 30)
+    assert archive.stat().st_size < 1 << 20
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), "--source", str(archive),
+                           "--dest", f"s3://{bucket}/p", "--set", f"data.cache_dir={cache}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: No images found under {cache}/unpacked/") and message.endswith(
+        " (1 file(s) left out unread for their size, e.g. dataset/train/bart_simpson/huge.jpg (4,096.0 MiB in the "
+        "archive, over the per-image limit of 64.0 MiB (data.max_image_bytes); not unpacked)): expected "
+        "[dataset/]train/<class>/*.jpg (the original layout) or <class>/*.jpg (Kaggle's simpsons_dataset) within a "
+        "few folders of it."), message
+    assert "Traceback" not in done.stderr and objects(bucket) == {}
+    written = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert written < 1 << 20, written  # the member was never written to the cache
 
 
 # ---------------------------------------------------------------------------------------------

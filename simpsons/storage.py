@@ -205,10 +205,13 @@ def check_writable(uri: str, endpoint: str = "") -> None:
     probe_name = f".write-check-{uuid.uuid4().hex[:12]}"
     if not is_s3(uri):
         folder = Path(uri).expanduser()
+        created = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
         try:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / probe_name).write_bytes(b"")
             (folder / probe_name).unlink()
+            for path in created:  # a check leaves nothing behind; the run makes the folder again
+                path.rmdir()
         except OSError as exc:
             raise StorageError(f"Cannot write to the run storage folder {folder} ({exc.strerror or exc}); "
                                "fix its permissions or point run.storage elsewhere.") from None

@@ -69,6 +69,9 @@ CASES = {
     "run storage is a file": ("train", ["--set", "run.storage={root}/a_file"],
                               "Cannot write to the run storage folder {root}/a_file (File exists); fix its permissions or "
                               "point run.storage elsewhere."),
+    "training source missing": ("train", ["--data", "{root}/nowhere"],
+                                "Data source {root}/nowhere does not exist; pass an existing folder or archive, an http(s) URL "
+                                "or a Google Drive link."),
     "sweep storage bucket missing": ("tune", ["--set", "run.storage=s3://no-such-bucket-here/sweeps"],
                                      "Bucket 'no-such-bucket-here' does not exist at {endpoint}; create it (aws s3 mb "
                                      "s3://no-such-bucket-here) or fix the URI s3://no-such-bucket-here/sweeps."),

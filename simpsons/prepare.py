@@ -298,8 +298,7 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
         bad_files["unread"] = tree.unread
     report: dict = {"notes": list(tree.notes), "images_found": found, "bad_files": bad_files}
     if not any(len(split.labels) for split in packed.values()):
-        _refuse("the training split has no usable image", bad_files, found,
-                "add decodable images to the class folders (see the reasons above in the log)")
+        _refuse(NO_TRAINING_IMAGE, bad_files, found, ADD_IMAGES)
     small: list[int] = []
     if "unsplit" in packed:
         pool = packed.pop("unsplit")
@@ -344,6 +343,9 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
     return manifest
 
 
+NO_TRAINING_IMAGE, ADD_IMAGES = "the training split has no usable image", "add decodable images to the class folders"
+
+
 def _refuse(what: str, bad_files: dict[str, list[dict]], found: int, fix: str) -> None:
     left_out = [b for files in bad_files.values() for b in files]
     example = f", e.g. {left_out[0]['path']}: {left_out[0]['reason']}" if left_out else ""
@@ -355,8 +357,7 @@ def _refuse_unusable(packed: dict[str, PackedSplit], class_names, bad_files: dic
     train = class_counts(packed["train"].labels, len(class_names))
     val = class_counts(packed["val"].labels, len(class_names))
     if not sum(train):
-        _refuse("the training split has no usable image", bad_files, found,
-                "add decodable images to the train class folders")
+        _refuse(NO_TRAINING_IMAGE, bad_files, found, ADD_IMAGES)
     if not sum(val):
         _refuse("the validation split is empty", bad_files, found,
                 "add images to the val/<class>/ folders" if given_split else

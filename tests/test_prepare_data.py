@@ -201,7 +201,7 @@ def _no_usable_train(root: Path) -> str:
         path.write_bytes(b"this is not an image")
     return ("No dataset written: the training split has no usable image (20 image file(s) found, 12 left out, "
             "e.g. dataset/train/bart_simpson/pic_0000.jpg: cannot decode: not an image in a format this job reads "
-            "(JPEG, PNG, BMP, GIF, WebP)); add decodable images to the train class folders.")
+            "(JPEG, PNG, BMP, GIF, WebP)); add decodable images to the class folders.")
 
 
 def _empty_val(root: Path) -> str:

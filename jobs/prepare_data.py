@@ -29,7 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="v1", help="dataset version; a complete version is never changed (default: v1)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="val share per class when the source has no split")
     parser.add_argument("--seed", type=int, default=0, help="seed of that split")
-    parser.add_argument("--config", help="YAML config; data.stored_size, data.pack_workers, data.cache_dir and run.s3_endpoint are used")
+    parser.add_argument("--config", help="YAML config; data.stored_size, data.pack_workers, data.cache_dir, data.classes, "
+                             "data.max_image_bytes and run.s3_endpoint are used")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.stored_size=128 (repeatable)")
     return parser
@@ -41,7 +42,8 @@ def main(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     prepare_dataset(args.source or cfg.data.source, args.dest, args.name, args.version, cfg.data.stored_size,
-                    cfg.data.pack_workers, cfg.data.cache_dir, cfg.run.s3_endpoint, args.val_fraction, args.seed)
+                    cfg.data.pack_workers, cfg.data.cache_dir, cfg.run.s3_endpoint, args.val_fraction, args.seed,
+                    class_names=cfg.data.classes, max_image_bytes=cfg.data.max_image_bytes)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_job_config(args)
+    from simpsons.storage import check_writable
     from simpsons.train import fit, prepare_run
 
+    check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # before the data is prepared and Ray starts
     cfg = prepare_run(cfg)  # a run the cluster cannot hold fails here, before any data is prepared
     fit(cfg, resolve_dataset(cfg))
 

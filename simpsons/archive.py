@@ -3,23 +3,31 @@
 Every member is checked before a byte of it is written: its path must stay inside the target
 folder (no `..`, no absolute path), it must be a regular file or a folder (no symlinks, hard
 links, devices or FIFOs), and the archive may hold at most `max_members` members and
-`max_bytes` unpacked bytes. Files are written by this module (never `tarfile.extract`), so
+`max_bytes` unpacked bytes. A member over `max_file_bytes` (no real image is that large) is
+not written: it is listed, with its size, in `.unread.json` in the target folder. Files are written by this module (never `tarfile.extract`), so
 modes, owners and link targets from the archive are ignored.
 
 Members go to a hidden sibling folder that is renamed to the target only when the whole
 archive passed; a refused or broken archive leaves nothing behind and raises ArchiveError with
-one sentence naming the archive, the member and the reason.
+one sentence naming the archive, the member and the reason. The sibling's name holds the host and
+process id, so one left by a killed process is removed by the next unpack into the same target.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import json
+import lzma
 import os
 import shutil
+import socket
 import stat
 import tarfile
 import uuid
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
@@ -28,6 +36,8 @@ from tqdm import tqdm
 ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar", ".zip")
 MAX_MEMBERS = 200_000  # the full Kaggle set has ~21k files
 MAX_BYTES = 16 << 30  # 16 GiB unpacked; the full Kaggle set is ~1.2 GiB
+MAX_FILE_BYTES = 64 << 20  # one member; the largest image of the Kaggle set is under 1 MB
+UNREAD_LIST = ".unread.json"  # in the target: [{"path", "reason"}] for members over max_file_bytes
 _CHUNK = 1 << 20  # bytes copied per read
 
 
@@ -40,24 +50,51 @@ def is_archive(path: str | Path) -> bool:
 
 
 def safe_extract(archive: str | Path, target: str | Path, max_members: int = MAX_MEMBERS,
-                 max_bytes: int = MAX_BYTES) -> Path:
+                 max_bytes: int = MAX_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> Path:
     """Unpack `archive` into the folder `target` (which must not exist yet) and return it."""
     archive, target = Path(archive), Path(target)
     if target.exists():
         raise ArchiveError(f"Cannot unpack {archive.name} into {target}: that folder already exists; remove it first.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_dead_partials(target)
+    partial = target.with_name(f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:
+        budget = _Budget(archive, max_members, max_bytes, max_file_bytes)
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, partial, max_members, max_bytes)
+            _extract_zip(archive, partial, budget)
         else:
-            _extract_tar(archive, partial, max_members, max_bytes)
+            _extract_tar(archive, partial, budget)
+        if budget.unread:
+            (partial / UNREAD_LIST).write_text(json.dumps(budget.unread, indent=1))
         os.replace(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
+
+def remove_dead_partials(target: Path) -> None:
+    """Remove the partial folders of `target` left by killed unpacks on this host (live ones stay)."""
+    prefix = f".{target.name}.partial-{socket.gethostname()}-"
+    for partial in target.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = partial.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,14 +112,25 @@ def _safe_relpath(archive: Path, name: str) -> PurePosixPath | None:
 
 
 class _Budget:
-    """Counts members and unpacked bytes against the limits."""
+    """Counts members and unpacked bytes against the limits; lists members too large to write."""
 
-    def __init__(self, archive: Path, max_members: int, max_bytes: int):
-        self.archive, self.max_members, self.max_bytes = archive, max_members, max_bytes
+    def __init__(self, archive: Path, max_members: int, max_bytes: int, max_file_bytes: int):
+        self.archive, self.max_members, self.max_bytes, self.max_file_bytes = archive, max_members, max_bytes, max_file_bytes
         self.members = 0
         self.bytes = 0
+        self.unread: list[dict] = []
+
+    def too_large(self, rel: PurePosixPath | None, size: int) -> bool:
+        """True (and listed) when a file member is over max_file_bytes: then it is not written."""
+        if rel is None or size <= self.max_file_bytes:
+            return False
+        self.unread.append({"path": rel.as_posix(), "size": size, "reason": (
+            f"{size / 2**20:,.1f} MiB in the archive, over the per-image limit of {self.max_file_bytes / 2**20:,.1f} MiB "
+            "(data.max_image_bytes); not unpacked")})
+        return True
 
     def add_member(self, name: str, size: int) -> None:
+        # Skipped members count too: their bytes are still decompressed to pass them.
         self.members += 1
         if self.members > self.max_members:
             raise ArchiveError(
@@ -127,16 +175,33 @@ class _ProgressReader(io.RawIOBase):
         return n
 
 
-def _extract_tar(archive: Path, out: Path, max_members: int, max_bytes: int) -> None:
-    budget = _Budget(archive, max_members, max_bytes)
+def _decompressed(compressed: io.BufferedReader) -> BinaryIO:
+    """The tar bytes inside a .tar.gz/.tar.bz2/.tar.xz (or a plain .tar), inflated a bounded block at a time.
+
+    tarfile's own stream mode inflates each compressed block whole, and one block of a zero-filled
+    member becomes tens of MB at once; these readers never hand out more than was asked. Each
+    also reads concatenated streams, as gzip, bzip2 and xz allow.
+    """
+    magic = compressed.peek(6)[:6]
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=compressed)
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(compressed)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(compressed)
+    return compressed
+
+
+def _extract_tar(archive: Path, out: Path, budget: _Budget) -> None:
     with open(archive, "rb") as raw, tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
                                           desc=f"unpack {archive.name}", mininterval=1.0) as bar:
         try:
-            # Stream mode ("r|*"): one sequential pass, each member checked before it is written.
-            with tarfile.open(fileobj=io.BufferedReader(_ProgressReader(raw, bar), _CHUNK), mode="r|*") as tar:
+            # Stream mode ("r|"): one sequential pass, each member checked before it is written.
+            tar_bytes = _decompressed(io.BufferedReader(_ProgressReader(raw, bar), _CHUNK))
+            with tarfile.open(fileobj=tar_bytes, mode="r|", bufsize=_CHUNK) as tar:
                 for member in tar:
                     _extract_tar_member(archive, tar, member, out, budget)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as exc:
             if isinstance(exc, ArchiveError):
                 raise
             raise ArchiveError(f"Cannot read {archive.name} as a tar or zip archive ({exc}); download it again or check the file.") from None
@@ -154,13 +219,14 @@ def _extract_tar_member(archive: Path, tar: tarfile.TarFile, member: tarfile.Tar
     if member.isdir():
         (out / rel).mkdir(parents=True, exist_ok=True)
         return
+    if budget.too_large(rel, member.size):
+        return  # tarfile skips its data, block by block, on the way to the next member
     source = tar.extractfile(member)
     assert source is not None  # a regular file always has data
     _write_member(source, out / rel, member.size)
 
 
-def _extract_zip(archive: Path, out: Path, max_members: int, max_bytes: int) -> None:
-    budget = _Budget(archive, max_members, max_bytes)
+def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -179,6 +245,8 @@ def _extract_zip(archive: Path, out: Path, max_members: int, max_bytes: int) -> 
                     continue
                 if info.is_dir():
                     (out / rel).mkdir(parents=True, exist_ok=True)
+                    continue
+                if budget.too_large(rel, info.file_size):
                     continue
                 with zf.open(info) as source:
                     _write_member(source, out / rel, info.file_size)

@@ -30,8 +30,9 @@ def resolve_dataset(cfg: Config) -> str:
     from simpsons.prepare import cached_pack
     from simpsons.sources import fetch_source
 
-    tree = fetch_source(cfg.data.source, cfg.data.cache_dir)
-    return str(cached_pack(tree, cfg.data.cache_dir, cfg.data.stored_size, cfg.data.pack_workers))
+    d = cfg.data
+    tree = fetch_source(d.source, d.cache_dir, max_image_bytes=d.max_image_bytes)
+    return str(cached_pack(tree, d.cache_dir, d.stored_size, d.pack_workers, d.classes, d.max_image_bytes))
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from simpsons.archive import MAX_FILE_BYTES
+
 # The original project's published Google Drive folder; it holds `dataset.tar.xz`.
 DRIVE_FOLDER_URL = "https://drive.google.com/drive/folders/10ET4wN898yG2oiRshYxTH95p-Dpoor1S"
 
@@ -49,6 +51,13 @@ class DataConfig:
     augment: bool = True
     # Processes that decode images while packing (0 = one per CPU).
     pack_workers: int = 0
+    # Class names in label order: a list (default: the original project's 42 characters) or
+    # "auto" (the source tree's class folders, sorted). The packed dataset and every checkpoint
+    # carry the list, so evaluation and prediction never depend on this setting.
+    classes: Any = field(default_factory=lambda: list(_default_classes()))
+    # Largest image file (bytes) that is unpacked or read; a larger archive member or file is
+    # left out unread and listed in report.json. Real photos are under 1 MB.
+    max_image_bytes: int = MAX_FILE_BYTES
 
 
 @dataclass
@@ -143,10 +152,13 @@ class Config:
             raise ConfigError(
                 f"loss.alpha must be null, a number, a list of per-class numbers or 'auto', not {alpha!r}."
             )
+        weights = alpha if isinstance(alpha, list) else [alpha] if isinstance(alpha, (int, float)) else []
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights):
+            raise ConfigError(f"loss.alpha weights must be numbers of 0 or more, not {alpha!r}.")
         if self.train.use_gpu not in (True, False, "auto"):
             raise ConfigError(f"train.use_gpu must be true, false or 'auto', not {self.train.use_gpu!r}.")
-        if self.train.workers < 1:
-            raise ConfigError(f"train.workers must be at least 1, not {self.train.workers}.")
+        _check_bounds(self)
+        _check_classes(self.data.classes)
         if self.optim.batch_size < self.train.workers:
             raise ConfigError(
                 f"optim.batch_size ({self.optim.batch_size}) is the global batch and must be at least "
@@ -157,10 +169,68 @@ class Config:
                 f"data.train_size ({self.data.train_size}) must not exceed data.stored_size "
                 f"({self.data.stored_size}): training crops from the stored images."
             )
-        lo, hi = self.data.crop_scale
-        if not 0 < lo <= hi <= 1:
+        scale = self.data.crop_scale
+        numbers = len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+        if not (numbers and 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, not {self.data.crop_scale}.")
         return self
+
+
+# Bounds of every numeric value: key -> (lowest, highest, whether the lowest itself is allowed).
+# None is no bound. Checked before anything starts, so a bad value never reaches Ray.
+_BOUNDS = {
+    "data.stored_size": (16, 4096, True),
+    "data.train_size": (16, 4096, True),
+    "data.rotate": (0, 180, True),
+    "data.pack_workers": (0, None, True),
+    "data.max_image_bytes": (1, None, True),
+    "model.dropout": (0, 1, True),
+    "loss.gamma": (0, None, True),
+    "loss.label_smoothing": (0, 1, True),
+    "optim.epochs": (1, None, True),
+    "optim.batch_size": (1, None, True),
+    "optim.lr": (0, None, False),
+    "optim.weight_decay": (0, None, True),
+    "optim.warmup_epochs": (0, None, True),
+    "optim.plateau_factor": (0, 1, False),
+    "optim.plateau_patience": (0, None, True),
+    "train.workers": (1, None, True),
+    "train.cpus_per_worker": (0, None, True),
+    "train.seed": (0, None, True),
+    "train.checkpoints_to_keep": (1, None, True),
+    "train.histogram_every": (0, None, True),
+    "train.max_failures": (0, None, True),
+    "train.log_every": (0, None, True),
+}
+
+
+def _check_bounds(cfg: "Config") -> None:
+    for key, (low, high, low_allowed) in _BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        too_low = low is not None and (value < low or (value == low and not low_allowed))
+        if too_low or (high is not None and value > high):
+            if high is None:
+                want = f"at least {low}" if low_allowed else f"more than {low}"
+            else:
+                want = f"from {low} to {high}" if low_allowed else f"more than {low} and at most {high}"
+            raise ConfigError(f"{key} must be {want}, not {value}; set it with --set {key}=<value>.")
+
+
+def _check_classes(classes: Any) -> None:
+    if classes == "auto":
+        return
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c.strip() for c in classes)):
+        raise ConfigError(f"data.classes must be 'auto' or a list of at least 2 class names, not {classes!r}.")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ConfigError(f"data.classes names {', '.join(twice)} more than once; list each class once.")
+
+
+def _default_classes() -> tuple[str, ...]:
+    from simpsons.data import CLASS_NAMES
+
+    return CLASS_NAMES
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:

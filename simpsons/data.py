@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -87,26 +88,78 @@ def find_splits(root: str | Path) -> dict[str, Path]:
     return splits
 
 
-def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, root: Path | None = None) -> list[ImageRecord]:
-    """Every image file under `split_dir/<class>/`, labelled by the fixed class list."""
+@dataclass
+class TreeProblems:
+    """What is wrong with an image tree, collected over the whole tree and reported at once."""
+
+    unknown: list[str] = field(default_factory=list)  # class folders not in the class list
+    empty: list[str] = field(default_factory=list)  # class folders without an image (alone: a note)
+    misnamed: list[str] = field(default_factory=list)  # flat test-set files not named <class>_<n>
+    unread: list[dict] = field(default_factory=list)  # {"path", "reason"}: over the size limit, never read
+
+    def raise_if_any(self, num_classes: int) -> None:
+        """One DataError naming every problem (counted, the first few by path); empty folders alone pass."""
+        if not (self.unknown or self.misnamed):
+            return
+        parts = [_counted(self.unknown, f"unknown class folder(s) (not one of the {num_classes} known classes)"),
+                 _counted(self.misnamed, "test-set file(s) not named <class>_<number> with a known class"),
+                 _counted(self.empty, "class folder(s) without images")]
+        raise DataError(
+            f"The image tree has {'; '.join(p for p in parts if p)}; rename or remove them, "
+            "or set data.classes=auto to use the tree's own class folders."
+        )
+
+    def notes(self) -> list[str]:
+        return [f"{_counted(self.empty, 'class folder(s) without images')}: ignored"] if self.empty else []
+
+
+def _counted(paths: list[str], what: str, shown: int = 3) -> str:
+    if not paths:
+        return ""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"{len(paths)} {what}: {', '.join(paths[:shown])}{more}"
+
+
+def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, root: Path | None = None,
+               max_bytes: int | None = None, problems: TreeProblems | None = None) -> list[ImageRecord]:
+    """Every image file under `split_dir/<class>/`, labelled by the class list.
+
+    Files over `max_bytes` are listed in `problems.unread` and never opened. With `problems`
+    given, unknown and empty class folders are collected there for the caller to report with the
+    rest of the tree; without it they are raised here.
+    """
     split_dir = Path(split_dir)
     root = root or split_dir.parent
+    collect = problems is not None
+    problems = problems if collect else TreeProblems()
     index = {name: i for i, name in enumerate(class_names)}
     records = []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rel = class_dir.relative_to(root).as_posix()
         if class_dir.name not in index:
-            raise DataError(
-                f"Unknown class folder {class_dir}: '{class_dir.name}' is not one of the "
-                f"{len(class_names)} known classes; rename or remove it."
-            )
+            problems.unknown.append(rel)
+            continue
         files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"Class folder {class_dir} holds no images; add images or remove the folder.")
-        label = index[class_dir.name]
-        records += [ImageRecord(f, label, f.relative_to(root).as_posix()) for f in files]
-    if not records:
-        raise DataError(f"No class folders with images under {split_dir}.")
+            problems.empty.append(rel)
+        for f in files:
+            relpath = f.relative_to(root).as_posix()
+            size = f.stat().st_size
+            if max_bytes is not None and size > max_bytes:
+                problems.unread.append({"path": relpath, "reason": too_large(size, max_bytes)})
+            else:
+                records.append(ImageRecord(f, index[class_dir.name], relpath))
+    if not collect:
+        problems.raise_if_any(len(class_names))
+        if not records:
+            raise DataError(f"No class folders with images under {split_dir}; add <class>/*.jpg folders to it.")
     return records
+
+
+def too_large(size: int, max_bytes: int) -> str:
+    """The report's reason for a file left out unread because of its size."""
+    return (f"{size / 2**20:,.1f} MiB, over the per-image limit of {max_bytes / 2**20:,.1f} MiB "
+            "(data.max_image_bytes); not read")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +181,16 @@ def load_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
+def decode_failure(exc: Exception) -> str:
+    """Why image bytes could not be decoded, in words (PIL's messages name in-memory file objects)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot decode: not an image in a format this job reads (JPEG, PNG, BMP, GIF, WebP)"
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+    return f"cannot decode: {text}"
+
+
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
     path, size = args
     data = Path(path).read_bytes()
@@ -137,7 +200,7 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
     try:
         return load_image(data, size), digest, ""
     except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
-        return None, digest, f"cannot decode: {exc}"
+        return None, digest, decode_failure(exc)
 
 
 def pack_split(records: Sequence[ImageRecord], size: int, workers: int = 0, desc: str = "pack") -> PackedSplit:

@@ -9,10 +9,14 @@ import numpy as np
 import torch
 
 from simpsons.augment import eval_transform
-from simpsons.config import Config, from_dict
-from simpsons.data import DataError, IMAGE_SUFFIXES, find_splits, load_image, pack_split, scan_split
+from simpsons.config import Config, ConfigError, from_dict
+from simpsons.data import (DataError, IMAGE_SUFFIXES, decode_failure, find_splits, load_image, pack_split, scan_split,
+                           TreeProblems, too_large)
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import create_model
+
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint's layout changes; readers refuse other versions
+CHECKPOINT_KEYS = ("model", "config", "class_names")  # what training saves and inference needs
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, list[str], dict]:
@@ -22,15 +26,38 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise DataError(f"No checkpoint at {path}; pass a run's best/ folder or its checkpoint.pt.")
-    state = torch.load(path, map_location=device, weights_only=True)
-    cfg = from_dict(state["config"])
+    state = read_checkpoint_state(path, device)
+    try:
+        cfg = from_dict(state["config"])
+    except ConfigError as exc:
+        raise DataError(f"{path} holds a config this code cannot read ({str(exc).rstrip('.')}); use the code version that wrote it.") from None
     class_names = list(state["class_names"])
     model = create_model(len(class_names), cfg.model.head, cfg.model.dropout)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:  # torch lists every mismatched tensor over many lines
+        raise DataError(f"{path} holds weights that do not fit this code's model; use the code version that wrote it.") from None
     model.to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, cfg, class_names, state
+
+
+def read_checkpoint_state(path: Path, device: str | torch.device = "cpu") -> dict:
+    """The state dict saved by training, or a DataError in one sentence for any other file."""
+    fix = "pass a run's best/ folder or the checkpoint.pt in it"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign bytes
+        raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it: {type(exc).__name__}); {fix}.") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DataError(f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}.")
+    version = state.get("format", 1)  # checkpoints written before the version was recorded are version 1
+    if version != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is a checkpoint of format version {version!r} and this code reads version "
+                        f"{CHECKPOINT_FORMAT}; use the code version that wrote it.")
+    return state
 
 
 @torch.no_grad()
@@ -52,17 +79,24 @@ def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | Non
     """
     model, cfg, class_names, _ = load_checkpoint(checkpoint)
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; pass <folder>/<class>/*.jpg or a dataset root with train/val/testset.")
     if not any(p.is_dir() and p.name in class_names for p in folder.iterdir()):
         splits = find_splits(folder)
         split = split or ("testset" if "testset" in splits else "val")
         if split not in splits:
             raise DataError(f"{folder} has no '{split}' split; it has {', '.join(splits)}.")
         folder = splits[split]
-    packed = pack_split(scan_split(folder, class_names), cfg.data.stored_size, workers, desc="decode")
+    problems = TreeProblems()
+    records = scan_split(folder, class_names, folder.parent, cfg.data.max_image_bytes, problems)
+    problems.raise_if_any(len(class_names))
+    if not records:
+        raise DataError(f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg.")
+    packed = pack_split(records, cfg.data.stored_size, workers, desc="decode")
     probs = predict_proba(model, packed.images, cfg.data.train_size)
     labels = torch.as_tensor(packed.labels.astype(np.int64))
     cm = confusion_matrix(labels, probs.argmax(1), len(class_names)).numpy()
-    return classification_report(cm, class_names), cm, packed.bad_files
+    return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
 
 
 def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3) -> list[dict]:
@@ -78,11 +112,15 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: in
             raise DataError(f"{p} does not exist; pass image files or folders of images.")
     results, images, kept = [], [], []
     for f in files:
+        size = f.stat().st_size
+        if size > cfg.data.max_image_bytes:
+            results.append({"path": str(f), "error": too_large(size, cfg.data.max_image_bytes)})
+            continue
         try:
             images.append(load_image(f.read_bytes(), cfg.data.stored_size))
             kept.append(f)
         except Exception as exc:  # one unreadable file must not sink the others
-            results.append({"path": str(f), "error": f"cannot decode: {exc}"})
+            results.append({"path": str(f), "error": decode_failure(exc)})
     if kept:
         probs = predict_proba(model, np.stack(images), cfg.data.train_size)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)

@@ -30,13 +30,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 
 from simpsons import storage
+from simpsons.archive import MAX_FILE_BYTES, UNREAD_LIST
 from simpsons.data import (CLASS_NAMES, IMAGE_SUFFIXES, MANIFEST, REPORT, SPLIT_NAMES, DataError, ImageRecord,
-                           PackedSplit, class_counts, file_sha256, pack_split, read_manifest, scan_split, write_packed)
+                           PackedSplit, TreeProblems, class_counts, file_sha256, pack_split, read_manifest, scan_split,
+                           too_large, write_packed)
 
 FORMAT = 1  # bump when the same inputs would give a different dataset
 _FLAT_NAME = re.compile(r"^(?P<cls>[a-z_]+?)_(?P<n>\d+)$")  # kaggle_simpson_testset/<class>_<n>.jpg
@@ -51,53 +54,105 @@ class Tree:
     root: Path  # what fetch_source returned; record relpaths are relative to it
     groups: dict[str, list[ImageRecord]]  # split name -> records; "unsplit" when a split must be made
     notes: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))  # label order
+    unread: list[dict] = field(default_factory=list)  # {"path", "reason"}: over the size limit, never read
 
     @property
     def records(self) -> list[ImageRecord]:
         return [r for records in self.groups.values() for r in records]
 
 
-def scan_tree(root: str | Path, class_names=CLASS_NAMES, max_depth: int = 4) -> Tree:
-    """Every image under `root`, by split (or "unsplit"), labelled by the fixed class list."""
+def scan_tree(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES, max_depth: int = 4,
+              max_bytes: int = MAX_FILE_BYTES) -> Tree:
+    """Every image under `root`, by split (or "unsplit"), labelled by the class list.
+
+    `class_names="auto"` takes the tree's own class folders, sorted. Unknown class folders and
+    misnamed test-set files anywhere in the tree are raised together, in one DataError; empty
+    class folders, alone, are only noted. Files over `max_bytes` (and archive members that were
+    not unpacked for that reason) are listed in `unread` and never opened.
+    """
     root = Path(root).resolve()
-    known = set(class_names)
+    problems = TreeProblems(unread=_unread_members(root))
+    found = _find_layout(root, None if class_names == "auto" else set(class_names), max_depth)
+    if found is None:
+        unread = f" ({_unread_summary(problems.unread)})" if problems.unread else ""
+        raise DataError(
+            f"No images found under {root}{unread}: expected [dataset/]train/<class>/*.jpg (the original layout) "
+            "or <class>/*.jpg (Kaggle's simpsons_dataset) within a few folders of it."
+        )
+    folder, given_split = found
+    if given_split:
+        split_dirs = [folder / name for name in SPLIT_NAMES if (folder / name).is_dir()]
+        if class_names == "auto":
+            class_names = sorted({p.name for d in split_dirs for p in _subfolders(d)})
+        groups = {d.name: scan_split(d, class_names, root, max_bytes, problems) for d in split_dirs}
+        notes = [f"split folders found in {_rel(folder, root)}: {', '.join(groups)}; kept as given"]
+        if "val" not in groups:
+            groups["unsplit"] = groups.pop("train")
+            notes.append("no val folder: train is split into train and val")
+    else:
+        notes = [f"class folders without a split found in {_rel(folder, root)}"]
+        nested = folder / folder.name
+        if nested.is_dir() and _holds_class_folders(nested, None if class_names == "auto" else set(class_names)):
+            # Kaggle's download holds simpsons_dataset/ twice, one inside the other.
+            notes.append(f"{_rel(nested, root)} repeats {_rel(folder, root)}; the inner copy is used")
+            folder = nested
+        if class_names == "auto":
+            class_names = sorted(p.name for p in _subfolders(folder))
+        groups = {"unsplit": scan_split(folder, class_names, root, max_bytes, problems)}
+        flat = _flat_testset(root, class_names, max_depth, max_bytes, problems)
+        if flat:
+            groups["testset"] = flat
+            notes.append(f"flat test set ({len(flat)} images named <class>_<n>) found in {_rel(flat[0].path.parent, root)}")
+    problems.raise_if_any(len(class_names))
+    if problems.unread:
+        notes.append(_unread_summary(problems.unread))
+    return Tree(root, groups, notes + problems.notes(), list(class_names), problems.unread)
+
+
+def _find_layout(root: Path, known: set[str] | None, max_depth: int) -> tuple[Path, bool] | None:
+    """(the folder holding train/ or the class folders, whether it holds a given split), or None."""
     for folder in _folders_breadth_first(root, max_depth):
         if (folder / "train").is_dir():
-            groups = {name: scan_split(folder / name, class_names, root) for name in SPLIT_NAMES if (folder / name).is_dir()}
-            notes = [f"split folders found in {_rel(folder, root)}: {', '.join(groups)}; kept as given"]
-            if "val" not in groups:
-                groups["unsplit"] = groups.pop("train")
-                notes.append("no val folder: train is split into train and val")
-            return Tree(root, groups, notes)
-        subdirs = [p for p in folder.iterdir() if p.is_dir()]
-        if any(p.name in known for p in subdirs):
-            notes = [f"class folders without a split found in {_rel(folder, root)}"]
-            nested = folder / folder.name
-            if nested.is_dir() and any((nested / c).is_dir() for c in known):
-                # Kaggle's download holds simpsons_dataset/ twice, one inside the other.
-                notes.append(f"{_rel(nested, root)} repeats {_rel(folder, root)}; the inner copy is used")
-                folder = nested
-            groups = {"unsplit": scan_split(folder, class_names, root)}
-            flat = _flat_testset(root, class_names, max_depth)
-            if flat:
-                groups["testset"] = flat
-                notes.append(f"flat test set ({len(flat)} images named <class>_<n>) found in {_rel(flat[0].path.parent, root)}")
-            return Tree(root, groups, notes)
-    raise DataError(
-        f"No images found under {root}: expected [dataset/]train/<class>/*.jpg (the original layout) "
-        "or <class>/*.jpg (Kaggle's simpsons_dataset) within a few folders of it."
-    )
+            return folder, True
+        if _holds_class_folders(folder, known):
+            return folder, False
+    return None
+
+
+def _holds_class_folders(folder: Path, known: set[str] | None) -> bool:
+    """Has a subfolder named as a known class (or, with no class list, one that holds images)."""
+    if known is not None:
+        return any(p.name in known for p in _subfolders(folder))
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for p in _subfolders(folder) for f in p.iterdir() if f.is_file())
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+
+
+def _unread_members(root: Path) -> list[dict]:
+    """Archive members left packed for their size (archive.UNREAD_LIST of each unpacked archive)."""
+    unread = []
+    for listing in [root / UNREAD_LIST, *sorted(root.glob(f"*/{UNREAD_LIST}"))]:
+        if listing.is_file():
+            base = listing.parent.relative_to(root)
+            unread += [{"path": (base / item["path"]).as_posix(), "reason": item["reason"]} for item in json.loads(listing.read_text())]
+    return unread
+
+
+def _unread_summary(unread: list[dict]) -> str:
+    return f"{len(unread)} file(s) left out unread for their size, e.g. {unread[0]['path']} ({unread[0]['reason']})"
 
 
 def _folders_breadth_first(root: Path, max_depth: int):
     level = [root]
     for _ in range(max_depth + 1):
         yield from level
-        level = [p for folder in level for p in sorted(folder.iterdir())
-                 if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+        level = [p for folder in level for p in _subfolders(folder)]
 
 
-def _flat_testset(root: Path, class_names, max_depth: int) -> list[ImageRecord]:
+def _flat_testset(root: Path, class_names, max_depth: int, max_bytes: int, problems: TreeProblems) -> list[ImageRecord]:
     """Kaggle's test set: image files named <class>_<n>.jpg directly inside a *testset* folder."""
     index = {name: i for i, name in enumerate(class_names)}
     for folder in _folders_breadth_first(root, max_depth):
@@ -107,12 +162,13 @@ def _flat_testset(root: Path, class_names, max_depth: int) -> list[ImageRecord]:
         records = []
         for path in files:
             match = _FLAT_NAME.match(path.stem)
+            relpath = path.relative_to(root).as_posix()
             if not match or match["cls"] not in index:
-                raise DataError(
-                    f"Test image {path} is not named <class>_<number> with one of the {len(class_names)} known "
-                    "classes; rename or remove it."
-                )
-            records.append(ImageRecord(path, index[match["cls"]], path.relative_to(root).as_posix()))
+                problems.misnamed.append(relpath)
+            elif path.stat().st_size > max_bytes:
+                problems.unread.append({"path": relpath, "reason": too_large(path.stat().st_size, max_bytes)})
+            else:
+                records.append(ImageRecord(path, index[match["cls"]], relpath))
         return records
     return []
 
@@ -225,16 +281,24 @@ def _subset(split: PackedSplit, index: np.ndarray) -> PackedSplit:
 
 
 def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, workers: int = 0, val_fraction: float = 0.15,
-                  seed: int = 0, min_class_size: int = 5, extra_manifest: dict | None = None,
-                  class_names=CLASS_NAMES) -> dict:
-    """Decode, validate, split and pack `tree` into `out_dir` (written whole or not at all)."""
+                  seed: int = 0, min_class_size: int = 5, extra_manifest: dict | None = None) -> dict:
+    """Decode, validate, split and pack `tree` into `out_dir` (written whole or not at all).
+
+    Nothing is written when training could not use the result: no usable training image, an
+    empty validation split, or a class with validation images but none to train on.
+    """
     out_dir = Path(out_dir)
+    class_names = tree.class_names
     started = time.perf_counter()
     packed = {name: pack_split(records, stored_size, workers, desc=f"pack {name}") for name, records in tree.groups.items()}
     seconds = time.perf_counter() - started
     found = len(tree.records)
     bad_files = {name: split.bad_files for name, split in packed.items()}
+    if tree.unread:
+        bad_files["unread"] = tree.unread
     report: dict = {"notes": list(tree.notes), "images_found": found, "bad_files": bad_files}
+    if not any(len(split.labels) for split in packed.values()):
+        _refuse(NO_TRAINING_IMAGE, bad_files, found, ADD_IMAGES)
     small: list[int] = []
     if "unsplit" in packed:
         pool = packed.pop("unsplit")
@@ -255,6 +319,7 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
          "reason": f"fewer than {min_class_size} images (or all duplicates of one): too few to split"}
         for c in small
     ]
+    _refuse_unusable(packed, class_names, bad_files, found, "unsplit" not in tree.groups)
     report["notes"] += _split_notes(packed, class_names)
     report["counts"] = {name: dict(zip(class_names, class_counts(s.labels, len(class_names)))) for name, s in packed.items()}
     kept = sum(len(s.labels) for s in packed.values())
@@ -276,6 +341,31 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
     return manifest
+
+
+NO_TRAINING_IMAGE, ADD_IMAGES = "the training split has no usable image", "add decodable images to the class folders"
+
+
+def _refuse(what: str, bad_files: dict[str, list[dict]], found: int, fix: str) -> None:
+    left_out = [b for files in bad_files.values() for b in files]
+    example = f", e.g. {left_out[0]['path']}: {left_out[0]['reason']}" if left_out else ""
+    raise DataError(f"No dataset written: {what} ({found} image file(s) found, {len(left_out)} left out{example}); {fix}.")
+
+
+def _refuse_unusable(packed: dict[str, PackedSplit], class_names, bad_files: dict, found: int, given_split: bool) -> None:
+    """Raise before writing when training could not use the split (see build_dataset)."""
+    train = class_counts(packed["train"].labels, len(class_names))
+    val = class_counts(packed["val"].labels, len(class_names))
+    if not sum(train):
+        _refuse(NO_TRAINING_IMAGE, bad_files, found, ADD_IMAGES)
+    if not sum(val):
+        _refuse("the validation split is empty", bad_files, found,
+                "add images to the val/<class>/ folders" if given_split else
+                "add images: every class is too small to split off validation images (see --val-fraction)")
+    orphans = [name for name, t, v in zip(class_names, train, val) if v and not t]
+    if orphans:
+        _refuse(f"{len(orphans)} class(es) have validation images but no training image ({', '.join(orphans[:3])})",
+                bad_files, found, "add training images of them or remove them from val")
 
 
 def _near_duplicates_across(packed: dict[str, PackedSplit]) -> list[str]:
@@ -311,21 +401,24 @@ def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
     return notes
 
 
-def pack_tree(root: str | Path, out_dir: str | Path, stored_size: int = 144, workers: int = 0) -> dict:
+def pack_tree(root: str | Path, out_dir: str | Path, stored_size: int = 144, workers: int = 0,
+              class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> dict:
     """Pack every image under `root` (split or not; see scan_tree) into `out_dir`."""
-    return build_dataset(scan_tree(root), out_dir, stored_size, workers)
+    return build_dataset(scan_tree(root, class_names, max_bytes=max_bytes), out_dir, stored_size, workers)
 
 
-def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144, workers: int = 0) -> Path:
-    """Pack `root` into the cache once; later calls with the same tree and size reuse it."""
+def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144, workers: int = 0,
+                class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> Path:
+    """Pack `root` into the cache once; later calls with the same tree and settings reuse it."""
     root = Path(root).expanduser().resolve()
-    key = hashlib.sha256(f"{root}|{stored_size}".encode()).hexdigest()[:16]
+    classes = class_names if class_names == "auto" else list(class_names)
+    key = hashlib.sha256(json.dumps([str(root), stored_size, classes, max_bytes]).encode()).hexdigest()[:16]
     out_dir = Path(cache_dir).expanduser().resolve() / "packed" / key  # absolute: Ray workers run elsewhere
     try:
         read_manifest(out_dir)
         print(f"Using the packed dataset in {out_dir}", flush=True)
     except ValueError:
-        pack_tree(root, out_dir, stored_size, workers)
+        pack_tree(root, out_dir, stored_size, workers, class_names, max_bytes)
     return out_dir
 
 
@@ -345,7 +438,8 @@ class Prepared:
 
 def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str = "v1", stored_size: int = 144,
                     workers: int = 0, cache_dir: str = "~/.cache/simpsons", endpoint: str = "",
-                    val_fraction: float = 0.15, seed: int = 0, min_class_size: int = 5) -> Prepared:
+                    val_fraction: float = 0.15, seed: int = 0, min_class_size: int = 5,
+                    class_names: Sequence[str] | str = CLASS_NAMES, max_image_bytes: int = MAX_FILE_BYTES) -> Prepared:
     """Fetch, validate, split, pack and upload `source` as <dest>/datasets/<name>/<version>/."""
     from simpsons.sources import fetch_source
 
@@ -353,15 +447,17 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
     for label, value in (("name", name), ("version", version)):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise DataError(f"Dataset {label} {value!r} may hold only letters, digits, '.', '_' and '-'; pick another.")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"The validation fraction {val_fraction} must be more than 0 and less than 1; pass e.g. --val-fraction 0.15.")
     uri = storage.join(dest, "datasets", name, version)
     if storage.is_s3(dest):
         storage.check_bucket(dest, endpoint)  # before any long work: say a wrong bucket/endpoint now
 
-    tree = scan_tree(fetch_source(source, cache_dir))
+    tree = scan_tree(fetch_source(source, cache_dir, max_image_bytes=max_image_bytes), class_names, max_bytes=max_image_bytes)
     records = tree.records
     shas = storage.sha256_files([r.path for r in records])
     settings = {"format": FORMAT, "stored_size": stored_size, "val_fraction": val_fraction, "seed": seed,
-                "min_class_size": min_class_size}
+                "min_class_size": min_class_size, "class_names": tree.class_names, "max_image_bytes": max_image_bytes}
     inputs = sorted(zip((r.relpath for r in records), shas))
     fingerprint = hashlib.sha256(json.dumps([inputs, settings]).encode()).hexdigest()
 

@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
-from simpsons.archive import ArchiveError, is_archive, safe_extract
+from simpsons.archive import MAX_FILE_BYTES, ArchiveError, is_archive, safe_extract
 from simpsons.data import file_sha256 as _sha256
 
 _logger = logging.getLogger(__name__)
@@ -46,8 +46,12 @@ class SourceError(ValueError):
     """A data source that cannot be fetched or read; the message names it and the fix."""
 
 
-def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons", sha256: str = "") -> Path:
-    """A local folder holding the images `source` names; downloads and unpacks into `cache_dir`."""
+def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons", sha256: str = "",
+                 max_image_bytes: int = MAX_FILE_BYTES) -> Path:
+    """A local folder holding the images `source` names; downloads and unpacks into `cache_dir`.
+
+    Archive members over `max_image_bytes` are not unpacked (see archive.safe_extract).
+    """
     source = str(source).strip()
     cache = Path(cache_dir).expanduser()
     if not source:
@@ -55,12 +59,12 @@ def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons"
     source, sha256 = _split_sha256(source, sha256)
     try:
         if match := _DRIVE_FOLDER.search(source):
-            return _local(_drive_folder(match.group(1), cache), cache)
+            return _local(_drive_folder(match.group(1), cache), cache, max_image_bytes)
         if match := _DRIVE_FILE.search(source):
-            return _local(_drive_file(match.group(1) or match.group(2), cache, sha256), cache)
+            return _local(_drive_file(match.group(1) or match.group(2), cache, sha256), cache, max_image_bytes)
         scheme = urlparse(source).scheme
         if scheme in ("http", "https"):
-            return _local(_http_file(source, cache, sha256), cache)
+            return _local(_http_file(source, cache, sha256), cache, max_image_bytes)
         if scheme == "file":
             source = unquote(urlparse(source).path)
         elif scheme and len(scheme) > 1:
@@ -70,7 +74,7 @@ def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons"
             raise SourceError(f"Data source {path} does not exist; pass an existing folder or archive, an http(s) URL or a Google Drive link.")
         if sha256 and path.is_file() and _sha256(path) != sha256:
             raise SourceError(f"Data source {path} does not have the expected sha256 {sha256}; the file is corrupt or a different version.")
-        return _local(path, cache)
+        return _local(path, cache, max_image_bytes)
     except ArchiveError as exc:
         raise SourceError(str(exc)) from None
 
@@ -88,37 +92,37 @@ def _split_sha256(source: str, sha256: str) -> tuple[str, str]:
 # Local folders and archives
 
 
-def _local(path: Path, cache: Path) -> Path:
+def _local(path: Path, cache: Path, max_image_bytes: int) -> Path:
     """The image tree at a local path: a folder used in place, or its archive(s) unpacked."""
     path = path.resolve()
     if path.is_file():
         if not is_archive(path):
             raise SourceError(f"Data source {path} is a file but not a .tar.xz/.tar.gz/.tar/.zip archive; pass an archive or a folder.")
-        return _unpack([path], cache)
+        return _unpack([path], cache, max_image_bytes)
     subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
     archives = [p for p in sorted(path.iterdir()) if p.is_file() and is_archive(p)]
     if archives and not subdirs:
-        return _unpack(archives, cache)  # e.g. the Drive folder: just dataset.tar.xz
+        return _unpack(archives, cache, max_image_bytes)  # e.g. the Drive folder: just dataset.tar.xz
     if not subdirs:
         raise SourceError(f"Data source {path} holds neither image folders nor an archive; pass the folder with train/ (or <class>/) folders, or one holding dataset.tar.xz.")
     return path
 
 
-def _unpack(archives: list[Path], cache: Path) -> Path:
+def _unpack(archives: list[Path], cache: Path, max_image_bytes: int) -> Path:
     """Unpack archives once into cache/unpacked/<sha256 of their contents>/ (one subfolder each when several)."""
     digests = [_sha256(a) for a in archives]
-    key = hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
+    key = hashlib.sha256("|".join([*digests, str(max_image_bytes)]).encode()).hexdigest()[:16]
     target = cache / "unpacked" / key
     if target.is_dir():
         print(f"Using {target} (unpacked before from {', '.join(a.name for a in archives)})", flush=True)
         return target
     if len(archives) == 1:
-        safe_extract(archives[0], target)
+        safe_extract(archives[0], target, max_file_bytes=max_image_bytes)
     else:
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         for archive in archives:
-            safe_extract(archive, partial / _stem(archive))
+            safe_extract(archive, partial / _stem(archive), max_file_bytes=max_image_bytes)
         os.replace(partial, target)
     print(f"Unpacked {', '.join(a.name for a in archives)} into {target}", flush=True)
     return target

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ MULTIPART_THRESHOLD = 16 << 20  # bytes; larger files go up in parts of MULTIPAR
 MULTIPART_CHUNK = 16 << 20
 PARALLEL_FILES = 16  # files in flight at once (small images: latency-bound, not bandwidth-bound)
 FILE_ATTEMPTS = 3  # whole-file attempts on top of botocore's per-request retries
+# Tries per S3 request (botocore and pyarrow): with standard backoff, 10 ride out about 20 s of an
+# unreachable endpoint (a restart of the store); 3, pyarrow's default, fail within 3 s.
+REQUEST_ATTEMPTS = 10
 QUIET_BELOW = 32 << 20  # bytes; smaller transfers (e.g. TensorBoard logs every epoch) draw no progress bar
 # One INFO line per client ("Found credentials in environment variables") is noise in job logs.
 logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
@@ -77,7 +81,33 @@ def pyarrow_filesystem(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, s
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
+    return RetryingS3FileSystem(request_attempts(), **kwargs), uri[len("s3://"):].rstrip("/")
+
+
+def request_attempts() -> int:
+    """Tries per S3 request, the first included: the standard AWS_MAX_ATTEMPTS, else REQUEST_ATTEMPTS."""
+    return int(os.environ.get("AWS_MAX_ATTEMPTS") or REQUEST_ATTEMPTS)
+
+
+def _rebuild_s3(options: dict) -> "RetryingS3FileSystem":
+    return RetryingS3FileSystem(**options)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with AWS standard retries (exponential backoff) that survive pickling.
+
+    Ray sends the run's filesystem to its controller and every worker; pyarrow's own pickling
+    drops the retry strategy, which leaves 3 tries (about 3 s against an endpoint that is down).
+    The options never hold credentials: each process takes them from the AWS chain.
+    """
+
+    def __init__(self, attempts: int = 0, **options):
+        attempts = attempts or request_attempts()
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
+        self._options = {"attempts": attempts, **options}
+
+    def __reduce__(self):
+        return _rebuild_s3, (self._options,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,14 +118,14 @@ def s3_client(endpoint: str = "", max_attempts: int = 0, connect_timeout: float 
     """A boto3 S3 client for the endpoint (or AWS), with retries in botocore's standard mode.
 
     Standard mode retries throttling, 5xx and connection errors with exponential backoff and
-    jitter (up to 20 s between tries); `max_attempts` counts the first try (default: the standard
-    AWS_MAX_ATTEMPTS, else 8).
+    jitter (up to 20 s between tries); `max_attempts` counts the first try (default:
+    request_attempts()).
     """
     import boto3
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 8)},
+        retries={"mode": "standard", "max_attempts": max_attempts or request_attempts()},
         connect_timeout=connect_timeout,
         read_timeout=60,
         max_pool_connections=PARALLEL_FILES * 2,
@@ -162,6 +192,38 @@ def check_bucket(uri: str, endpoint: str = "") -> None:
     client = s3_client(endpoint, max_attempts=2, connect_timeout=5)
     try:
         client.head_bucket(Bucket=bucket)
+    except _s3_errors() as exc:
+        raise explain(exc, uri, endpoint) from None
+
+
+def check_writable(uri: str, endpoint: str = "") -> None:
+    """Fail fast, in one sentence, when a run could not store its checkpoints at `uri`.
+
+    For s3:// the endpoint must answer, the bucket exist and a probe object be written and
+    deleted; for a local folder it must be creatable and writable. Checked before Ray starts,
+    so a wrong bucket or endpoint is said in seconds instead of by Ray's controller later.
+    """
+    probe_name = f".write-check-{uuid.uuid4().hex[:12]}"
+    if not is_s3(uri):
+        folder = Path(uri).expanduser()
+        created = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / probe_name).write_bytes(b"")
+            (folder / probe_name).unlink()
+            for path in created:  # a check leaves nothing behind; the run makes the folder again
+                path.rmdir()
+        except OSError as exc:
+            raise StorageError(f"Cannot write to the run storage folder {folder} ({exc.strerror or exc}); "
+                               "fix its permissions or point run.storage elsewhere.") from None
+        return
+    check_bucket(uri, endpoint)
+    bucket, prefix = split_uri(uri)
+    key = f"{prefix}/{probe_name}" if prefix else probe_name
+    client = s3_client(endpoint, max_attempts=2, connect_timeout=5)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+        client.delete_object(Bucket=bucket, Key=key)
     except _s3_errors() as exc:
         raise explain(exc, uri, endpoint) from None
 

@@ -26,6 +26,7 @@ from simpsons import storage
 from simpsons.augment import eval_transform, train_transform
 from simpsons.config import Config, ConfigError, from_dict, resolve_paths, to_dict
 from simpsons.data import ResidentSplit, load_packed, read_manifest
+from simpsons.inference import CHECKPOINT_FORMAT
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import create_model
@@ -242,6 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "history": history,
                     "config": to_dict(cfg),
                     "class_names": list(class_names),
+                    "format": CHECKPOINT_FORMAT,
                 }, Path(tmp) / CHECKPOINT_FILE)
                 (Path(tmp) / METRICS_FILE).write_text(json.dumps(
                     {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}))
@@ -499,6 +501,7 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
     from simpsons.export import export_best, read_history
 
+    storage.check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # said now, not by Ray's controller later
     dataset_uri = absolute_dataset_uri(dataset_uri)
     if not storage.is_s3(dataset_uri):
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry

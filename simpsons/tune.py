@@ -381,6 +381,7 @@ def init_ray() -> None:
 
 def run_sweep(cfg: Config, sweep: SweepConfig, dataset_uri: str, resume: bool = False) -> list[dict]:
     """Run (or with resume=True, continue) the sweep, then export it; returns the trials.csv rows."""
+    storage.check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # before Ray starts: see train.fit
     init_ray()
     check_space(cfg, sweep)
     cfg, concurrent = resolve_sweep_resources(cfg, sweep, dataset_uri)

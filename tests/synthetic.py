@@ -6,7 +6,10 @@ same decode path as the real data set.
 
 from __future__ import annotations
 
+import io
+import lzma
 import random
+import tarfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -56,3 +59,27 @@ def make_image_tree(root: str | Path, classes=CLASSES, per_split: dict | None = 
                 else:
                     img.save(folder / f"pic_{i:04d}.jpg", quality=90)
     return root
+
+
+def write_zero_member_tar_xz(path: str | Path, name: str, size: int, after=(), chunk: int = 64 << 20) -> Path:
+    """A .tar.xz whose member `name` is `size` zero bytes (a multiple of `chunk`), then the `after`
+    (name, bytes) members.
+
+    Built in about a second and under 1 MB for 4 GiB: xz allows concatenated streams, so one
+    compressed chunk of zeros is written size / chunk times.
+    """
+    info = tarfile.TarInfo(name)
+    info.size = size
+    tail = io.BytesIO()
+    with tarfile.open(fileobj=tail, mode="w") as tar:  # the following members and the end-of-archive blocks
+        for member_name, data in after:
+            member = tarfile.TarInfo(member_name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    zeros = lzma.compress(bytes(chunk), preset=0)
+    with open(path, "wb") as f:
+        f.write(lzma.compress(info.tobuf(format=tarfile.GNU_FORMAT)))
+        for _ in range(size // chunk):
+            f.write(zeros)
+        f.write(lzma.compress(tail.getvalue()))
+    return Path(path)

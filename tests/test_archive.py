@@ -1,14 +1,21 @@
 """Safe unpacking: real .tar.xz/.tar.gz/.zip files written by the test, good and hostile."""
 
 import io
+import json
+import os
+import socket
 import stat
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from simpsons.archive import ArchiveError, safe_extract
+from simpsons.archive import UNREAD_LIST, ArchiveError, safe_extract
+from synthetic import write_zero_member_tar_xz
 
 
 def one_sentence(message: str) -> bool:
@@ -122,3 +129,40 @@ def test_corrupt_archive_is_one_sentence(tmp_path):
     with pytest.raises(ArchiveError, match="broken.tar.xz") as err:
         safe_extract(broken, tmp_path / "out")
     assert one_sentence(str(err.value)) and not (tmp_path / "out").exists()
+
+
+def test_member_over_the_per_image_limit_is_listed_not_unpacked_and_the_rest_is(tmp_path):
+    archive = write_zero_member_tar_xz(tmp_path / "d.tar.xz", "dataset/train/gil/huge.jpg", 4 << 20, after=GOOD, chunk=1 << 20)
+    out = safe_extract(archive, tmp_path / "out", max_file_bytes=1 << 20)
+    assert (out / GOOD[0][0]).read_bytes() == GOOD[0][1] and (out / GOOD[1][0]).read_bytes() == GOOD[1][1]
+    assert not (out / "dataset/train/gil/huge.jpg").exists()
+    assert json.loads((out / UNREAD_LIST).read_text()) == [{"path": "dataset/train/gil/huge.jpg", "size": 4 << 20, "reason": (
+        "4.0 MiB in the archive, over the per-image limit of 1.0 MiB (data.max_image_bytes); not unpacked")}]
+
+    with zipfile.ZipFile(tmp_path / "d.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dataset/train/gil/huge.jpg", bytes(4 << 20))
+        zf.writestr(*GOOD[0])
+    out = safe_extract(tmp_path / "d.zip", tmp_path / "zip_out", max_file_bytes=1 << 20)
+    assert (out / GOOD[0][0]).exists() and not (out / "dataset/train/gil/huge.jpg").exists()
+    assert [m["path"] for m in json.loads((out / UNREAD_LIST).read_text())] == ["dataset/train/gil/huge.jpg"]
+
+
+def test_partial_folder_of_a_killed_unpack_is_removed_by_the_next_one(tmp_path):
+    # 512 MiB of zeros to inflate: the unpack is still running when it is killed.
+    archive = write_zero_member_tar_xz(tmp_path / "slow.tar.xz", "d/zeros.jpg", 512 << 20, after=GOOD)
+    target = tmp_path / "work" / "out"
+    code = f"from simpsons.archive import safe_extract; safe_extract({str(archive)!r}, {str(target)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(target.parent.glob(".out.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    left = list(target.parent.glob(".out.partial-*"))
+    assert len(left) == 1 and str(proc.pid) in left[0].name  # what a killed run leaves behind
+    live = target.parent / f".out.partial-{socket.gethostname()}-{os.getpid()}-0000abcd"  # a running unpack's
+    live.mkdir()
+    out = safe_extract(write_tar(tmp_path / "good.tar.xz", GOOD), target)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["out", live.name])

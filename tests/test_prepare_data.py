@@ -19,7 +19,7 @@ from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, load_image, read_manifest
 from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree, thumbnails
 from simpsons.storage import StorageError
-from synthetic import draw_example, make_image_tree
+from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,18 +164,85 @@ def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_pa
                         cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("problem", ["unknown class", "empty class"])
-def test_bad_tree_is_refused_and_nothing_is_stored(bucket, tmp_path, problem):
-    root = make_image_tree(tmp_path / "src", per_split={"train": 2, "val": 1}, size=32)
-    if problem == "unknown class":
-        shutil.copytree(root / "dataset/train/bart_simpson", root / "dataset/train/bartman")
-        expected = "Unknown class folder .*'bartman' is not one of the 42 known classes; rename or remove it."
-    else:
-        (root / "dataset/val/gil").mkdir()
-        expected = "Class folder .*gil holds no images; add images or remove the folder."
-    with pytest.raises(DataError, match=expected) as err:
-        prepare_dataset(str(root), f"s3://{bucket}/p", cache_dir=str(tmp_path / "cache"))
-    assert one_sentence(str(err.value)) and objects(bucket) == {}
+def test_every_problem_of_a_tree_is_named_in_one_error_and_nothing_is_stored(bucket, tmp_path):
+    src = tmp_path / "src"  # Kaggle's layout: simpsons_dataset/<class>/ beside kaggle_simpson_testset/
+    root = unsplit_tree(src / "simpsons_dataset", per_class=6)
+    for name in ("bartman", "homer_jr", "krusty", "zz_top"):
+        shutil.copytree(root / "bart_simpson", root / name)
+    (root / "milhouse_van_houten").mkdir()  # a known class without images
+    testset = src / "kaggle_simpson_testset"
+    testset.mkdir()
+    for name in ("bart_simpson_1.jpg", "nobody_3.jpg", "bart.jpg"):
+        shutil.copy(root / "bart_simpson" / "pic_0000.jpg", testset / name)
+    with pytest.raises(DataError) as err:
+        prepare_dataset(str(src), f"s3://{bucket}/p", cache_dir=str(tmp_path / "cache"))
+    assert str(err.value) == (
+        "The image tree has 4 unknown class folder(s) (not one of the 42 known classes): simpsons_dataset/bartman, "
+        "simpsons_dataset/homer_jr, simpsons_dataset/krusty "
+        "and 1 more; 2 test-set file(s) not named <class>_<number> with a known class: kaggle_simpson_testset/bart.jpg, "
+        "kaggle_simpson_testset/nobody_3.jpg; 1 class folder(s) without images: simpsons_dataset/milhouse_van_houten; "
+        "rename or remove "
+        "them, or set data.classes=auto to use the tree's own class folders.")
+    assert objects(bucket) == {}
+
+    # Fixed: the empty class folder alone is a note in the report, not a failure.
+    for name in ("bartman", "homer_jr", "krusty", "zz_top"):
+        shutil.rmtree(root / name)
+    (testset / "nobody_3.jpg").unlink()
+    (testset / "bart.jpg").unlink()
+    result = prepare_dataset(str(src), f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache"))
+    report = json.loads(get(bucket, "p/datasets/simpsons/v1/report.json"))
+    assert "1 class folder(s) without images: simpsons_dataset/milhouse_van_houten: ignored" in report["notes"]
+    assert result.images == len(list(src.rglob("*.jpg"))) + len(list(src.rglob("*.png")))
+
+
+def _no_usable_train(root: Path) -> str:
+    for path in (root / "dataset/train").rglob("pic_*"):
+        path.write_bytes(b"this is not an image")
+    return ("No dataset written: the training split has no usable image (20 image file(s) found, 12 left out, "
+            "e.g. dataset/train/bart_simpson/pic_0000.jpg: cannot decode: not an image in a format this job reads "
+            "(JPEG, PNG, BMP, GIF, WebP)); add decodable images to the class folders.")
+
+
+def _empty_val(root: Path) -> str:
+    for path in (root / "dataset/val").rglob("pic_*"):
+        path.unlink()
+    return ("No dataset written: the validation split is empty (12 image file(s) found, 0 left out); "
+            "add images to the val/<class>/ folders.")
+
+
+def _class_only_in_val(root: Path) -> str:
+    shutil.copytree(root / "dataset/val/bart_simpson", root / "dataset/val/gil")
+    return ("No dataset written: 1 class(es) have validation images but no training image (gil) (22 image file(s) "
+            "found, 0 left out); add training images of them or remove them from val.")
+
+
+@pytest.mark.parametrize("damage", [_no_usable_train, _empty_val, _class_only_in_val])
+def test_nothing_is_published_that_training_could_not_use(bucket, tmp_path, damage):
+    root = make_image_tree(tmp_path / "src", per_split={"train": 3, "val": 2}, size=32)
+    expected = damage(root)
+    with pytest.raises(DataError) as err:
+        prepare_dataset(str(root), f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache"))
+    assert str(err.value) == expected
+    assert objects(bucket) == {} and not list((tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_bad_files_are_reported_in_words_and_oversized_files_are_not_read(bucket, tmp_path):
+    root = make_image_tree(tmp_path / "src", per_split={"train": 3, "val": 2}, size=32)
+    bart = root / "dataset/train/bart_simpson"
+    (bart / "notes.jpg").write_text("these are my notes, not a picture")
+    good = (bart / "pic_0000.jpg").read_bytes()
+    (bart / "half.jpg").write_bytes(good[: len(good) // 2])
+    with open(bart / "huge.jpg", "wb") as f:  # sparse: 4 GiB that cost no disk; reading it would take seconds
+        f.truncate(4 << 30)
+    result = prepare_dataset(str(root), f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache"))
+    report = json.loads(get(bucket, "p/datasets/simpsons/v1/report.json"))
+    reasons = {b["path"].split("/")[-1]: b["reason"] for files in report["bad_files"].values() for b in files}
+    assert reasons["notes.jpg"] == "cannot decode: not an image in a format this job reads (JPEG, PNG, BMP, GIF, WebP)"
+    assert reasons["huge.jpg"] == "4,096.0 MiB, over the per-image limit of 64.0 MiB (data.max_image_bytes); not read"
+    assert report["bad_files"]["unread"] == [{"path": "dataset/train/bart_simpson/huge.jpg", "reason": reasons["huge.jpg"]}]
+    assert all(" at 0x" not in r and "<" not in r for r in reasons.values()), reasons
+    assert result.images == 4 * 5
 
 
 def test_job_exits_with_one_sentence_for_a_missing_bucket(s3_server, tmp_path):
@@ -188,6 +255,26 @@ def test_job_exits_with_one_sentence_for_a_missing_bucket(s3_server, tmp_path):
         f"error: Bucket 'not-a-bucket-yet' does not exist at {s3_server}; create it "
         "(aws s3 mb s3://not-a-bucket-yet) or fix the URI s3://not-a-bucket-yet/simpsons.")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # inflates 4 GiB of zeros to pass the member: ~20 s on 2 busy cores
+def test_archive_with_a_4_gib_image_is_refused_unread_and_nothing_is_published(bucket, tmp_path):
+    archive = write_zero_member_tar_xz(tmp_path / "bomb.tar.xz", "dataset/train/bart_simpson/huge.jpg", 4 << 30)
+    assert archive.stat().st_size < 1 << 20
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), "--source", str(archive),
+                           "--dest", f"s3://{bucket}/p", "--set", f"data.cache_dir={cache}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: No images found under {cache}/unpacked/") and message.endswith(
+        " (1 file(s) left out unread for their size, e.g. dataset/train/bart_simpson/huge.jpg (4,096.0 MiB in the "
+        "archive, over the per-image limit of 64.0 MiB (data.max_image_bytes); not unpacked)): expected "
+        "[dataset/]train/<class>/*.jpg (the original layout) or <class>/*.jpg (Kaggle's simpsons_dataset) within a "
+        "few folders of it."), message
+    assert "Traceback" not in done.stderr and objects(bucket) == {}
+    written = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert written < 1 << 20, written  # the member was never written to the cache
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_kaggle_layout_is_found_with_its_flat_test_set(tmp_path):
     assert len(tree.groups["unsplit"]) == 4 * 6
     assert [r.relpath for r in tree.groups["testset"]][0] == "kaggle_simpson_testset/kaggle_simpson_testset/bart_simpson_0.jpg"
     (test_dir / "bartman_7.jpg").write_bytes(b"x")
-    with pytest.raises(Exception, match="bartman_7.jpg is not named <class>_<number>"):
+    with pytest.raises(Exception, match="1 test-set file\\(s\\) not named <class>_<number> with a known class: .*bartman_7.jpg;"):
         scan_tree(root)
 
 

@@ -48,6 +48,10 @@ class DataConfig:
     augment: bool = True
     # Processes that decode images while packing (0 = one per CPU).
     pack_workers: int = 0
+    # Largest share (0-1) of a GPU's free memory the packed train + val splits may take to stay
+    # resident on it; beyond that they stay in pinned host memory and each batch is gathered there
+    # and copied over without blocking. Half leaves the rest to the model, activations and cuDNN.
+    resident_share: float = 0.5
 
 
 @dataclass
@@ -98,7 +102,8 @@ class TrainConfig:
     # CPUs reserved per worker (fractions allowed, e.g. 0.5 on a 2-core test machine);
     # 0 = share the cluster's CPUs evenly between the workers. Also sets torch's thread count.
     cpus_per_worker: float = 0.0
-    # "auto" (bf16 where supported, else fp16 on CUDA), "bf16", "fp16" or "fp32".
+    # "auto" (bf16 on the CPU and on GPUs with native bf16, compute capability 8.0+; fp16 with
+    # a GradScaler on older GPUs), "bf16", "fp16" or "fp32".
     precision: str = "auto"
     # Use the channels_last memory layout for activations and weights.
     channels_last: bool = True
@@ -112,6 +117,16 @@ class TrainConfig:
     max_failures: int = 3
     # Log progress every N training steps on rank 0.
     log_every: int = 20
+    # Copy TensorBoard logs to run.storage every N epochs and after the last (each copy is a
+    # storage round trip the epoch waits for).
+    tensorboard_every: int = 5
+    # DDP gradient bucket size (MiB). Backward fills the buckets in reverse layer order and each
+    # is all-reduced as soon as it is full; the last one (the first layers) only after backward
+    # ends. This model has 11.2 MiB of fp32 gradients: DDP's default (a 1 MiB first bucket, then
+    # 25 MiB) leaves 8.4 MiB (75 %) for after backward; 5 MiB gives three buckets (5.1, 5.2,
+    # 0.9 MiB), 8 % after backward, with few launches (1 MiB: seven buckets, 4 %). Computed with
+    # DDP's own bucketing function in tests/test_step.py; not yet timed on GPUs.
+    ddp_bucket_mb: float = 5.0
 
 
 @dataclass
@@ -156,6 +171,12 @@ class Config:
                 f"data.train_size ({self.data.train_size}) must not exceed data.stored_size "
                 f"({self.data.stored_size}): training crops from the stored images."
             )
+        if not 0 <= self.data.resident_share <= 1:
+            raise ConfigError(f"data.resident_share must be a fraction between 0 and 1, not {self.data.resident_share}.")
+        if self.train.tensorboard_every < 1:
+            raise ConfigError(f"train.tensorboard_every must be at least 1 (epochs), not {self.train.tensorboard_every}.")
+        if self.train.ddp_bucket_mb <= 0:
+            raise ConfigError(f"train.ddp_bucket_mb must be a positive size in MiB, not {self.train.ddp_bucket_mb}.")
         lo, hi = self.data.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, not {self.data.crop_scale}.")

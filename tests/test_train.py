@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +12,17 @@ import torch
 
 from simpsons.config import load_config
 from simpsons.export import OUTPUT_FILES
-from synthetic import CLASSES
+from synthetic import CLASSES, make_image_tree
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cfg(storage, epochs, name="run"):
+def _cfg(storage, epochs, name="run", *overrides):
     return load_config(None, [
         f"optim.epochs={epochs}", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32",
         "optim.warmup_epochs=0.5", "train.workers=2", "train.cpus_per_worker=1", "train.use_gpu=false",
-        "train.histogram_every=1", f"run.storage={storage}", f"run.name={name}",
+        "train.histogram_every=1", f"run.storage={storage}", f"run.name={name}", *overrides,
     ])
 
 
@@ -63,6 +64,41 @@ def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # no epoch run twice
     assert [h["resumed"] for h in history] == [False, False, False, True]
     assert report["accuracy"] >= 0.7
+
+
+def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset):
+    # The run so far: precision auto (bf16 on the CPU: a disabled GradScaler saved as {}) and
+    # channels_last (optimizer state in that layout). Resumed with fp16 + GradScaler (CPU autocast)
+    # and the NCHW layout, it must load both and train on.
+    from simpsons.train import fit
+
+    run_dir, _ = trained_run
+    done = _latest_checkpoint(run_dir)["epoch"]  # 2, or 3 after the test above
+    cfg = _cfg(run_dir.parent, done + 2, "run", "train.precision=fp16", "train.channels_last=false")
+    report = fit(cfg, str(packed_dataset))
+    history = json.loads((run_dir / "best" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(done + 2)) and history[-1]["resumed"]
+    assert all(math.isfinite(h["train_loss"]) for h in history) and report["accuracy"] >= 0.7
+    state = _latest_checkpoint(run_dir)
+    assert state["epoch"] == done + 1 and state["config"]["train"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
+
+
+def _latest_checkpoint(run_dir: Path) -> dict:
+    states = [torch.load(p / "checkpoint.pt", weights_only=True) for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    return max(states, key=lambda state: state["epoch"])
+
+
+@pytest.mark.timeout(300)  # the bug this pins was a hang: fail in bounded time instead
+def test_two_workers_finish_with_a_one_image_validation_split(ray_cluster, tmp_path):
+    # Fewer validation images than workers: rank 1 evaluates no batch at all.
+    from simpsons.prepare import pack_tree
+    from simpsons.train import fit
+
+    root = make_image_tree(tmp_path / "images", per_split={"train": 8}, size=40)
+    make_image_tree(root, classes=CLASSES[:1], per_split={"val": 1}, size=40)
+    pack_tree(root, tmp_path / "packed", stored_size=40, workers=1)
+    report = fit(_cfg(tmp_path / "runs", 1, "tiny", "train.histogram_every=0"), str(tmp_path / "packed"))
+    assert report["images"] == 1 and len(report["history"]) == 1
 
 
 def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tmp_path):

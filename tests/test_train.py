@@ -126,3 +126,12 @@ def test_bad_checkpoint_path_is_one_clear_sentence(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: No checkpoint at {tmp_path}/checkpoint.pt; pass a run's best/ folder or its checkpoint.pt."]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_one_clear_sentence(tmp_path):
+    done = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "--device", "cuda", "x.jpg"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."]

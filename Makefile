@@ -9,7 +9,7 @@ EPOCHS ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 bench: install
 	$(PY) bench/throughput.py
+
+# The GPU tests, then bench/gpu.py, on this machine's first GPU (one "skipped" line without CUDA).
+device-check: install
+	@$(PY) bench/device_check.py
 
 clean:
 	rm -rf runs .pytest_cache

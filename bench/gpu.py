@@ -3,8 +3,10 @@
     python bench/gpu.py                        # real sample if present, else random images of its shape
     python bench/gpu.py --batch 1024 --compile
     python bench/gpu.py --device cpu --quick   # the same code path on the CPU (a wiring check, not a figure)
+    python bench/gpu.py --set data.resident_share=0   # the pinned host-memory data path instead
 
-The packed uint8 images and labels live in GPU memory (simpsons.data.ResidentSplit on cuda), each
+The packed uint8 images and labels live in GPU memory (simpsons.data.ResidentSplit on cuda; in
+pinned host memory when they do not fit data.resident_share of the free memory), each
 batch is augmented on the GPU in one grid_sample (simpsons.augment), and the step is
 simpsons.train.TrainStep: bf16 autocast (the config's "auto" on a GPU with bf16), channels_last,
 fused AdamW (build_components), cudnn.benchmark, per-GPU batch 512 by default. One process
@@ -33,66 +35,62 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from simpsons.config import load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, load_packed, read_manifest  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed, read_manifest  # noqa: E402
 from simpsons.metrics import classification_report  # noqa: E402
-from simpsons.train import TrainStep, build_components, create_scheduler, evaluate  # noqa: E402
+from simpsons.train import EpochSums, TrainStep, build_components, create_scheduler, evaluate, synchronize  # noqa: E402
 
 # The real sample's split sizes, used for random data when no images are at hand.
 RANDOM_TRAIN, RANDOM_VAL = 11903, 2337
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock time covers it (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def load_splits(args, stored: int, device: torch.device):
-    """(train split, val split, train class counts, where the images came from), resident on `device`."""
+def load_splits(args, stored: int, device: torch.device, share: float):
+    """(train split, val split, train class counts, where the images came from), placed as training places them."""
     cache = Path(args.cache)
     tree = Path(args.images) if args.images else (None if args.random else real_sample_tree(cache, args.archive))
     if tree is not None:
         dataset_dir = packed(tree, cache, stored)
-        train = ResidentSplit(*load_packed(dataset_dir, "train"), device=device)
-        val = ResidentSplit(*load_packed(dataset_dir, "val"), device=device)
-        return train, val, read_manifest(dataset_dir)["splits"]["train"]["class_counts"], str(tree)
-    # Throughput does not depend on the pixels: random uint8 images of the real sample's shape.
-    n_train, n_val = (256, 64) if args.quick else (RANDOM_TRAIN, RANDOM_VAL)
-    rng = np.random.default_rng(0)
-    make = lambda n: (rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8),  # noqa: E731
-                      rng.integers(0, len(CLASS_NAMES), n))
-    train, val = ResidentSplit(*make(n_train), device=device), ResidentSplit(*make(n_val), device=device)
-    counts = np.bincount(train.labels.cpu().numpy(), minlength=len(CLASS_NAMES)).tolist()
-    return train, val, counts, f"random uint8 images ({n_train} train, {n_val} val)"
+        arrays = [load_packed(dataset_dir, name) for name in ("train", "val")]
+        counts, source = read_manifest(dataset_dir)["splits"]["train"]["class_counts"], str(tree)
+    else:
+        # Throughput does not depend on the pixels: random uint8 images of the real sample's shape.
+        n_train, n_val = (256, 64) if args.quick else (RANDOM_TRAIN, RANDOM_VAL)
+        rng = np.random.default_rng(0)
+        arrays = [(rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n))
+                  for n in (n_train, n_val)]
+        counts = np.bincount(arrays[0][1], minlength=len(CLASS_NAMES)).tolist()
+        source = f"random uint8 images ({n_train} train, {n_val} val)"
+    on_device, placement = data_placement(sum(a.nbytes for pair in arrays for a in pair), device, share)
+    note(f"data: train + val {placement}")
+    train, val = (ResidentSplit(*pair, device=device, on_device=on_device) for pair in arrays)
+    return train, val, counts, source
 
 
 def time_steps(step, batches, generator, steps: int, device: torch.device) -> tuple[int, float]:
     """(images, seconds) of `steps` steps, timed from an idle GPU to an idle GPU."""
-    sync(device)
+    synchronize(device)
     started = time.perf_counter()
     images = 0
     for _ in range(steps):
         x, y = next(batches)
         step(x, y, generator)
         images += len(y)
-    sync(device)
+    synchronize(device)
     return images, time.perf_counter() - started
 
 
 def run_epoch(step, train, val, cfg, device, epoch: int, generator) -> tuple[float, float]:
     """One epoch as simpsons.train's loop runs it -> (train + eval seconds, eval seconds)."""
-    sync(device)
+    synchronize(device)
     started = time.perf_counter()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    sums = EpochSums(device)
     for images, labels in train.train_batches(epoch, cfg.optim.batch_size, cfg.train.seed):
         loss, logits = step(images, labels, generator)
-        sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
-    sync(device)
+        sums.add(loss, logits, labels)
+    synchronize(device)
     eval_started = time.perf_counter()
     cm, _ = evaluate(step.model, step.criterion, val, cfg, device, len(CLASS_NAMES))
     classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
-    float(sums[2])  # the loop reads its sums every epoch: a sync
+    float(sums.sums[0])  # the loop reads its sums every epoch: a sync
     finished = time.perf_counter()
     return finished - started, finished - eval_started
 
@@ -128,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     stored = stored_size_for(args.size)
     base = [f"data.train_size={args.size}", f"data.stored_size={stored}", f"optim.batch_size={args.batch}"]
     cfg = load_config(args.config, base + args.set)
-    train, val, counts, source = load_splits(args, cfg.data.stored_size, device)
+    train, val, counts, source = load_splits(args, cfg.data.stored_size, device, cfg.data.resident_share)
     if len(train) < args.batch:
         raise SystemExit(f"error: the train split has {len(train)} images, fewer than one batch of {args.batch}; use a smaller --batch.")
 

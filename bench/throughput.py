@@ -45,7 +45,7 @@ from simpsons.augment import MEAN, STD  # noqa: E402
 from simpsons.config import Config, load_config  # noqa: E402
 from simpsons.data import CLASS_NAMES, ResidentSplit, find_splits, load_packed, read_manifest  # noqa: E402
 from simpsons.model import create_model  # noqa: E402
-from simpsons.train import TrainStep, build_components, create_scheduler  # noqa: E402
+from simpsons.train import EpochSums, TrainStep, build_components, create_scheduler  # noqa: E402
 
 # Extra pipelines that show what each choice is worth: name -> config overrides.
 VARIANTS = {
@@ -157,7 +157,7 @@ class ProjectPipeline:
         step_class = bare_step_class() if bare else (TrainStep if cfg.train.channels_last else NCHWStep)
         self.train_step = step_class(model, criterion, optimizer, scheduler, cfg, device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.sums = EpochSums(torch.device("cpu"))
         if bare:
             # The input TrainStep.inputs would produce: (B, 3, T, T) float32 in the config's layout.
             size = cfg.data.train_size
@@ -175,9 +175,7 @@ class ProjectPipeline:
             self.train_step.inputs(images, self.generator)
             return len(labels)
         loss, logits = self.train_step(images, labels, self.generator)
-        # The training loop's per-step bookkeeping (loss * n, correct, n), kept on the device.
-        self.sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-                                  torch.tensor(float(len(labels)), dtype=torch.float64)])
+        self.sums.add(loss, logits, labels)  # the training loop's per-step bookkeeping
         return len(labels)
 
 

@@ -20,6 +20,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="<folder>/<class>/*.jpg, or a dataset root with train/val/testset")
     parser.add_argument("--split", help="split to evaluate when --data is a dataset root (default: testset, else val)")
     parser.add_argument("--out", required=True, help="folder for metrics.json, per_class.csv, confusion.png")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one, else the CPU)")
     return parser
 
 
@@ -27,7 +28,7 @@ def main(args: argparse.Namespace) -> None:
     from simpsons.export import write_report
     from simpsons.inference import evaluate_folder
 
-    report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split)
+    report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split, device=args.device)
     report["files_left_out"] = bad_files
     names = [row["class"] for row in report["per_class"]]
     write_report(args.out, report, cm, names, title=f"{args.data}: macro-F1 {report['macro_f1']:.3f}")

@@ -21,13 +21,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one, else the CPU)")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     from simpsons.inference import predict_files
 
-    for result in predict_files(args.checkpoint, args.images, args.top_k):
+    for result in predict_files(args.checkpoint, args.images, args.top_k, device=args.device):
         if args.json:
             print(json.dumps(result))
         elif "error" in result:

@@ -23,9 +23,16 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 
+# (mean, std) as (1, 3, 1, 1) tensors per (device, dtype). Built once: `torch.tensor(MEAN,
+# device="cuda")` is a blocking host->device copy, and one per batch drains the GPU's queue.
+_STATS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    key = (x.device, x.dtype)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1).to(x.device) for v in (MEAN, STD))
+    mean, std = _STATS[key]
     return (x - mean) / std
 
 

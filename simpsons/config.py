@@ -58,6 +58,10 @@ class DataConfig:
     # Largest image file (bytes) that is unpacked or read; a larger archive member or file is
     # left out unread and listed in report.json. Real photos are under 1 MB.
     max_image_bytes: int = MAX_FILE_BYTES
+    # Largest share (0-1) of a GPU's free memory the packed train + val splits may take to stay
+    # resident on it; beyond that they stay in pinned host memory and each batch is gathered there
+    # and copied over without blocking. Half leaves the rest to the model, activations and cuDNN.
+    resident_share: float = 0.5
 
 
 @dataclass
@@ -108,7 +112,8 @@ class TrainConfig:
     # CPUs reserved per worker (fractions allowed, e.g. 0.5 on a 2-core test machine);
     # 0 = share the cluster's CPUs evenly between the workers. Also sets torch's thread count.
     cpus_per_worker: float = 0.0
-    # "auto" (bf16 where supported, else fp16 on CUDA), "bf16", "fp16" or "fp32".
+    # "auto" (bf16 on the CPU and on GPUs with native bf16, compute capability 8.0+; fp16 with
+    # a GradScaler on older GPUs), "bf16", "fp16" or "fp32".
     precision: str = "auto"
     # Use the channels_last memory layout for activations and weights.
     channels_last: bool = True
@@ -122,6 +127,16 @@ class TrainConfig:
     max_failures: int = 3
     # Log progress every N training steps on rank 0.
     log_every: int = 20
+    # Copy TensorBoard logs to run.storage every N epochs and after the last (each copy is a
+    # storage round trip the epoch waits for).
+    tensorboard_every: int = 5
+    # DDP gradient bucket size (MiB). Backward fills the buckets in reverse layer order and each
+    # is all-reduced as soon as it is full; the last one (the first layers) only after backward
+    # ends. This model has 11.2 MiB of fp32 gradients: DDP's default (a 1 MiB first bucket, then
+    # 25 MiB) leaves 8.4 MiB (75 %) for after backward; 5 MiB gives three buckets (5.1, 5.2,
+    # 0.9 MiB), 8 % after backward, with few launches (1 MiB: seven buckets, 4 %). Computed with
+    # DDP's own bucketing function in tests/test_step.py; not yet timed on GPUs.
+    ddp_bucket_mb: float = 5.0
 
 
 @dataclass
@@ -184,6 +199,7 @@ _BOUNDS = {
     "data.rotate": (0, 180, True),
     "data.pack_workers": (0, None, True),
     "data.max_image_bytes": (1, None, True),
+    "data.resident_share": (0, 1, True),
     "model.dropout": (0, 1, True),
     "loss.gamma": (0, None, True),
     "loss.label_smoothing": (0, 1, True),
@@ -201,6 +217,8 @@ _BOUNDS = {
     "train.histogram_every": (0, None, True),
     "train.max_failures": (0, None, True),
     "train.log_every": (0, None, True),
+    "train.tensorboard_every": (1, None, True),
+    "train.ddp_bucket_mb": (0, None, False),
 }
 
 

@@ -318,24 +318,62 @@ def _write_atomic(path: Path, text: str) -> None:
 # Resident loader
 
 
+def data_placement(nbytes: int, device: torch.device | str, share: float) -> tuple[bool, str]:
+    """(keep `nbytes` of packed splits on `device`, where they go in words, for the log).
+
+    On a GPU they stay resident when they fit `share` of its free memory; otherwise in pinned host
+    memory, gathered per batch (about 25 times today's sample would not fit a 24 GiB GPU).
+    """
+    device = torch.device(device)
+    size = f"{nbytes / 2**20:.0f} MiB"
+    if device.type != "cuda":
+        return True, f"in host memory ({size}): training on the {device.type.upper()}"
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = f"{share:.0%} of the {free / 2**30:.1f} GiB free on {device}"
+    if nbytes <= share * free:
+        return True, f"resident on {device} ({size}, within {budget})"
+    return False, f"in pinned host memory, copied per batch ({size} is more than {budget})"
+
+
 class ResidentSplit:
-    """A packed split held in memory (on the GPU when there is one) as uint8.
+    """A packed split held in memory as uint8: on the training device, or in host memory for a GPU it does not fit.
 
     Batches are index tensors into that memory: no copies per image, no worker processes. Each
     epoch draws one seeded permutation that every rank computes identically, and rank r takes
     every world-th element of it, trimmed so all ranks take the same number of steps (DDP needs
-    equal step counts).
+    equal step counts). With `on_device=False` the split stays in (pinned) host memory and each
+    batch is gathered there and copied to `device` without blocking: the same batches, slower.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu"):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu", on_device: bool = True):
+        self.device, self.on_device = torch.device(device), on_device
+        home = self.device if on_device else torch.device("cpu")
+        # Page-locked host memory lets the per-batch copies to the GPU run asynchronously.
+        self.pinned = home.type == "cpu" and self.device.type == "cuda"
         with warnings.catch_warnings():
             # A read-only memory map: CPU workers on one node share its page cache; never written.
             warnings.simplefilter("ignore", UserWarning)
-            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # (N, S, S, 3) uint8
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)  # (N,)
+            source = torch.from_numpy(np.asarray(images))
+            if self.pinned:  # one copy, straight from the page cache into pinned memory
+                self.images = torch.empty(source.shape, dtype=torch.uint8, pin_memory=True).copy_(source)
+            else:
+                self.images = torch.from_numpy(np.ascontiguousarray(images)).to(home)  # (N, S, S, 3) uint8
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(home)  # (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # idx: (B,) int64 on the split's memory -> (images (B, S, S, 3) uint8, labels (B,)) on self.device
+        if self.on_device:
+            return self.images[idx], self.labels[idx]
+        images = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pinned)
+        labels = torch.empty(len(idx), dtype=torch.int64, pin_memory=self.pinned)
+        torch.index_select(self.images, 0, idx, out=images)
+        torch.index_select(self.labels, 0, idx, out=labels)
+        # Pinned buffers come from torch's caching host allocator, which does not hand a buffer out
+        # again before its pending copy has finished.
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches(self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -343,15 +381,14 @@ class ResidentSplit:
         per_rank = len(self) // world
         mine = order[rank::world][:per_rank].to(self.images.device)
         for start in range(0, per_rank, batch_size):
-            idx = mine[start : start + batch_size]
-            yield self.images[idx], self.labels[idx]
+            yield self._batch(mine[start : start + batch_size])
 
     def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         return -(-(len(self) // world) // batch_size)
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Every image exactly once across ranks (counts may differ by one: no collective inside).
+        # Every image exactly once across ranks; counts may differ by one, and a rank may have no
+        # batch at all, so callers must not put a collective inside the loop (see train.evaluate).
         mine = torch.arange(rank, len(self), world, device=self.images.device)
         for start in range(0, len(mine), batch_size):
-            idx = mine[start : start + batch_size]
-            yield self.images[idx], self.labels[idx]
+            yield self._batch(mine[start : start + batch_size])

@@ -19,8 +19,22 @@ CHECKPOINT_FORMAT = 1  # bump when the checkpoint's layout changes; readers refu
 CHECKPOINT_KEYS = ("model", "config", "class_names")  # what training saves and inference needs
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, list[str], dict]:
-    """(model in eval mode, config, class names, raw state) from a checkpoint.pt or its folder."""
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device to run a checkpoint on: `name`, or by default the first GPU when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"Unknown device {name!r}; pass cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"Device {name} asked for, but CUDA is not available on this machine; pass --device cpu.")
+    return device
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Config, list[str], dict]:
+    """(model in eval mode on `device` (default: resolve_device()), config, class names, raw state)."""
+    device = resolve_device(device)
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -72,12 +86,13 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, tra
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | None = None, workers: int = 0) -> tuple[dict, np.ndarray, list[dict]]:
+def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | None = None, workers: int = 0,
+                    device: str | None = None) -> tuple[dict, np.ndarray, list[dict]]:
     """(report, confusion matrix, files left out) for a labelled folder `<folder>/<class>/*.jpg`.
 
     `folder` may also be a dataset root; then `split` (default: testset, else val) is evaluated.
     """
-    model, cfg, class_names, _ = load_checkpoint(checkpoint)
+    model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; pass <folder>/<class>/*.jpg or a dataset root with train/val/testset.")
@@ -99,9 +114,9 @@ def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | Non
     return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
 
 
-def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3) -> list[dict]:
+def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3, device: str | None = None) -> list[dict]:
     """Top-k labels with probabilities for each image file (folders are expanded to their images)."""
-    model, cfg, class_names, _ = load_checkpoint(checkpoint)
+    model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from simpsons import storage
 from simpsons.augment import eval_transform, train_transform
 from simpsons.config import Config, ConfigError, from_dict, resolve_paths, to_dict
-from simpsons.data import ResidentSplit, load_packed, read_manifest
+from simpsons.data import ResidentSplit, data_placement, load_packed, read_manifest
 from simpsons.inference import CHECKPOINT_FORMAT
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
@@ -48,9 +48,21 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only (compute capability 8.0+, Ampere on): torch.cuda.is_bf16_supported() also
+            # says yes on T4 and V100, which emulate bf16 and have no bf16 cuDNN convolutions, and it
+            # asks the current device, not this one. Older GPUs take fp16 + GradScaler.
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.bfloat16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def worker_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """The seed of one random stream of one rank in one epoch (0: augmentation, 1: dropout).
+
+    Every rank draws its own augmentations and dropout masks; with one seed on all ranks, DDP would
+    average gradients of identically masked networks and waste the workers' diversity.
+    """
+    return ((seed * 1_000_003 + epoch) * 997 + rank) * 2 + stream
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
@@ -82,6 +94,9 @@ class TrainStep:
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.per_step_schedule = cfg.optim.schedule == "cosine"
+        # Under DDP with gradient_as_bucket_view the gradients are views into the all-reduce buckets;
+        # setting them to None would make autograd allocate fresh ones that DDP copies back every step.
+        self.set_to_none = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
@@ -95,7 +110,7 @@ class TrainStep:
         with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(x)  # (B, C)
             loss = self.criterion(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -118,10 +133,40 @@ def build_components(cfg: Config, class_counts: list[int], device: torch.device,
     return model, criterion, optimizer
 
 
+class EpochSums:
+    """Training loss and accuracy summed on the device over an epoch: read once, at its end.
+
+    The image count is kept on the host, where it is known: a `torch.tensor(n, device="cuda")` per
+    step would be a blocking host->device copy that drains the GPU's queue.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double()])
+        self.images += len(labels)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.device, num_classes: int,
              rank: int = 0, world: int = 1) -> tuple[torch.Tensor, float]:
     """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split)."""
+    # The bare module, not the DDP wrapper: the wrapper's first forward after training broadcasts
+    # the BatchNorm buffers, a collective that a rank with no validation batch (fewer images than
+    # ranks) never joins, pairing the others' broadcast with its all_reduce below: a hang. Every
+    # rank broadcasts here instead, so all evaluate with rank 0's statistics, as its checkpoint holds.
+    model = getattr(model, "module", model)
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     model.eval()
     dtype = amp_dtype(cfg.train.precision, device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -138,6 +183,54 @@ def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.
     model.train()
     total = int(cm.sum())
     return cm, float(loss_sum) / max(1, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+def _to_cpu(value):
+    """`value` with every tensor in it copied to the CPU (dicts, lists and tuples walked through)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, **extra) -> dict:
+    """The checkpoint's plain dict, every tensor on the CPU.
+
+    CUDA tensors in it would make a plain `torch.load` fail on a machine without that GPU; the
+    loader moves them to its own device (`restore_state`, `inference.load_checkpoint`).
+    """
+    return _to_cpu({
+        "model": getattr(model, "module", model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "format": CHECKPOINT_FORMAT,  # checked on load (inference.read_checkpoint_state)
+        **extra,
+    })
+
+
+def restore_state(state: dict, model, optimizer, scheduler, scaler) -> None:
+    """Load a checkpoint into this run's objects, whose settings may differ from the saving run's."""
+    getattr(model, "module", model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    # Optimizer state keeps the memory layout it was saved with; fused AdamW on CUDA refuses state
+    # whose strides differ from its parameter's (a run resumed with train.channels_last flipped).
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    scheduler.load_state_dict(state["scheduler"])
+    # A disabled GradScaler (bf16, fp32) saves {}, which an enabled one refuses: a run resumed with
+    # train.precision=fp16 starts its loss scale afresh instead.
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +252,17 @@ def train_loop_per_worker(config: dict) -> None:
     manifest = read_manifest(dataset_dir)
     class_names = manifest["class_names"]
     counts = manifest["splits"]["train"]["class_counts"]
-    train_split = ResidentSplit(*load_packed(dataset_dir, "train"), device=device)
-    val_split = ResidentSplit(*load_packed(dataset_dir, "val"), device=device)
+    arrays = {name: load_packed(dataset_dir, name) for name in ("train", "val")}
+    on_device, placement = data_placement(sum(a.nbytes for pair in arrays.values() for a in pair), device,
+                                          cfg.data.resident_share)
+    if rank == 0:  # every rank decides for its own device; one line in the log is enough
+        print(f"Data: train + val {placement}.", flush=True)
+    train_split, val_split = (ResidentSplit(*arrays[name], device=device, on_device=on_device) for name in ("train", "val"))
+    del arrays
     per_worker_batch = cfg.optim.batch_size // world
     steps_per_epoch = train_split.steps_per_epoch(per_worker_batch, world)
 
-    ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True}
+    ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
     model, criterion, optimizer = build_components(
         cfg, counts, device,
         prepare=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs),
@@ -178,10 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        bare_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step.scaler.load_state_dict(state["scaler"])
+        restore_state(state, model, optimizer, scheduler, step.scaler)
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
         if rank == 0:
             print(f"Resuming from the checkpoint of epoch {state['epoch']}; continuing at epoch {start_epoch}.", flush=True)
@@ -189,29 +284,31 @@ def train_loop_per_worker(config: dict) -> None:
     writer = _TensorBoard(cfg) if rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 997 + rank)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+        generator = torch.Generator(device=device).manual_seed(worker_seed(cfg.train.seed, epoch, rank, 0))
+        torch.manual_seed(worker_seed(cfg.train.seed, epoch, rank, 1))  # dropout masks
+        sums = EpochSums(device)
         for i, (images, labels) in enumerate(train_split.train_batches(epoch, per_worker_batch, cfg.train.seed, rank, world)):
             loss, logits = step(images, labels, generator)
-            sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-                                 torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+            sums.add(loss, logits, labels)
             if rank == 0 and cfg.train.log_every and (i + 1) % cfg.train.log_every == 0:
-                rate = float(sums[2]) * world / (time.perf_counter() - started)
+                rate = sums.images * world / (time.perf_counter() - started)
                 print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {i + 1}/{steps_per_epoch} "
                       f"loss {float(loss):.3f} {rate:.0f} img/s", flush=True)
+        synchronize(device)  # nothing in the steps waits for the GPU: the time must
+        train_time = time.perf_counter() - started
         if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
             writer.histograms(bare_model, epoch)  # gradients of the epoch's last step are still in .grad
         if world > 1:
-            dist.all_reduce(sums)
-        train_time = time.perf_counter() - started
+            dist.all_reduce(sums.sums)
+        images_seen = sums.images * world  # every rank takes the same number of images
         cm, val_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
         if cfg.optim.schedule == "plateau":
             scheduler.step(val_loss)
         report = classification_report(cm, class_names)
         metrics = {
             "epoch": epoch,
-            "train_loss": float(sums[0] / sums[2]),
-            "train_acc": float(sums[1] / sums[2]),
+            "train_loss": float(sums.sums[0]) / images_seen,
+            "train_acc": float(sums.sums[1]) / images_seen,
             "val_loss": val_loss,
             "val_acc": report["accuracy"],
             "val_macro_precision": report["macro_precision"],
@@ -219,7 +316,7 @@ def train_loop_per_worker(config: dict) -> None:
             SCORE: report["macro_f1"],
             "val_weighted_f1": report["weighted_f1"],
             "lr": optimizer.param_groups[0]["lr"],
-            "train_img_per_s": float(sums[2]) / train_time,
+            "train_img_per_s": images_seen / train_time,
             "epoch_time_s": time.perf_counter() - started,
             "resumed": bool(checkpoint),
         }
@@ -230,31 +327,30 @@ def train_loop_per_worker(config: dict) -> None:
                   f"val loss {val_loss:.3f} acc {metrics['val_acc']:.3f} macro-F1 {metrics[SCORE]:.3f} | "
                   f"{metrics['train_img_per_s']:.0f} img/s", flush=True)
             writer.scalars(metrics, epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save({
-                    "model": bare_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": step.scaler.state_dict(),
-                    "epoch": epoch,
-                    "best_score": best_score,
-                    "history": history,
-                    "config": to_dict(cfg),
-                    "class_names": list(class_names),
-                    "format": CHECKPOINT_FORMAT,
-                }, Path(tmp) / CHECKPOINT_FILE)
-                (Path(tmp) / METRICS_FILE).write_text(json.dumps(
-                    {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        ckpt = None
+        if rank == 0:
+            folder = Path(tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-"))  # Ray deletes it once uploaded
+            torch.save(checkpoint_state(model, optimizer, scheduler, step.scaler, epoch=epoch, best_score=best_score,
+                                        history=history, config=to_dict(cfg), class_names=list(class_names)),
+                       folder / CHECKPOINT_FILE)
+            (folder / METRICS_FILE).write_text(json.dumps(
+                {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}))
+            ckpt = ray.train.Checkpoint.from_directory(str(folder))
+        # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
+        # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
+        # copy has finished, and the worker's end waits for every pending copy.
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
     if writer:
         writer.close()
 
 
 class _TensorBoard:
-    """Rank 0's TensorBoard writer: events go to a local folder, copied to the run's storage each epoch."""
+    """Rank 0's TensorBoard writer: events go to a local folder, copied to the run's storage now and then.
+
+    Each copy is a storage round trip the epoch waits for; `train.tensorboard_every` sets how often,
+    and `close` makes the last copy.
+    """
 
     def __init__(self, cfg: Config):
         from torch.utils.tensorboard import SummaryWriter
@@ -263,6 +359,7 @@ class _TensorBoard:
         self.remote = storage.join(cfg.run.storage, cfg.run.name, "tensorboard")
         self.endpoint = cfg.run.s3_endpoint
         self.writer = SummaryWriter(self.local)
+        self.every = cfg.train.tensorboard_every
 
     def scalars(self, metrics: dict, epoch: int) -> None:
         for key, value in metrics.items():
@@ -270,6 +367,10 @@ class _TensorBoard:
                 group = "train" if key.startswith("train_") else "val" if key.startswith("val_") else "misc"
                 self.writer.add_scalar(f"{group}/{key.split('_', 1)[-1] if group != 'misc' else key}", value, epoch)
         self.writer.flush()
+        if (epoch + 1) % self.every == 0:
+            self.copy()
+
+    def copy(self) -> None:
         try:
             storage.upload_dir(self.local, self.remote, self.endpoint)
         except OSError as exc:  # TensorBoard is a convenience: never fail training over it
@@ -283,6 +384,7 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+        self.copy()
         shutil.rmtree(self.local, ignore_errors=True)  # everything in it was copied to storage
 
 

@@ -79,6 +79,13 @@ def test_gpu_skips_cleanly_without_cuda(tmp_path):
     assert "CUDA is not available" in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device check runs instead of skipping")
+def test_device_check_says_skipped_in_one_line_without_cuda():
+    done = subprocess.run(["make", "-s", "device-check"], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("skipped device check: CUDA is not available") and done.stdout.count("\n") == 1, done.stdout
+
+
 @pytest.mark.slow
 def test_gpu_code_path_runs_on_the_cpu_from_an_archive(image_tree, tmp_path):
     # The GPU benchmark's whole path (resident split, step, bare step, epoch with evaluation) on

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from simpsons.augment import MEAN, STD, eval_transform, train_transform
-from simpsons.data import CLASS_NAMES, DataError, ResidentSplit, find_splits, load_packed, pack_split, read_manifest, scan_split
+from simpsons.data import (CLASS_NAMES, DataError, ResidentSplit, data_placement, find_splits, load_packed, pack_split,
+                           read_manifest, scan_split)
 from simpsons.prepare import pack_tree
 from synthetic import make_image_tree
 
@@ -79,6 +80,31 @@ def test_eval_batches_cover_every_image_once():
     split = ResidentSplit(np.zeros((11, 4, 4, 3), np.uint8), np.arange(11))
     seen = sorted(int(i) for r in range(3) for _, y in split.eval_batches(4, r, 3) for i in y)
     assert seen == list(range(11))
+
+
+def test_host_memory_path_gives_exactly_the_resident_batches():
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8), rng.integers(0, 42, 37)
+    resident, host = ResidentSplit(images, labels), ResidentSplit(images, labels, on_device=False)
+    assert not host.on_device and host.images.device.type == "cpu"  # gathered per batch, then copied
+    for rank in range(2):
+        pairs = [*zip(resident.train_batches(3, 5, 7, rank, 2), host.train_batches(3, 5, 7, rank, 2)),
+                 *zip(resident.eval_batches(6, rank, 2), host.eval_batches(6, rank, 2))]
+        assert len(pairs) == 4 + (4 if rank == 0 else 3)  # 18 train images per rank; 19 and 18 to evaluate
+        for (x, y), (hx, hy) in pairs:
+            assert torch.equal(x, hx) and torch.equal(y, hy) and hx.dtype == torch.uint8
+
+
+def test_placement_keeps_data_on_the_gpu_only_within_its_share(monkeypatch):
+    # No GPU here: torch.cuda.mem_get_info is patched to a 24 GiB GPU with 10 GiB free.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 24 * 2**30))
+    sample = 845 * 2**20  # today's train + val at 144 px
+    on_gpu, reason = data_placement(sample, "cuda:0", 0.5)
+    assert on_gpu and reason == "resident on cuda:0 (845 MiB, within 50% of the 10.0 GiB free on cuda:0)"
+    on_gpu, reason = data_placement(25 * sample, "cuda:0", 0.5)
+    assert not on_gpu and reason.startswith("in pinned host memory, copied per batch (21125 MiB is more than 50%")
+    assert not data_placement(sample, "cuda:0", 0.0)[0]  # share 0 forces the host path
+    assert data_placement(sample, "cpu", 0.5) == (True, "in host memory (845 MiB): training on the CPU")
 
 
 def test_augmentation_shapes_ranges_and_determinism():

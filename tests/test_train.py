@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +12,17 @@ import torch
 
 from simpsons.config import load_config
 from simpsons.export import OUTPUT_FILES
-from synthetic import CLASSES
+from synthetic import CLASSES, make_image_tree
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cfg(storage, epochs, name="run"):
+def _cfg(storage, epochs, name="run", *overrides):
     return load_config(None, [
         f"optim.epochs={epochs}", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32",
         "optim.warmup_epochs=0.5", "train.workers=2", "train.cpus_per_worker=1", "train.use_gpu=false",
-        "train.histogram_every=1", f"run.storage={storage}", f"run.name={name}",
+        "train.histogram_every=1", f"run.storage={storage}", f"run.name={name}", *overrides,
     ])
 
 
@@ -65,6 +66,41 @@ def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_
     assert report["accuracy"] >= 0.7
 
 
+def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset):
+    # The run so far: precision auto (bf16 on the CPU: a disabled GradScaler saved as {}) and
+    # channels_last (optimizer state in that layout). Resumed with fp16 + GradScaler (CPU autocast)
+    # and the NCHW layout, it must load both and train on.
+    from simpsons.train import fit
+
+    run_dir, _ = trained_run
+    done = _latest_checkpoint(run_dir)["epoch"]  # 2, or 3 after the test above
+    cfg = _cfg(run_dir.parent, done + 2, "run", "train.precision=fp16", "train.channels_last=false")
+    report = fit(cfg, str(packed_dataset))
+    history = json.loads((run_dir / "best" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(done + 2)) and history[-1]["resumed"]
+    assert all(math.isfinite(h["train_loss"]) for h in history) and report["accuracy"] >= 0.7
+    state = _latest_checkpoint(run_dir)
+    assert state["epoch"] == done + 1 and state["config"]["train"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
+
+
+def _latest_checkpoint(run_dir: Path) -> dict:
+    states = [torch.load(p / "checkpoint.pt", weights_only=True) for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    return max(states, key=lambda state: state["epoch"])
+
+
+@pytest.mark.timeout(300)  # the bug this pins was a hang: fail in bounded time instead
+def test_two_workers_finish_with_a_one_image_validation_split(ray_cluster, tmp_path):
+    # Fewer validation images than workers: rank 1 evaluates no batch at all.
+    from simpsons.prepare import pack_tree
+    from simpsons.train import fit
+
+    root = make_image_tree(tmp_path / "images", per_split={"train": 8}, size=40)
+    make_image_tree(root, classes=CLASSES[:1], per_split={"val": 1}, size=40)
+    pack_tree(root, tmp_path / "packed", stored_size=40, workers=1)
+    report = fit(_cfg(tmp_path / "runs", 1, "tiny", "train.histogram_every=0"), str(tmp_path / "packed"))
+    assert report["images"] == 1 and len(report["history"]) == 1
+
+
 def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tmp_path):
     run_dir, _ = trained_run
     best = run_dir / "best"
@@ -90,3 +126,12 @@ def test_bad_checkpoint_path_is_one_clear_sentence(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: No checkpoint at {tmp_path}/checkpoint.pt; pass a run's best/ folder or its checkpoint.pt."]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_one_clear_sentence(tmp_path):
+    done = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "--device", "cuda", "x.jpg"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."]

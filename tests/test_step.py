@@ -1,0 +1,200 @@
+"""The training step and the worker's building blocks, in plain PyTorch on the CPU (no Ray).
+
+What only a GPU can show (real syncs, fused AdamW on CUDA, bf16 support of a real device) is in
+test_gpu.py; here each finding is pinned wherever its behaviour exists on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from simpsons.config import Config, load_config
+from simpsons.data import CLASS_NAMES, ResidentSplit
+from simpsons.model import create_model
+from simpsons.train import (EpochSums, TrainStep, _TensorBoard, amp_dtype, build_components, checkpoint_state,
+                            create_scheduler, restore_state, worker_seed)
+
+CPU = torch.device("cpu")
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config(None, ["data.stored_size=40", "data.train_size=32", "optim.batch_size=8", *overrides])
+
+
+def _split(n: int = 32, size: int = 40, **kwargs) -> ResidentSplit:
+    rng = np.random.default_rng(0)
+    return ResidentSplit(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n), **kwargs)
+
+
+def _step(cfg: Config, split: ResidentSplit) -> TrainStep:
+    counts = np.bincount(split.labels.numpy(), minlength=len(CLASS_NAMES)).tolist()
+    model, criterion, optimizer = build_components(cfg, counts, CPU)
+    return TrainStep(model, criterion, optimizer, create_scheduler(optimizer, cfg, split.steps_per_epoch(8)), cfg, CPU)
+
+
+def test_auto_precision_takes_fp16_on_gpus_without_native_bf16(monkeypatch):
+    # No GPU here: the device's compute capability is what amp_dtype asks, so it is patched.
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4 (V100: 7.0)
+    # torch.cuda.is_bf16_supported() says True on a T4 (emulation); amp_dtype must not ask it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100, A10G: (8, 6)
+    assert amp_dtype("auto", cuda) == torch.bfloat16
+    assert amp_dtype("auto", CPU) == torch.bfloat16
+    assert amp_dtype("fp16", CPU) == torch.float16 and amp_dtype("fp32", cuda) is None
+
+
+class HostTensorRecorder(TorchDispatchMode):
+    """Records every op that makes a tensor out of host data or moves one between devices.
+
+    `torch.tensor(...)` inside a mode dispatches `lift_fresh` for the tensor it built from Python
+    data; on a GPU that tensor is a blocking host->device copy. A device change is `_to_copy` or
+    `copy_` with the input on another device than the output.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in ("lift_fresh", "lift_fresh_copy"):
+            self.found.append(f"{func}: a tensor built from host data {tuple(args[0].shape)}")
+        elif name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor):
+            src = args[1] if name == "copy_" else args[0]
+            if src.device != out.device:
+                self.found.append(f"{func}: {src.device} -> {out.device}")
+        return out
+
+
+def test_recorder_sees_the_copies_the_step_used_to_make():
+    # The recorder itself must catch what the old code did: normalize's torch.tensor(MEAN, device=...)
+    # and the loop's torch.tensor(float(len(labels)), device=...).
+    with HostTensorRecorder() as recorder:
+        torch.tensor((0.485, 0.456, 0.406), device=CPU)
+        torch.tensor(float(16), dtype=torch.float64, device=CPU)
+    assert len(recorder.found) == 2
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_training_step_makes_no_tensor_from_host_data(on_device):
+    cfg = _cfg()
+    split = _split(on_device=on_device)
+    step = _step(cfg, split)
+    generator = torch.Generator().manual_seed(0)
+    batches = split.train_batches(0, 8, seed=0)
+    step(*next(batches), generator)  # the first step fills the per-device caches (normalize's constants)
+    sums = EpochSums(CPU)
+    with HostTensorRecorder() as recorder:
+        for images, labels in batches:  # the batch gather, the step and the epoch's sums, as the loop runs them
+            loss, logits = step(images, labels, generator)
+            sums.add(loss, logits, labels)
+    assert recorder.found == []
+    assert sums.images == 24 and torch.isfinite(sums.sums).all()
+
+
+def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
+    cfg = _cfg()
+
+    def masks(rank: int, epoch: int = 0) -> torch.Tensor:
+        model = create_model(len(CLASS_NAMES), cfg.model.head, cfg.model.dropout).train()
+        torch.manual_seed(worker_seed(cfg.train.seed, epoch, rank, 1))  # what the worker loop does per epoch
+        dropout = next(m for m in model.fc if isinstance(m, torch.nn.Dropout))
+        return dropout(torch.ones(64, 512)) == 0
+
+    rank0, rank1 = masks(0), masks(1)
+    assert rank0.float().mean().item() == pytest.approx(cfg.model.dropout, abs=0.05)
+    assert torch.equal(rank0, masks(0))  # seeded: a restarted worker draws the same
+    assert not torch.equal(rank0, rank1) and not torch.equal(rank0, masks(0, epoch=1))
+    # The augmentation stream (0) and the dropout stream (1) never share a seed.
+    seeds = {worker_seed(0, e, r, s) for e in range(3) for r in range(8) for s in range(2)}
+    assert len(seeds) == 3 * 8 * 2
+
+
+def test_resume_with_fp16_and_flipped_channels_last():
+    split = _split()
+    saved_cfg = _cfg("train.precision=bf16", "train.channels_last=true")
+    saved = _step(saved_cfg, split)
+    generator = torch.Generator().manual_seed(0)
+    for images, labels in split.train_batches(0, 8, seed=0):
+        saved(images, labels, generator)
+    buffer = io.BytesIO()
+    torch.save(checkpoint_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert state["scaler"] == {}  # a disabled scaler saves nothing ...
+    with pytest.raises(RuntimeError, match="empty"):
+        torch.amp.GradScaler("cpu").load_state_dict(state["scaler"])  # ... which an enabled one refuses
+
+    resumed = _step(_cfg("train.precision=fp16", "train.channels_last=false"), split)
+    assert resumed.scaler.is_enabled()
+    restore_state(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
+    conv = resumed.model.conv1[0].weight
+    assert state["optimizer"]["state"][0]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for param, param_state in resumed.optimizer.state.items():  # the layout of this run's parameters
+        assert param_state["exp_avg"].stride() == param_state["exp_avg_sq"].stride() == param.stride()
+    assert conv.is_contiguous() and torch.equal(conv, saved.model.conv1[0].weight.contiguous())
+    losses = [float(resumed(images, labels, generator)[0]) for images, labels in split.train_batches(1, 8, seed=0)]
+    assert all(np.isfinite(losses)) and resumed.scaler.get_scale() > 0
+
+
+def test_checkpoint_state_is_plain_cpu_tensors():
+    step = _step(_cfg(), _split())
+    step(*next(_split().train_batches(0, 8, 0)), torch.Generator().manual_seed(0))
+    state = checkpoint_state(step.model, step.optimizer, step.scheduler, step.scaler, epoch=3)
+    tensors = [v for v in _walk(state) if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert state["epoch"] == 3 and not any(k.startswith("module.") for k in state["model"])
+
+
+def _walk(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item)
+    else:
+        yield value
+
+
+def _bucket_mib(first_mb: float, cap_mb: float) -> list[float]:
+    """The gradient buckets (MiB, in the order backward fills them) that DDP's own function makes."""
+    params = list(reversed(list(create_model(len(CLASS_NAMES)).parameters())))  # backward runs last layer first
+    buckets, _ = dist._compute_bucket_assignment_by_size(params, [int(first_mb * 2**20), int(cap_mb * 2**20)])
+    return [sum(params[i].numel() * 4 for i in bucket) / 2**20 for bucket in buckets]
+
+
+def test_ddp_bucket_default_leaves_little_all_reduce_after_backward():
+    default = _bucket_mib(1, 25)  # DDP's own default: a 1 MiB first bucket, then 25 MiB
+    assert len(default) == 2 and default[-1] / sum(default) > 0.7  # the issue's finding
+    ours = _bucket_mib(Config().train.ddp_bucket_mb, Config().train.ddp_bucket_mb)
+    assert sum(ours) == pytest.approx(11.19, abs=0.01)
+    assert len(ours) <= 4 and ours[-1] / sum(ours) <= 0.1
+
+
+def test_tensorboard_copies_every_n_epochs_and_at_the_end(tmp_path):
+    cfg = load_config(None, [f"run.storage={tmp_path}", "run.name=tb", "train.tensorboard_every=2"])
+    writer = _TensorBoard(cfg)
+    remote = tmp_path / "tb" / "tensorboard"
+
+    def copied() -> int:
+        return sum(p.stat().st_size for p in remote.glob("events.out.tfevents.*"))
+
+    writer.scalars({"train_loss": 1.0}, 0)
+    assert copied() == 0  # nothing copied after the first epoch
+    writer.scalars({"train_loss": 0.9}, 1)
+    after_two = copied()
+    assert after_two > 0
+    writer.scalars({"train_loss": 0.8}, 2)
+    assert copied() == after_two
+    writer.close()
+    assert copied() > after_two  # the last epoch's events arrive at the end

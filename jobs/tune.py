@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import load_job_config, resolve_dataset, run_job  # noqa: E402
+from simpsons.cli import check_inputs, load_job_config, resolve_dataset, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,14 +34,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from simpsons.storage import check_writable
-    from simpsons.tune import init_ray, load_sweep_config, resolve_sweep_resources, run_sweep, section_overrides
+    from simpsons.train import init_ray
+    from simpsons.tune import load_sweep_config, resolve_sweep_resources, run_sweep, section_overrides
 
     overrides = args.set + (["tune.num_samples=2", "tune.grace_period=1"] if args.smoke_test else [])
     training, overrides, sweep = load_sweep_config(args.config, overrides)
     # The file's training sections go first, then --set and the flags: one loader checks them all.
     cfg = load_job_config(argparse.Namespace(**{**vars(args), "config": None, "set": section_overrides(training) + overrides}))
-    check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # before the data is prepared and Ray starts
+    check_inputs(cfg)
     init_ray()
     cfg, _ = resolve_sweep_resources(cfg, sweep)  # a sweep the cluster cannot hold fails before data is prepared
     run_sweep(cfg, sweep, resolve_dataset(cfg), resume=args.resume)

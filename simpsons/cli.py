@@ -35,6 +35,17 @@ def resolve_dataset(cfg: Config) -> str:
     return str(cached_pack(tree, d.cache_dir, d.stored_size, d.pack_workers, d.classes, d.max_image_bytes))
 
 
+def check_inputs(cfg: Config) -> None:
+    """What a job can refuse in seconds, before Ray starts and data is prepared: the run's storage
+    (reachable, bucket exists, writable) and a raw data source that cannot exist."""
+    from simpsons.sources import check_source
+    from simpsons.storage import check_writable
+
+    check_writable(cfg.run.storage, cfg.run.s3_endpoint)
+    if not cfg.data.uri:
+        check_source(cfg.data.source)
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user: printed as one sentence, no traceback."""
     from simpsons.data import DataError

@@ -52,31 +52,49 @@ def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons"
 
     Archive members over `max_image_bytes` are not unpacked (see archive.safe_extract).
     """
-    source = str(source).strip()
+    source, sha256 = check_source(source, sha256)
     cache = Path(cache_dir).expanduser()
-    if not source:
-        raise SourceError("No data source given; pass a folder, an archive, an http(s) URL or a Google Drive link (--source / data.source).")
-    source, sha256 = _split_sha256(source, sha256)
     try:
         if match := _DRIVE_FOLDER.search(source):
             return _local(_drive_folder(match.group(1), cache), cache, max_image_bytes)
         if match := _DRIVE_FILE.search(source):
             return _local(_drive_file(match.group(1) or match.group(2), cache, sha256), cache, max_image_bytes)
-        scheme = urlparse(source).scheme
-        if scheme in ("http", "https"):
+        if urlparse(source).scheme in ("http", "https"):
             return _local(_http_file(source, cache, sha256), cache, max_image_bytes)
-        if scheme == "file":
-            source = unquote(urlparse(source).path)
-        elif scheme and len(scheme) > 1:
-            raise SourceError(f"Data source {source!r} has an unsupported scheme '{scheme}'; pass a folder, an archive, an http(s) URL or a Google Drive link.")
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise SourceError(f"Data source {path} does not exist; pass an existing folder or archive, an http(s) URL or a Google Drive link.")
+        path = _local_path(source)
         if sha256 and path.is_file() and _sha256(path) != sha256:
             raise SourceError(f"Data source {path} does not have the expected sha256 {sha256}; the file is corrupt or a different version.")
         return _local(path, cache, max_image_bytes)
     except ArchiveError as exc:
         raise SourceError(str(exc)) from None
+
+
+def check_source(source: str | Path, sha256: str = "") -> tuple[str, str]:
+    """What can be said of a source without fetching it (empty, bad scheme or checksum, a local
+    path that does not exist); jobs call it before Ray starts. Returns (source, expected sha256)."""
+    source = str(source).strip()
+    if not source:
+        raise SourceError("No data source given; pass a folder, an archive, an http(s) URL or a Google Drive link (--source / data.source).")
+    source, sha256 = _split_sha256(source, sha256)
+    if not _is_remote(source):
+        path = _local_path(source)
+        if not path.exists():
+            raise SourceError(f"Data source {path} does not exist; pass an existing folder or archive, an http(s) URL or a Google Drive link.")
+    return source, sha256
+
+
+def _is_remote(source: str) -> bool:
+    """Drive links (with or without https://) and http(s) URLs."""
+    return bool(_DRIVE_FOLDER.search(source) or _DRIVE_FILE.search(source)) or urlparse(source).scheme in ("http", "https")
+
+
+def _local_path(source: str) -> Path:
+    scheme = urlparse(source).scheme
+    if scheme == "file":
+        source = unquote(urlparse(source).path)
+    elif scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise SourceError(f"Data source {source!r} has an unsupported scheme '{scheme}'; pass a folder, an archive, an http(s) URL or a Google Drive link.")
+    return Path(source).expanduser()
 
 
 def _split_sha256(source: str, sha256: str) -> tuple[str, str]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -551,6 +553,44 @@ def absolute_dataset_uri(uri: str) -> str:
     return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
 
 
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), or start a local one.
+
+    A RAY_ADDRESS whose GCS does not answer is refused at once: `ray.init` would wait on it for
+    minutes. When ASHA stops a trial, Ray Train's placement-group cleaner frees the trial's workers;
+    it finds the cluster through the dashboard and, if it has to guess while other Ray instances
+    run on the same machine, gives up, so the stopped trial's CPUs are never freed and the next
+    trial waits for ever. A local cluster therefore gets a known dashboard port whose address every
+    Ray process inherits (the raylet copies this process's environment).
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_reachable(address)
+        ray.init()
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", dashboard_port=port)
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """One sentence instead of ray.init's minutes-long wait when RAY_ADDRESS names a dead GCS."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" and the like: Ray's own lookup
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"No Ray cluster answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start it "
+            f"(ray start --head) or unset RAY_ADDRESS to run on a local Ray instance."
+        ) from None
+
+
 def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
     """The driver's checks before anything travels to a worker: paths made absolute, local folders
     refused on a multi-node cluster, resources resolved and the placement shown to be possible.
@@ -558,8 +598,7 @@ def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
     `dataset_uri` defaults to data.uri (empty: prepared from data.source into the local cache).
     Joins the Ray cluster (or starts a local one) if this process has not yet.
     """
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     cfg = resolve_paths(cfg)
     capacity = cluster_capacity()
     check_storage_reach(cfg, cfg.data.uri if dataset_uri is None else dataset_uri, capacity)

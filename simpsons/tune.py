@@ -24,7 +24,6 @@ import io
 import json
 import os
 import posixpath
-import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage
 from simpsons.config import Config, ConfigError, _set, from_dict, read_config_file, to_dict
-from simpsons.train import METRICS_FILE, SCORE, absolute_dataset_uri, build_trainer, prepare_run
+from simpsons.train import METRICS_FILE, SCORE, absolute_dataset_uri, build_trainer, init_ray, prepare_run
 
 # The custom resource that marks nodes safe for trial drivers (cluster.yaml's head advertises it).
 TRIAL_DRIVER = "trial_driver"
@@ -356,27 +355,6 @@ def create_scheduler(cfg: Config, sweep: SweepConfig):
 
     return ASHAScheduler(time_attr=EPOCHS, max_t=cfg.optim.epochs, grace_period=sweep.grace_period,
                          reduction_factor=sweep.reduction_factor)
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), or start a local one.
-
-    When ASHA stops a trial, Ray Train's placement-group cleaner frees the trial's workers; it
-    finds the cluster through the dashboard and, if it has to guess while other Ray instances
-    run on the same machine, gives up, so the stopped trial's CPUs are never freed and the
-    next trial waits for ever. A local cluster therefore gets a known dashboard port whose
-    address every Ray process inherits (the raylet copies this process's environment).
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", dashboard_port=port)
 
 
 def run_sweep(cfg: Config, sweep: SweepConfig, dataset_uri: str, resume: bool = False) -> list[dict]:

@@ -39,7 +39,12 @@ def inputs(s3_server, tmp_path_factory) -> dict:
 
 
 # (job, arguments, the expected message after "error: "): {src}, {root}, {bucket}, {closed} are filled in.
+_DEAD_RAY = ("No Ray cluster answers at RAY_ADDRESS=127.0.0.1:1 (Connection refused); start it (ray start --head) "
+             "or unset RAY_ADDRESS to run on a local Ray instance.")
 CASES = {
+    # Every input is good; the RAY_ADDRESS every case runs with names no cluster (ray.init waited minutes on it).
+    "no Ray cluster at RAY_ADDRESS": ("train", [], _DEAD_RAY),
+    "no Ray cluster at RAY_ADDRESS for a sweep": ("tune", [], _DEAD_RAY),
     "negative epochs": ("train", ["--set", "optim.epochs=-1"],
                         "optim.epochs must be at least 1, not -1; set it with --set optim.epochs=<value>."),
     "zero epochs": ("train", ["--set", "optim.epochs=0"],
@@ -110,7 +115,7 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_is_written(case, inputs, s
     fill = {"root": inputs["root"], "bucket": inputs["bucket"], "endpoint": s3_server, "closed": f"http://127.0.0.1:{free_port()}"}
     args = [a.format(**fill) for a in args]
     expected = expected.format(**fill)
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a job that tried to start or join Ray would fail loudly
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a job that tried to start or join Ray says so (first cases)
     done = subprocess.run(_command(job, args, inputs), cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]

@@ -94,7 +94,7 @@ def _keys(bucket: str, prefix: str) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)  # a hang guard: ~130-220 s on a busy 2-core machine
 def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3_server, packed_dataset):
     import torch
 
@@ -104,7 +104,9 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     cfg = load_config(None, BASE + [f"run.storage=s3://{bucket}/simpsons"])
     # Grid order is trial order. Two sane learning rates run first (2 at a time); the hopeless
     # one (AdamW at lr 5) only starts when one of them has finished, so it always meets a better
-    # score at ASHA's rung (epoch 1) and is stopped there.
+    # score at ASHA's rung (epoch 1) and is stopped there. With reduction factor 2 the cutoff at a
+    # rung is the median of the scores already there, so the sane trial that reaches epoch 1
+    # second is also stopped when it scores below the first: which one depends on timing.
     sweep = SweepConfig(
         name="asha", num_samples=1, max_concurrent_trials=2, grace_period=1, reduction_factor=2,
         space={"optim.lr": {"grid": [1e-3, 3e-3, 5.0]}, "loss.gamma": {"uniform": [0.5, 2.0]},
@@ -115,7 +117,9 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     by_lr = {row["optim.lr"]: row for row in rows}
     assert sorted(by_lr) == [1e-3, 3e-3, 5.0]
     assert by_lr[5.0]["status"] == "stopped early" and by_lr[5.0]["epochs_run"] == 1
-    assert all(by_lr[lr]["status"] == "completed" and by_lr[lr]["epochs_run"] == EPOCHS for lr in (1e-3, 3e-3))
+    sane = [by_lr[lr] for lr in (1e-3, 3e-3)]
+    assert any(row["status"] == "completed" and row["epochs_run"] == EPOCHS for row in sane)
+    assert all(row["status"] == "completed" or (row["status"] == "stopped early" and row["epochs_run"] == 1) for row in sane)
 
     prefix = "simpsons/asha/"
     keys = _keys(bucket, prefix)
@@ -127,6 +131,7 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     assert len(table) == 3
     best_row = max(table, key=lambda r: float(r["best_val_macro_f1"]))
     assert best_row is table[0]
+    assert float(best_row["optim.lr"]) != 5.0
     metrics = json.loads(_read(bucket, f"{prefix}best/metrics.json"))
     assert metrics["macro_f1"] == pytest.approx(float(best_row["best_val_macro_f1"]), abs=1e-12)
     assert metrics["epoch"] + 1 == int(best_row["best_epoch"])
@@ -169,7 +174,7 @@ class _Driver:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)  # a hang guard
 def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_server, packed_dataset, tmp_path):
     from ray import tune
 

@@ -123,6 +123,10 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     # Write weight and gradient histograms to TensorBoard every N epochs (0 = never).
     histogram_every: int = 5
+    # Ray resources each worker asks for besides CPU and GPU, e.g. {"A10G": 1} where node types
+    # advertise such a custom resource: workers then land only on those nodes, and the driver
+    # checks the cluster can hold them like CPUs and GPUs.
+    resources_per_worker: Any = field(default_factory=dict)
     # Restarts of the worker group after a worker failure before the run fails.
     max_failures: int = 3
     # Log progress every N training steps on rank 0.
@@ -170,6 +174,14 @@ class Config:
         weights = alpha if isinstance(alpha, list) else [alpha] if isinstance(alpha, (int, float)) else []
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights):
             raise ConfigError(f"loss.alpha weights must be numbers of 0 or more, not {alpha!r}.")
+        extra = self.train.resources_per_worker
+        if not (isinstance(extra, dict) and all(
+                isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float))
+                and not isinstance(v, bool) and v > 0 for k, v in extra.items())):
+            raise ConfigError(
+                f"train.resources_per_worker must map custom Ray resource names to positive amounts, "
+                f"e.g. {{A10G: 1}} (CPU and GPU have their own keys), not {extra!r}."
+            )
         if self.train.use_gpu not in (True, False, "auto"):
             raise ConfigError(f"train.use_gpu must be true, false or 'auto', not {self.train.use_gpu!r}.")
         _check_bounds(self)

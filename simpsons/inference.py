@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -61,9 +62,11 @@ def read_checkpoint_state(path: Path, device: str | torch.device = "cpu") -> dic
     """The state dict saved by training, or a DataError in one sentence for any other file."""
     fix = "pass a run's best/ folder or the checkpoint.pt in it"
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign bytes
-        raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it: {type(exc).__name__}); {fix}.") from None
+        with warnings.catch_warnings():  # foreign bytes also draw a pickle-protocol warning: one sentence is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign bytes
+        raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it); {fix}.") from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise DataError(f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}.")

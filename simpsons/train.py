@@ -524,7 +524,7 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
-    return resources
+    return {**resources, **cfg.train.resources_per_worker}
 
 
 def check_storage_reach(cfg: Config, dataset_uri: str, capacity: ClusterCapacity) -> None:

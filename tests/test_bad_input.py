@@ -8,6 +8,7 @@ server on loopback; the only thing wrong in each is the input named by the case.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import uuid
@@ -31,7 +32,7 @@ def inputs(s3_server, tmp_path_factory) -> dict:
     files = {"src": make_image_tree(root / "src", per_split={"train": 2, "val": 1}, size=24), "root": root}
     files["bucket"] = f"bad-input-{uuid.uuid4().hex[:10]}"
     boto3.client("s3").create_bucket(Bucket=files["bucket"])
-    (root / "random.pt").write_bytes(os.urandom(4096))
+    (root / "random.pt").write_bytes(random.Random(0).randbytes(4096))  # torch.load fails on these with varying error types
     torch.save(create_model(42).state_dict(), root / "state_dict.pt")  # weights alone: no config, no class list
     torch.save({"model": {}, "config": {}, "class_names": ["a", "b"], "format": 99}, root / "future.pt")
     (root / "a_file").write_text("not a folder")
@@ -57,6 +58,9 @@ CASES = {
                          "train.max_failures must be at least 0, not -1; set it with --set train.max_failures=<value>."),
     "zero image size limit": ("train", ["--set", "data.max_image_bytes=0"],
                               "data.max_image_bytes must be at least 1, not 0; set it with --set data.max_image_bytes=<value>."),
+    "worker resources not a mapping": ("train", ["--set", "train.resources_per_worker=[1]"],
+                                       "train.resources_per_worker must map custom Ray resource names to positive amounts, "
+                                       "e.g. {{A10G: 1}} (CPU and GPU have their own keys), not [1]."),
     "one class": ("train", ["--set", "data.classes=[bart_simpson]"],
                   "data.classes must be 'auto' or a list of at least 2 class names, not ['bart_simpson']."),
     "crop scale of one number": ("train", ["--set", "data.crop_scale=[0.5]"],
@@ -86,7 +90,7 @@ CASES = {
                        "Data source {root}/nowhere does not exist; pass an existing folder or archive, an http(s) URL or a "
                        "Google Drive link."),
     "checkpoint of random bytes": ("evaluate", ["--checkpoint", "{root}/random.pt"],
-                                   "{root}/random.pt is not a checkpoint of this project (torch cannot read it: UnpicklingError); "
+                                   "{root}/random.pt is not a checkpoint of this project (torch cannot read it); "
                                    "pass a run's best/ folder or the checkpoint.pt in it."),
     "plain state dict": ("evaluate", ["--checkpoint", "{root}/state_dict.pt"],
                          "{root}/state_dict.pt is a PyTorch file but not a checkpoint of this project (it has no model, config, "

@@ -3,7 +3,8 @@
 Real processes on 127.0.0.1 only (tests/ray_head.py): a `ray start --head` that offers 0 CPUs
 and the `trial_driver` resource (as cluster.yaml's head type does) with token authentication,
 plus a second Ray node joined to it with its own temp dir, ports and processes, standing for a
-GPU worker machine (it offers CPUs only: this machine has no GPU). Data and runs live in S3 on the
+GPU worker machine: this machine has no GPU, so the node offers a custom resource, `simulated_gpu`,
+in its place, and runs that must land on "GPU" nodes ask for it (train.resources_per_worker). Data and runs live in S3 on the
 loopback moto server, as they must on a real multi-node cluster.
 
 - a run the cluster can never place (`--gpu`, more workers than CPUs, a sweep with `--gpu`)
@@ -38,16 +39,18 @@ DATA = f"s3://{BUCKET}/datasets/tiny/v1"
 RUNS = "runs"
 PYTHON, RAY = str(VENV_BIN / "python"), str(VENV_BIN / "ray")
 WORKER_CPUS = 4  # logical CPUs of the worker node (2 real cores here)
+WORKER_GPUS = {"simulated_gpu": 2}  # stands for the worker node's GPUs
+ON_GPUS = ["--set", "train.resources_per_worker={simulated_gpu: 1}"]  # one "GPU" per Train worker
 
 
 class Cluster:
     def __init__(self, head: RayHead):
         self.head = head
-        self.worker = head.add_node(num_cpus=WORKER_CPUS)
+        self.worker = head.add_node(num_cpus=WORKER_CPUS, resources=WORKER_GPUS)
 
     def replace_worker(self) -> None:
         """A fresh node in place of the lost one, as the autoscaler starts one for pending work."""
-        self.worker = self.head.add_node(num_cpus=WORKER_CPUS)
+        self.worker = self.head.add_node(num_cpus=WORKER_CPUS, resources=WORKER_GPUS)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,7 @@ def user_error(done) -> str:
 @pytest.mark.parametrize("job, flags, asked", [
     ("train", ["--gpu"], "asks for 2 Ray Train worker(s) with 1 CPU, 1 GPU each"),
     ("train", ["--workers", "9"], "asks for 9 Ray Train worker(s) with 1 CPU each"),
+    ("train", [*ON_GPUS, "--workers", "3"], "asks for 3 Ray Train worker(s) with 1 CPU, 1 simulated_gpu each"),
     ("tune", ["--gpu"], "asks for 1 Ray Train worker(s) with 1 CPU, 1 GPU each"),
 ])
 def test_a_run_the_cluster_cannot_place_exits_2_at_once(cluster, job, flags, asked):
@@ -97,6 +101,7 @@ def test_a_run_the_cluster_cannot_place_exits_2_at_once(cluster, job, flags, ask
     assert asked in error, error
     # What exists (both nodes, the worker's CPUs) and what to change.
     assert "2 node(s)" in error and f"CPU: {WORKER_CPUS}" in error and "no autoscaler" in error, error
+    assert "simulated_gpu: 2" in error, error
     assert "lower train.workers" in error, error
     if "--gpu" in flags:
         assert "can hold 0" in error and "set train.use_gpu=false" in error, error
@@ -126,7 +131,7 @@ def test_submitted_job_trains_on_the_worker_node_only(cluster):
     head, job_id = cluster.head, "topology-submit"
     submit = head.run([RAY, "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
                        "python", "jobs/train.py", "--config", "configs/smoke.yaml",
-                       *small_run("--set", "run.name=submitted")], env=head.job_client_env(), timeout=400)
+                       *small_run("--set", "run.name=submitted", *ON_GPUS)], env=head.job_client_env(), timeout=400)
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in out, out[-6000:]
     workers = head.actors("RayTrainWorker")
@@ -179,9 +184,11 @@ def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
 
 
 def test_lost_worker_node_is_replaced_and_the_run_resumes(cluster):
-    head, epochs, run_name = cluster.head, 5, "node-lost"
+    # 10 short epochs (~3 s each here): the driver sees a worker's epoch line seconds after it is
+    # printed on a busy machine, and the kill must land before the last checkpoint.
+    head, epochs, run_name = cluster.head, 10, "node-lost"
     driver = head.spawn([PYTHON, "jobs/train.py", "--config", "configs/smoke.yaml",
-                         *small_run("--set", f"optim.epochs={epochs}", "--set", f"run.name={run_name}")],
+                         *small_run("--set", f"optim.epochs={epochs}", "--set", f"run.name={run_name}", *ON_GPUS)],
                         head.driver_env())
     driver.wait_for_line(f"epoch 2/{epochs} train loss", timeout=300)
     lost = cluster.worker

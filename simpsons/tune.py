@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import posixpath
 import tempfile
 from dataclasses import asdict, dataclass, field

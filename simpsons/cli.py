@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import Callable, TextIO
 
 from simpsons.config import Config, ConfigError, load_config
 
@@ -55,8 +55,25 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, SourceError, StorageError)
 
 
-def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+def configure_logging(stream: TextIO | None = None) -> None:
+    """The library logs, jobs print: messages of `simpsons.*` loggers go to `stream` (default
+    stdout) as plain lines at INFO; other libraries' records keep the usual timestamped format.
+
+    Benchmarks pass sys.stderr so that their stdout holds only figures.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger("simpsons")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    configure_logging()
     args = parser.parse_args()
     try:
         main(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import boto3
 import torch
@@ -30,6 +31,31 @@ def reported_history(bucket: str, prefix: str, run_name: str) -> list[dict]:
     state = torch.load(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{latest}/checkpoint.pt")["Body"].read()),
                        weights_only=True)
     return state["history"]
+
+
+def wait_for_checkpoint(bucket: str, prefix: str, epoch: int, process, timeout: float = 300) -> None:
+    """Return once a checkpoint of `epoch` or later is in S3 under `prefix` (any run below it).
+
+    Fault tests kill something at this point: S3 is what a restart resumes from, and it is seen at
+    once, where a worker's log line reaches the driver seconds late on a busy machine (a run of
+    short epochs could finish before a kill timed by its output). With async uploads, waiting for
+    epoch 2 leaves epochs 0 and 1 registered with the run.
+    """
+    s3 = boto3.client("s3")
+    deadline = time.monotonic() + timeout
+    while True:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+        folders = [item["Key"] for page in pages for item in page.get("Contents", [])
+                   if "/checkpoint_" in item["Key"] and item["Key"].endswith("/metrics.json")]
+        for key in folders:
+            try:
+                if json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["epoch"] >= epoch:
+                    return
+            except s3.exceptions.NoSuchKey:  # pruned by checkpoints_to_keep since the listing
+                pass
+        assert process.popen.poll() is None, f"the run ended before epoch {epoch}'s checkpoint: {process.output[-4000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} under s3://{bucket}/{prefix}/ in {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 def assert_finished_after_resuming(bucket: str, prefix: str, run_name: str, output: str, epochs: int,

@@ -89,7 +89,8 @@ def write_sweep_report(rows: list[dict], sweep_uri: str, best_cfg: Config) -> No
     endpoint = best_cfg.run.s3_endpoint
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "trials.csv").write_text(text.getvalue())
-        plot_trials(rows, params, Path(tmp) / "trials.png", title=f"{posixpath.basename(sweep_uri)}: {len(rows)} trials")
+        title = f"{posixpath.basename(sweep_uri)}: {len(rows)} trials"
+        plot_trials(rows, params, Path(tmp) / "trials.png", title=title)
         storage.upload_dir(tmp, sweep_uri, endpoint)
     _logger.info("%s", format_table(rows, params))
 

@@ -153,11 +153,12 @@ def resolve_sweep_resources(cfg: Config, dataset_uri: str | None = None) -> tupl
     if TRIAL_DRIVER in driver:
         fits = min(fits, int(available.get(TRIAL_DRIVER, 0)))
     if fits < 1:
+        gpus = f" and {cfg.train.workers} GPUs" if cfg.train.use_gpu else ""
         raise ConfigError(
             f"One trial needs {per_trial:g} CPUs ({driver['CPU']:g} for its driver + {cfg.train.workers} workers x "
-            f"{cfg.train.cpus_per_worker:g}){f' and {cfg.train.workers} GPUs' if cfg.train.use_gpu else ''} but the cluster "
-            f"has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs; lower train.workers or "
-            f"train.cpus_per_worker, or set tune.max_concurrent_trials if the cluster autoscales."
+            f"{cfg.train.cpus_per_worker:g}){gpus} but the cluster has {available.get('CPU', 0):g} CPUs and "
+            f"{available.get('GPU', 0):g} GPUs; lower train.workers or train.cpus_per_worker, or set "
+            f"tune.max_concurrent_trials if the cluster autoscales."
         )
     return cfg, fits
 
@@ -225,14 +226,17 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
     exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
     if resume:
         if not exists:
-            raise ConfigError(f"There is no sweep to resume at {sweep_uri}; run the same command without --resume to start it.")
-        _logger.info("Resuming sweep %s at %s: finished trials are kept, unfinished ones continue.", sweep.name, sweep_uri)
+            raise ConfigError(
+                f"There is no sweep to resume at {sweep_uri}; run the same command without --resume to start it."
+            )
+        _logger.info("Resuming sweep %s at %s: finished trials are kept, unfinished ones continue.",
+                     sweep.name, sweep_uri)
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
     else:
         if exists:
-            raise ConfigError(f"A sweep named {sweep.name!r} already exists at {sweep_uri}; add --resume to continue it "
-                              f"or set tune.name to start another.")
+            raise ConfigError(f"A sweep named {sweep.name!r} already exists at {sweep_uri}; add --resume to "
+                              f"continue it or set tune.name to start another.")
         write_sweep_config(cfg, sweep_uri)
         _logger.info(
             "Sweep %s: %d trial(s), %d at a time, each %d %s worker(s) x %d epochs, scheduler %s, search %s -> %s",

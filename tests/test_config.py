@@ -66,6 +66,7 @@ def test_a_dotted_key_below_a_mapping_sets_one_entry_and_copies_leave_the_origin
     set_key(cfg, "train.resources_per_worker.A10G", None)  # null removes the entry
     assert cfg.train.resources_per_worker == {}
     changed = with_overrides(cfg, {"optim.lr": 0.5, "tune.num_samples": 2})
-    assert (changed.optim.lr, changed.tune.num_samples) == (0.5, 2) and cfg.optim.lr == 3e-3 and cfg.tune.num_samples == 8
+    assert (changed.optim.lr, changed.tune.num_samples) == (0.5, 2)
+    assert (cfg.optim.lr, cfg.tune.num_samples) == (3e-3, 8)
     with pytest.raises(ConfigError, match="Unknown config key 'loss.alpha.x': 'alpha' is a value, not a section"):
         load_config(None, ["loss.alpha.x=1"])

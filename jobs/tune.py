@@ -35,10 +35,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     from simpsons.config import load_sweep
-    from simpsons.tune import run_sweep
 
     smoke = ["tune.num_samples=2", "tune.grace_period=1"] if args.smoke_test else []
-    run_sweep(load_sweep(args.config, job_overrides(args) + smoke), resume=args.resume)
+    cfg = load_sweep(args.config, job_overrides(args) + smoke)  # a bad config is refused before Ray is imported
+    from simpsons.tune import run_sweep
+
+    run_sweep(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from simpsons.export import write_report
+    from simpsons.report import write_report
     from simpsons.inference import evaluate_folder
 
     report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split, device=args.device)

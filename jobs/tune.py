@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import check_inputs, load_job_config, resolve_dataset, run_job  # noqa: E402
+from simpsons.cli import job_overrides, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,17 +34,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from simpsons.train import init_ray
-    from simpsons.tune import load_sweep_config, resolve_sweep_resources, run_sweep, section_overrides
+    from simpsons.config import load_sweep
 
-    overrides = args.set + (["tune.num_samples=2", "tune.grace_period=1"] if args.smoke_test else [])
-    training, overrides, sweep = load_sweep_config(args.config, overrides)
-    # The file's training sections go first, then --set and the flags: one loader checks them all.
-    cfg = load_job_config(argparse.Namespace(**{**vars(args), "config": None, "set": section_overrides(training) + overrides}))
-    check_inputs(cfg)
-    init_ray()
-    cfg, _ = resolve_sweep_resources(cfg, sweep)  # a sweep the cluster cannot hold fails before data is prepared
-    run_sweep(cfg, sweep, resolve_dataset(cfg), resume=args.resume)
+    smoke = ["tune.num_samples=2", "tune.grace_period=1"] if args.smoke_test else []
+    cfg = load_sweep(args.config, job_overrides(args) + smoke)  # a bad config is refused before Ray is imported
+    from simpsons.tune import run_sweep
+
+    run_sweep(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":

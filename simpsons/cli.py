@@ -10,7 +10,8 @@ from typing import Callable, TextIO
 from simpsons.config import Config, ConfigError, load_config
 
 
-def load_job_config(args: argparse.Namespace) -> Config:
+def job_overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` items, then the shorthand flags as the overrides they stand for (they win)."""
     overrides = list(getattr(args, "set", None) or [])
     if getattr(args, "data", None):
         overrides.append(f"data.source={args.data}")
@@ -20,7 +21,11 @@ def load_job_config(args: argparse.Namespace) -> Config:
         overrides.append("train.use_gpu=true")
     if getattr(args, "smoke_test", False):
         overrides += ["optim.epochs=1", "data.train_size=64", "data.stored_size=72"]
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def load_job_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, job_overrides(args))
 
 
 def resolve_dataset(cfg: Config) -> str:
@@ -35,14 +40,15 @@ def resolve_dataset(cfg: Config) -> str:
     return str(cached_pack(tree, d.cache_dir, d.stored_size, d.pack_workers, d.classes, d.max_image_bytes))
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, dataset_uri: str | None = None) -> None:
     """What a job can refuse in seconds, before Ray starts and data is prepared: the run's storage
-    (reachable, bucket exists, writable) and a raw data source that cannot exist."""
+    (reachable, bucket exists, writable) and a raw data source that cannot exist (when neither
+    `dataset_uri` nor data.uri names a packed dataset)."""
     from simpsons.sources import check_source
     from simpsons.storage import check_writable
 
     check_writable(cfg.run.storage, cfg.run.s3_endpoint)
-    if not cfg.data.uri:
+    if not (dataset_uri or cfg.data.uri):
         check_source(cfg.data.source)
 
 

@@ -1,13 +1,16 @@
 """Typed configuration: dataclass defaults, overridden by YAML files and `--set key=value`.
 
+One tree: the training sections and the sweep's `tune:` section (read by jobs/tune.py only).
 Every field has a default and a comment (units, meaning). A YAML file or a `--set` may only
 override fields that exist, with a value of the field's type; anything else is an error that
-names the key. The resolved config travels as a plain dict (`to_dict`) into Ray workers, every
-checkpoint and every run folder, and comes back with `from_dict`.
+names the key; `set_key` and `merge` are the one way to set a dotted key. The resolved config
+travels as a plain dict (`to_dict`) into Ray workers, every checkpoint and every run folder, and
+comes back with `from_dict`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -154,6 +157,94 @@ class RunConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The `tune:` section: how a Ray Tune sweep samples, schedules and places its trials.
+
+    Only jobs/tune.py reads it; in a single run's config it is carried along unused.
+    """
+
+    # Sweep name: the folder under run.storage that holds every trial, best/ and trials.csv.
+    name: str = "sweep"
+    # Trials to sample from the space (with `grid` entries: samples per grid point).
+    num_samples: int = 8
+    # Trials running at once; 0 = as many as the cluster's CPUs (and GPUs) hold.
+    max_concurrent_trials: int = 0
+    # CPUs held by each trial's driver (the Tune function that runs the TorchTrainer), on top of
+    # its Train workers' train.workers * train.cpus_per_worker. Fractions allowed; must be > 0.
+    trial_cpus: float = 1.0
+    # "asha": stop trials whose val_macro_f1 falls behind at a rung; "fifo": run all to the end.
+    scheduler: str = "asha"
+    # ASHA: epochs every trial runs before it can be stopped (the first rung).
+    grace_period: int = 1
+    # ASHA: rungs at grace_period * rf^k epochs; at each, trials below the top 1/rf are stopped.
+    reduction_factor: float = 2.0
+    # "random" (Tune's random and grid search), "optuna" or "hyperopt" (need those packages).
+    search: str = "random"
+    # Seed of the search algorithm's sampling.
+    seed: int = 0
+    # Config key -> {uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]}
+    # (inclusive), {choice: [values]} or {grid: [values]} (every value, num_samples times each).
+    # `--set tune.space.optim.lr={...}` sets one entry, `--set tune.space.optim.lr=null` removes it.
+    space: Any = field(default_factory=lambda: {
+        "optim.lr": {"loguniform": [3e-4, 1e-2]},
+        "loss.gamma": {"uniform": [0.0, 3.0]},
+        "loss.alpha": {"choice": ["auto", 1.0]},
+    })
+
+    def validate(self) -> "SweepConfig":
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"tune.scheduler must be one of asha, fifo; got {self.scheduler!r}.")
+        if self.search not in ("random", "optuna", "hyperopt"):
+            raise ConfigError(f"tune.search must be one of random, optuna, hyperopt; got {self.search!r}.")
+        if self.num_samples < 1:
+            raise ConfigError(f"tune.num_samples must be at least 1, not {self.num_samples}.")
+        if self.max_concurrent_trials < 0:
+            raise ConfigError(
+                f"tune.max_concurrent_trials must be 0 (fit the cluster) or more, not {self.max_concurrent_trials}."
+            )
+        if not self.trial_cpus > 0:
+            raise ConfigError(
+                f"tune.trial_cpus must be more than 0 (Ray refuses a zero-CPU trial), not {self.trial_cpus}."
+            )
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError("tune.grace_period must be at least 1 and tune.reduction_factor more than 1.")
+        if not isinstance(self.space, dict) or not self.space:
+            raise ConfigError(
+                "tune.space must map config keys to ranges, e.g. {optim.lr: {loguniform: [1.0e-4, 1.0e-2]}}."
+            )
+        for key, spec in self.space.items():
+            space_entry(key, spec)
+        return self
+
+
+# The kinds of range a tune.space entry may take.
+SPACE_KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+def space_entry(key: str, spec: Any) -> tuple[str, list]:
+    """(kind, arguments) of the tune.space entry for config key `key`; numbers of a range as numbers."""
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+        raise ConfigError(
+            f"tune.space.{key} must be one of {{uniform: [low, high]}}, {{loguniform: [low, high]}}, "
+            f"{{randint: [low, high]}}, {{choice: [values]}} or {{grid: [values]}}, not {spec!r}."
+        )
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"tune.space.{key}: {kind} needs a list, e.g. {{{kind}: [1, 2]}}, not {args!r}.")
+    if kind in ("uniform", "loguniform", "randint"):
+        try:
+            # YAML reads 1e-4 (no dot) as text; accept it as the number it was meant to be.
+            low, high = (int(a) if kind == "randint" else float(a) for a in args)
+        except (TypeError, ValueError):
+            raise ConfigError(f"tune.space.{key}: {kind} needs two numbers [low, high], not {args!r}.") from None
+        if not low < high or (kind == "loguniform" and low <= 0):
+            positive = " and low > 0" if kind == "loguniform" else ""
+            raise ConfigError(f"tune.space.{key}: {kind} needs low < high{positive}, not {args!r}.")
+        args = [low, high]
+    return kind, args
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +252,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # The sweep settings (jobs/tune.py); a config file's `tune:` section.
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> "Config":
         _choice("model.head", self.model.head, ("original", "standard"))
@@ -200,6 +293,7 @@ class Config:
         numbers = len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
         if not (numbers and 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, not {self.data.crop_scale}.")
+        self.tune.validate()
         return self
 
 
@@ -274,7 +368,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(values: dict) -> Config:
     cfg = Config()
-    _merge(cfg, values, prefix="")
+    merge(cfg, values)
     return cfg.validate()
 
 
@@ -282,17 +376,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file (if any), then each `section.key=value` override in order."""
     cfg = Config()
     if path is not None:
-        _merge(cfg, read_config_file(path), prefix="")
+        merge(cfg, read_config_file(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"Override {item!r} must look like section.key=value, e.g. optim.lr=0.001.")
-        _set(cfg, key.strip(), yaml.safe_load(raw))
+        set_key(cfg, key.strip(), yaml.safe_load(raw))
     return cfg.validate()
 
 
+def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A sweep's config: `load_config`'s layers (the file's training sections and its `tune:`
+    section, then `--set`, `tune.*` keys included), then `check_sweep`."""
+    cfg = load_config(path, overrides)
+    check_sweep(cfg)
+    return cfg
+
+
+def check_sweep(cfg: Config) -> None:
+    """What only a sweep needs of a config, checked before any trial starts: every value of every
+    tune.space entry makes a valid config, and ASHA's first rung comes within optim.epochs."""
+    for key, spec in cfg.tune.space.items():
+        kind, args = space_entry(key, spec)
+        for value in args:
+            try:
+                with_overrides(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{key} ({kind} {args}): {exc}") from None
+    if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > cfg.optim.epochs:
+        raise ConfigError(
+            f"tune.grace_period ({cfg.tune.grace_period}) must not exceed optim.epochs ({cfg.optim.epochs})."
+        )
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A validated copy of cfg with dotted keys set, e.g. {"optim.lr": 1e-3}; cfg is left as it was."""
+    changed = copy.deepcopy(cfg)
+    for dotted, value in values.items():
+        set_key(changed, dotted, value)
+    return changed.validate()
+
+
 def read_config_file(path: str | Path) -> dict:
-    """The mapping of sections in a YAML config file (the sweep job reads its `tune:` section too)."""
+    """The mapping of sections in a YAML config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist; pass one of the files in configs/.")
@@ -335,13 +461,21 @@ def _is_relative_path(value: str) -> bool:
     return not (value.startswith("~") or Path(value).is_absolute())
 
 
-def _merge(obj: Any, values: dict, prefix: str) -> None:
+def merge(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set every key of `values` on `obj` (a Config or one of its sections) as `set_key` does;
+    a config file's mapping of sections goes in whole. `prefix` only names the full key in errors."""
     for key, value in values.items():
-        _set(obj, str(key), value, prefix)
+        set_key(obj, str(key), value, prefix)
 
 
-def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
-    """Set `dotted` (relative to `obj`); `prefix` is only for naming the full key in errors."""
+def set_key(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    """Set the dotted key (relative to `obj`, a Config or one of its sections), e.g. "optim.lr".
+
+    An unknown key or a value of the wrong type raises ConfigError naming the full key. A section
+    takes a mapping, merged into it. Below a mapping-valued field the rest of the key names one
+    entry, dots and all: "tune.space.optim.lr" sets the space's "optim.lr" entry, and None removes
+    it. Ranges and choices are checked by `Config.validate`, once every key is set.
+    """
     parts = dotted.split(".")
     full = f"{prefix}{dotted}"
     target = obj
@@ -355,11 +489,16 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
             if last:
                 if not isinstance(value, dict):
                     raise ConfigError(f"Config key '{full}' is a section; give it a mapping, not {value!r}.")
-                _merge(current, value, prefix=f"{full}.")
+                merge(current, value, prefix=f"{full}.")
                 return
             target = current
             continue
         if not last:
+            if isinstance(current, dict):
+                entry = ".".join(parts[depth + 1:])
+                kept = {k: v for k, v in current.items() if k != entry}
+                setattr(target, part, kept if value is None else {**kept, entry: value})
+                return
             raise ConfigError(f"Unknown config key '{full}': '{part}' is a value, not a section.")
         hint = typing.get_type_hints(type(target))[part]
         setattr(target, part, _coerce(full, value, hint))

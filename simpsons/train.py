@@ -640,7 +640,7 @@ def best_checkpoint(result) -> ray.train.Checkpoint:
 
 def fit(cfg: Config, dataset_uri: str) -> dict:
     """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
-    from simpsons.export import export_best, read_history
+    from simpsons.report import read_history, write_best
 
     storage.check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # said now, not by Ray's controller later
     dataset_uri = absolute_dataset_uri(dataset_uri)
@@ -657,4 +657,4 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     # nested as_directory() in one process shares its temp folder and deletes it on the inner exit.
     history = read_history(result.checkpoint)
     with best_checkpoint(result).as_directory() as ckpt_dir:
-        return export_best(ckpt_dir, dest, cfg, history=history)
+        return write_best(ckpt_dir, dest, cfg, history=history)

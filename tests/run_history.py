@@ -13,7 +13,7 @@ import time
 import boto3
 import torch
 
-from simpsons.export import OUTPUT_FILES
+from simpsons.report import OUTPUT_FILES
 
 
 def reported_history(bucket: str, prefix: str, run_name: str) -> list[dict]:

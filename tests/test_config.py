@@ -55,6 +55,18 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        if path.name.startswith("tune"):
-            continue  # sweep files carry a search space on top of a run config
-        load_config(path)
+        load_config(path)  # sweep files too: their tune: section is one more section of the tree
+
+
+def test_a_dotted_key_below_a_mapping_sets_one_entry_and_copies_leave_the_original():
+    from simpsons.config import set_key, with_overrides
+
+    cfg = load_config(None, ["train.resources_per_worker.A10G=1"])
+    assert cfg.train.resources_per_worker == {"A10G": 1}
+    set_key(cfg, "train.resources_per_worker.A10G", None)  # null removes the entry
+    assert cfg.train.resources_per_worker == {}
+    changed = with_overrides(cfg, {"optim.lr": 0.5, "tune.num_samples": 2})
+    assert (changed.optim.lr, changed.tune.num_samples) == (0.5, 2)
+    assert (cfg.optim.lr, cfg.tune.num_samples) == (3e-3, 8)
+    with pytest.raises(ConfigError, match="Unknown config key 'loss.alpha.x': 'alpha' is a value, not a section"):
+        load_config(None, ["loss.alpha.x=1"])

@@ -22,7 +22,7 @@ from moto.server import ThreadedMotoServer
 
 from conftest import free_port
 from ray_head import REPO, VENV_BIN, RayHead
-from simpsons.export import OUTPUT_FILES
+from simpsons.report import OUTPUT_FILES
 from synthetic import make_image_tree
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from ray_head import VENV_BIN, RayHead
-from simpsons.export import OUTPUT_FILES
+from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
 

@@ -31,9 +31,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from simpsons.cli import load_job_config
-from simpsons.config import load_config, read_config_file
+from simpsons.config import load_sweep, read_config_file
 from simpsons.storage import is_s3
-from simpsons.tune import load_sweep_config, section_overrides
 from ray_head import VENV_BIN, RayHead
 from test_cluster_config import SECRET, dockerfile_instructions, documented_image
 
@@ -526,9 +525,8 @@ def test_the_sweep_cluster_puts_trial_drivers_on_the_head_and_fits_its_submit_co
     # loads them), and what it asks for fits the cluster.
     script, args = job_command(sweep_command(DEPLOY / "raycluster-sweeps.yaml"))
     assert script == "jobs/tune.py"
-    training, overrides, sweep = load_sweep_config(ROOT / args.config, args.set)
-    cfg = load_config(None, section_overrides(training) + overrides)
+    cfg = load_sweep(ROOT / args.config, args.set)
     assert cfg.train.use_gpu is True and is_s3(cfg.run.storage) and is_s3(cfg.data.uri)
-    assert 1 <= sweep.max_concurrent_trials <= drivers["trial_driver"]
+    assert 1 <= cfg.tune.max_concurrent_trials <= drivers["trial_driver"]
     gpus, short = gpu_capacity(cluster_spec(cluster), cfg.train.cpus_per_worker)
-    assert short == [] and sweep.max_concurrent_trials * cfg.train.workers <= gpus
+    assert short == [] and cfg.tune.max_concurrent_trials * cfg.train.workers <= gpus

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from simpsons.config import load_config
-from simpsons.export import OUTPUT_FILES
+from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -39,16 +39,16 @@ def test_make_train_config_writes_tensorboard_and_best_under_the_working_folder(
 
 
 def test_smoke_sweep_keeps_every_trial_run_under_the_sweep_folder(ray_cluster, packed_dataset, tmp_path, monkeypatch):
-    from simpsons.tune import load_sweep_config, run_sweep, section_overrides
+    from simpsons.config import load_sweep
+    from simpsons.tune import run_sweep
 
     monkeypatch.chdir(tmp_path)
     # jobs/tune.py --smoke-test on configs/tune.yaml: two one-epoch trials, storage ./runs.
-    training, overrides, sweep = load_sweep_config(REPO / "configs" / "tune.yaml", [
+    cfg = load_sweep(REPO / "configs" / "tune.yaml", [
         "tune.num_samples=2", "tune.grace_period=1", "tune.max_concurrent_trials=1", "train.workers=1",
         f"data.uri={packed_dataset}", "optim.epochs=1", *SMALL])
-    cfg = load_config(None, section_overrides(training) + overrides)
-    assert cfg.run.storage == "./runs" and cfg.data.cache_dir == "./cache" and sweep.name == "focal-lr"
-    run_sweep(cfg, sweep, cfg.data.uri)
+    assert cfg.run.storage == "./runs" and cfg.data.cache_dir == "./cache" and cfg.tune.name == "focal-lr"
+    run_sweep(cfg)
 
     folder = tmp_path / "runs" / "focal-lr"
     with open(folder / "trials.csv") as f:

@@ -14,7 +14,7 @@ import pytest
 
 from simpsons.cli import resolve_dataset
 from simpsons.config import load_config
-from simpsons.export import OUTPUT_FILES
+from simpsons.report import OUTPUT_FILES
 from simpsons.prepare import prepare_dataset
 from synthetic import CLASSES, make_image_tree
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from simpsons.config import load_config
-from simpsons.export import OUTPUT_FILES
+from simpsons.report import OUTPUT_FILES
 from synthetic import CLASSES, make_image_tree
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simpsons.config import ConfigError, load_config
-from simpsons.tune import SweepConfig, check_space, create_searcher, load_sweep_config, section_overrides
+from simpsons.config import ConfigError, SweepConfig, load_sweep
+from simpsons.tune import create_searcher
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -38,24 +38,32 @@ BASE = [
 
 
 def test_sweep_file_loads_and_bad_keys_name_themselves(tmp_path):
-    training, overrides, sweep = load_sweep_config(REPO / "configs" / "tune.yaml", ["tune.num_samples=3", "optim.lr=0.001"])
-    cfg = load_config(None, section_overrides(training) + overrides)
-    check_space(cfg, sweep)
-    assert sweep.num_samples == 3 and cfg.optim.lr == 0.001 and cfg.optim.epochs == 8
-    assert set(sweep.space) >= {"optim.lr", "loss.gamma", "loss.alpha"}
+    cfg = load_sweep(REPO / "configs" / "tune.yaml", ["tune.num_samples=3", "optim.lr=0.001"])
+    assert cfg.tune.num_samples == 3 and cfg.optim.lr == 0.001 and cfg.optim.epochs == 8
+    assert set(cfg.tune.space) >= {"optim.lr", "loss.gamma", "loss.alpha"}
 
     with pytest.raises(ConfigError, match="'tune.num_sample'"):
-        load_sweep_config(None, ["tune.num_sample=3"])
-    _, _, sweep = load_sweep_config(None, ["tune.space.optim.lrr={loguniform: [1.0e-4, 1.0e-2]}"])
+        load_sweep(None, ["tune.num_sample=3"])
     with pytest.raises(ConfigError, match="tune.space.optim.lrr.*'optim.lrr'"):
-        check_space(load_config(), sweep)
+        load_sweep(None, ["tune.space.optim.lrr={loguniform: [1.0e-4, 1.0e-2]}"])
     with pytest.raises(ConfigError, match="loguniform needs low < high and low > 0"):
-        load_sweep_config(None, ["tune.space.optim.lr={loguniform: [0, 1.0e-2]}"])
+        load_sweep(None, ["tune.space.optim.lr={loguniform: [0, 1.0e-2]}"])
+    with pytest.raises(ConfigError, match=r"tune.grace_period \(2\) must not exceed optim.epochs \(1\)"):
+        load_sweep(REPO / "configs" / "tune.yaml", ["optim.epochs=1"])
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text(yaml.safe_dump({"optim": {"lrr": 0.1}, "tune": {"num_samples": 1}}))
-    training, overrides, _ = load_sweep_config(bad_file)
     with pytest.raises(ConfigError, match="'optim.lrr'"):
-        load_config(None, section_overrides(training) + overrides)
+        load_sweep(bad_file)
+
+
+def test_one_space_entry_is_set_or_removed_and_the_rest_kept():
+    cfg = load_sweep(REPO / "configs" / "tune.yaml", [
+        "tune.space.optim.weight_decay={loguniform: [1.0e-3, 1.0e-1]}", "tune.space.loss.alpha=null"])
+    assert cfg.tune.space == {"optim.lr": {"loguniform": [3.0e-4, 1.0e-2]}, "loss.gamma": {"uniform": [0.0, 3.0]},
+                              "optim.weight_decay": {"loguniform": [1.0e-3, 1.0e-1]}}
+    # A whole space replaces the file's.
+    cfg = load_sweep(REPO / "configs" / "tune.yaml", ["tune.space={loss.gamma: {choice: [0, 2]}}"])
+    assert cfg.tune.space == {"loss.gamma": {"choice": [0, 2]}}
 
 
 def test_bayesian_search_is_optional():
@@ -101,18 +109,18 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     from simpsons.tune import run_sweep
 
     bucket = _bucket("sweeps")
-    cfg = load_config(None, BASE + [f"run.storage=s3://{bucket}/simpsons"])
     # Grid order is trial order. Two sane learning rates run first (2 at a time); the hopeless
     # one (AdamW at lr 5) only starts when one of them has finished, so it always meets a better
     # score at ASHA's rung (epoch 1) and is stopped there. With reduction factor 2 the cutoff at a
     # rung is the median of the scores already there, so the sane trial that reaches epoch 1
     # second is also stopped when it scores below the first: which one depends on timing.
-    sweep = SweepConfig(
-        name="asha", num_samples=1, max_concurrent_trials=2, grace_period=1, reduction_factor=2,
-        space={"optim.lr": {"grid": [1e-3, 3e-3, 5.0]}, "loss.gamma": {"uniform": [0.5, 2.0]},
-               "loss.alpha": {"choice": ["auto", 1.0]}},
-    ).validate()
-    rows = run_sweep(cfg, sweep, str(packed_dataset))
+    cfg = load_sweep(None, BASE + [
+        f"run.storage=s3://{bucket}/simpsons", "tune.name=asha", "tune.num_samples=1", "tune.max_concurrent_trials=2",
+        "tune.grace_period=1", "tune.reduction_factor=2",
+        "tune.space={optim.lr: {grid: [1.0e-3, 3.0e-3, 5.0]}, loss.gamma: {uniform: [0.5, 2.0]}, "
+        "loss.alpha: {choice: [auto, 1.0]}}",
+    ])
+    rows = run_sweep(cfg, str(packed_dataset))
 
     by_lr = {row["optim.lr"]: row for row in rows}
     assert sorted(by_lr) == [1e-3, 3e-3, 5.0]

@@ -1,4 +1,4 @@
-"""The files a person opens after a run: best checkpoint, metrics.json, per_class.csv, pictures.
+"""The run report: the files a person opens after a run (or a sweep's best trial).
 
     best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history
     best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 from simpsons import storage
 from simpsons.config import Config, save_config
 from simpsons.metrics import per_class_csv, plot_confusion
+
+_logger = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "per_class.csv", "confusion.png", "curves.png", "config.yaml")
 
@@ -40,8 +43,8 @@ def write_report(out_dir: str | Path, report: dict, cm, class_names, history: li
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=1))
 
 
-def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: list[dict] | None = None) -> dict:
-    """Turn a reported checkpoint folder into the best/ folder at dest_uri (local or s3://).
+def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: list[dict] | None = None) -> dict:
+    """Write the report of a reported checkpoint folder as the best/ folder at dest_uri (local or s3://).
 
     `history` is the whole run's per-epoch metrics (from the latest checkpoint); by default the
     best checkpoint's own, which stops at the best epoch.
@@ -56,11 +59,13 @@ def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history:
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
         write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)
         storage.upload_dir(tmp, dest_uri, cfg.run.s3_endpoint)
-    print(f"Best epoch {saved['epoch'] + 1}: val macro-F1 {report['macro_f1']:.4f}, accuracy {report['accuracy']:.4f} "
-          f"-> {dest_uri}", flush=True)
+    _logger.info("Best epoch %d: val macro-F1 %.4f, accuracy %.4f -> %s",
+                 saved["epoch"] + 1, report["macro_f1"], report["accuracy"], dest_uri)
     return {**report, "history": history}
 
 
+# TODO(issue 12): read_history belongs to the checkpoint format's owner (simpsons/checkpoint.py);
+# it moves there with the checkpoint layout, and train.fit imports it from there.
 def read_history(checkpoint) -> list[dict]:
     """The per-epoch metrics recorded in a reported Ray checkpoint."""
     with checkpoint.as_directory() as ckpt_dir:

@@ -44,9 +44,8 @@ def main() -> None:
         print(f"skipped: the shared real sample is not at {SHARED_SAMPLE}")
         return
 
-    import ray
-
     from simpsons.cli import resolve_dataset
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     results = {}
@@ -55,9 +54,8 @@ def main() -> None:
             f"data.source={args.data}", f"data.cache_dir={REPO / 'cache'}", "train.workers=1",
             f"run.storage={args.out}", f"run.name={args.profile}-{recipe}-{int(time.time())}",
         ])
+        cfg = prepare_run(cfg)  # joins (or starts) Ray as the jobs do
         dataset = resolve_dataset(cfg)
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
         started = time.perf_counter()
         report = fit(cfg, dataset)
         wall = time.perf_counter() - started

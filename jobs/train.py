@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import check_inputs, load_job_config, resolve_dataset, run_job  # noqa: E402
+from simpsons.cli import load_job_config, resolve_dataset, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,11 +29,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = load_job_config(args)
-    from simpsons.train import fit, prepare_run
+    from simpsons.cluster import prepare_run
+    from simpsons.train import fit
 
-    check_inputs(cfg)
-    cfg = prepare_run(cfg)  # a run the cluster cannot hold fails here, before any data is prepared
+    cfg = prepare_run(load_job_config(args))  # a run that cannot happen fails here, before any data is prepared
     fit(cfg, resolve_dataset(cfg))
 
 

@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from simpsons.train import init_ray
+    from simpsons.cluster import init_ray
     from simpsons.tune import load_sweep_config, resolve_sweep_resources, run_sweep, section_overrides
 
     overrides = args.set + (["tune.num_samples=2", "tune.grace_period=1"] if args.smoke_test else [])

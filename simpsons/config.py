@@ -302,8 +302,13 @@ def read_config_file(path: str | Path) -> dict:
     return values
 
 
+def config_text(cfg: Config) -> str:
+    """The config as YAML that load_config reads back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
 
 
 # The config fields that name a place on disk (or an s3:// / http(s) / Drive URI).

@@ -48,7 +48,7 @@ def export_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history:
     """
     checkpoint_dir = Path(checkpoint_dir)
     saved = json.loads((checkpoint_dir / "metrics.json").read_text())
-    report = {"epoch": saved["epoch"], **saved["val"]}
+    report = {"epoch": saved["epoch"], **saved["val"], "provenance": saved.get("provenance")}
     history = history or saved["history"]
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(checkpoint_dir / "checkpoint.pt", Path(tmp) / "checkpoint.pt")

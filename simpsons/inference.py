@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from simpsons import checkpoint
 from simpsons.augment import eval_transform
 from simpsons.config import Config, ConfigError, from_dict
 from simpsons.data import (DataError, IMAGE_SUFFIXES, decode_failure, find_splits, load_image, pack_split, scan_split,
                            TreeProblems, too_large)
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import create_model
-
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint's layout changes; readers refuse other versions
-CHECKPOINT_KEYS = ("model", "config", "class_names")  # what training saves and inference needs
-
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """The device to run a checkpoint on: `name`, or by default the first GPU when there is one."""
@@ -36,12 +32,8 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Config, list[str], dict]:
     """(model in eval mode on `device` (default: resolve_device()), config, class names, raw state)."""
     device = resolve_device(device)
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise DataError(f"No checkpoint at {path}; pass a run's best/ folder or its checkpoint.pt.")
-    state = read_checkpoint_state(path, device)
+    path = checkpoint.checkpoint_file(path)
+    state = checkpoint.load(path, device)
     try:
         cfg = from_dict(state["config"])
     except ConfigError as exc:
@@ -56,25 +48,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, cfg, class_names, state
-
-
-def read_checkpoint_state(path: Path, device: str | torch.device = "cpu") -> dict:
-    """The state dict saved by training, or a DataError in one sentence for any other file."""
-    fix = "pass a run's best/ folder or the checkpoint.pt in it"
-    try:
-        with warnings.catch_warnings():  # foreign bytes also draw a pickle-protocol warning: one sentence is enough
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign bytes
-        raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it); {fix}.") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise DataError(f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}.")
-    version = state.get("format", 1)  # checkpoints written before the version was recorded are version 1
-    if version != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is a checkpoint of format version {version!r} and this code reads version "
-                        f"{CHECKPOINT_FORMAT}; use the code version that wrote it.")
-    return state
 
 
 @torch.no_grad()

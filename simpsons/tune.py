@@ -36,7 +36,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage
 from simpsons.config import Config, ConfigError, _set, from_dict, read_config_file, to_dict
-from simpsons.train import METRICS_FILE, SCORE, absolute_dataset_uri, build_trainer, init_ray, prepare_run
+from simpsons.checkpoint import METRICS_FILE
+from simpsons.cluster import absolute_dataset_uri, init_ray, prepare_run
+from simpsons.train import SCORE, build_trainer
 
 # The custom resource that marks nodes safe for trial drivers (cluster.yaml's head advertises it).
 TRIAL_DRIVER = "trial_driver"

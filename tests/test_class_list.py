@@ -21,6 +21,7 @@ INVENTED = ("zz_plopper", "aa_spider_pig", "mm_poochie")  # none of the 42; sort
 
 
 def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster, tmp_path):
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     src = make_image_tree(tmp_path / "src", classes=INVENTED, per_split={"train": 30, "val": 8}, size=40)
@@ -33,7 +34,7 @@ def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster
     dataset = resolve_dataset(cfg)
     names = sorted(INVENTED)
     assert read_manifest(dataset)["class_names"] == names
-    report = fit(cfg, dataset)
+    report = fit(prepare_run(cfg), dataset)
     best = tmp_path / "runs" / "invented" / "best"
     assert torch.load(best / "checkpoint.pt", weights_only=True)["class_names"] == names
     assert [row["class"] for row in csv.DictReader((best / "per_class.csv").open())] == names

@@ -16,7 +16,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import free_port
+from simpsons.cluster import free_port
 from simpsons.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -80,6 +80,7 @@ def outage_after(store: FlakyS3, ready, log: dict[str, float]) -> threading.Thre
 
 
 def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_cluster, packed_dataset, flaky_s3):
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     bucket = f"outage-{uuid.uuid4().hex[:10]}"
@@ -100,7 +101,7 @@ def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_clust
 
     outage = outage_after(flaky_s3, first_checkpoint_stored, log)
     try:
-        report = fit(cfg, str(packed_dataset))
+        report = fit(prepare_run(cfg), str(packed_dataset))
         finished = time.monotonic()
     finally:
         outage.join(timeout=OUTAGE_S + 60)

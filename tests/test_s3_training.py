@@ -32,6 +32,7 @@ def get(bucket: str, key: str) -> bytes:
 
 
 def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster, s3_server, tmp_path):
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     bucket = f"e2e-{uuid.uuid4().hex[:12]}"
@@ -48,7 +49,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
         f"data.cache_dir={tmp_path / 'node_cache'}", f"run.storage=s3://{bucket}/runs", "run.name=e2e",
     ]
     cfg = load_config(None, overrides)
-    report = fit(cfg, resolve_dataset(cfg))
+    report = fit(prepare_run(cfg), resolve_dataset(cfg))
 
     # Two workers on one node shared one download into the node-local cache.
     assert len(list((tmp_path / "node_cache" / "datasets").glob("*/manifest.json"))) == 1
@@ -68,7 +69,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
     assert not any(SECRET.encode() in get(bucket, f"runs/e2e/{k}") for k in run)
 
     # The same name again resumes from the last checkpoint in S3 instead of starting over.
-    resumed = fit(load_config(None, overrides + ["optim.epochs=3"]), prepared.uri)
+    resumed = fit(prepare_run(load_config(None, overrides + ["optim.epochs=3"])), prepared.uri)
     history = json.loads(get(bucket, "runs/e2e/best/metrics.json"))["history"]
     assert [h["resumed"] for h in history] == [False, False, True]
     assert resumed["accuracy"] >= 0.7  # it learned (chance is 0.25)

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit
 from simpsons.model import create_model
-from simpsons.train import (EpochSums, TrainStep, _TensorBoard, amp_dtype, build_components, checkpoint_state,
-                            create_scheduler, restore_state, worker_seed)
+from simpsons.checkpoint import restore, training_state
+from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch, worker_seed
 
 CPU = torch.device("cpu")
 
@@ -93,13 +93,15 @@ def test_training_step_makes_no_tensor_from_host_data(on_device):
     generator = torch.Generator().manual_seed(0)
     batches = split.train_batches(0, 8, seed=0)
     step(*next(batches), generator)  # the first step fills the per-device caches (normalize's constants)
-    sums = EpochSums(CPU)
-    with HostTensorRecorder() as recorder:
-        for images, labels in batches:  # the batch gather, the step and the epoch's sums, as the loop runs them
-            loss, logits = step(images, labels, generator)
-            sums.add(loss, logits, labels)
+    recorder = HostTensorRecorder()
+
+    def recorded(batches):  # the batch gathers and train_one_epoch's steps and sums, not its end-of-epoch read
+        with recorder:
+            yield from batches
+
+    stats = train_one_epoch(step, recorded(batches), 0, cfg)
     assert recorder.found == []
-    assert sums.images == 24 and torch.isfinite(sums.sums).all()
+    assert stats.images == 24 and np.isfinite(stats.loss)
 
 
 def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
@@ -128,7 +130,7 @@ def test_resume_with_fp16_and_flipped_channels_last():
     for images, labels in split.train_batches(0, 8, seed=0):
         saved(images, labels, generator)
     buffer = io.BytesIO()
-    torch.save(checkpoint_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
+    torch.save(training_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     assert state["scaler"] == {}  # a disabled scaler saves nothing ...
     with pytest.raises(RuntimeError, match="empty"):
@@ -136,7 +138,7 @@ def test_resume_with_fp16_and_flipped_channels_last():
 
     resumed = _step(_cfg("train.precision=fp16", "train.channels_last=false"), split)
     assert resumed.scaler.is_enabled()
-    restore_state(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
+    restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
     conv = resumed.model.conv1[0].weight
     assert state["optimizer"]["state"][0]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
     for param, param_state in resumed.optimizer.state.items():  # the layout of this run's parameters
@@ -146,10 +148,10 @@ def test_resume_with_fp16_and_flipped_channels_last():
     assert all(np.isfinite(losses)) and resumed.scaler.get_scale() > 0
 
 
-def test_checkpoint_state_is_plain_cpu_tensors():
+def test_training_state_is_plain_cpu_tensors():
     step = _step(_cfg(), _split())
     step(*next(_split().train_batches(0, 8, 0)), torch.Generator().manual_seed(0))
-    state = checkpoint_state(step.model, step.optimizer, step.scheduler, step.scaler, epoch=3)
+    state = training_state(step.model, step.optimizer, step.scheduler, step.scaler, epoch=3)
     tensors = [v for v in _walk(state) if isinstance(v, torch.Tensor)]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     assert state["epoch"] == 3 and not any(k.startswith("module.") for k in state["model"])

@@ -1,6 +1,7 @@
 """A real 2-worker Ray Train run on test-written images, its outputs, resume, evaluate and predict."""
 
 import csv
+import hashlib
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from simpsons.config import load_config
 from simpsons.export import OUTPUT_FILES
@@ -28,14 +30,15 @@ def _cfg(storage, epochs, name="run", *overrides):
 
 @pytest.fixture(scope="module")
 def trained_run(ray_cluster, packed_dataset, tmp_path_factory):
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     storage = tmp_path_factory.mktemp("runs")
-    report = fit(_cfg(storage, epochs=3), str(packed_dataset))
+    report = fit(prepare_run(_cfg(storage, epochs=3)), str(packed_dataset))
     return storage / "run", report
 
 
-def test_two_worker_run_learns_and_writes_every_output(trained_run):
+def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_dataset):
     run_dir, report = trained_run
     best = run_dir / "best"
     assert sorted(p.name for p in best.iterdir()) == sorted(OUTPUT_FILES)
@@ -53,13 +56,21 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run):
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
     assert state["config"]["train"]["workers"] == 2
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # Provenance: the result names the dataset, its manifest's checksum and the code that produced it.
+    manifest_sha256 = hashlib.sha256((packed_dataset / "manifest.json").read_bytes()).hexdigest()
+    for origin in (state["provenance"], metrics["provenance"]):
+        assert origin["dataset_uri"] == str(packed_dataset) and origin["manifest_sha256"] == manifest_sha256
+        assert origin["code_version"].startswith("0.1.0")
+    # The resolved config is written beside the run when it starts, not only into best/.
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["workers"] == 2
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_dataset):
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     run_dir, _ = trained_run
-    report = fit(_cfg(run_dir.parent, epochs=4), str(packed_dataset))
+    report = fit(prepare_run(_cfg(run_dir.parent, epochs=4)), str(packed_dataset))
     history = json.loads((run_dir / "best" / "metrics.json").read_text())["history"]  # the whole run's
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # no epoch run twice
     assert [h["resumed"] for h in history] == [False, False, False, True]
@@ -70,12 +81,13 @@ def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset)
     # The run so far: precision auto (bf16 on the CPU: a disabled GradScaler saved as {}) and
     # channels_last (optimizer state in that layout). Resumed with fp16 + GradScaler (CPU autocast)
     # and the NCHW layout, it must load both and train on.
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     run_dir, _ = trained_run
     done = _latest_checkpoint(run_dir)["epoch"]  # 2, or 3 after the test above
     cfg = _cfg(run_dir.parent, done + 2, "run", "train.precision=fp16", "train.channels_last=false")
-    report = fit(cfg, str(packed_dataset))
+    report = fit(prepare_run(cfg), str(packed_dataset))
     history = json.loads((run_dir / "best" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(done + 2)) and history[-1]["resumed"]
     assert all(math.isfinite(h["train_loss"]) for h in history) and report["accuracy"] >= 0.7
@@ -92,12 +104,13 @@ def _latest_checkpoint(run_dir: Path) -> dict:
 def test_two_workers_finish_with_a_one_image_validation_split(ray_cluster, tmp_path):
     # Fewer validation images than workers: rank 1 evaluates no batch at all.
     from simpsons.prepare import pack_tree
+    from simpsons.cluster import prepare_run
     from simpsons.train import fit
 
     root = make_image_tree(tmp_path / "images", per_split={"train": 8}, size=40)
     make_image_tree(root, classes=CLASSES[:1], per_split={"val": 1}, size=40)
     pack_tree(root, tmp_path / "packed", stored_size=40, workers=1)
-    report = fit(_cfg(tmp_path / "runs", 1, "tiny", "train.histogram_every=0"), str(tmp_path / "packed"))
+    report = fit(prepare_run(_cfg(tmp_path / "runs", 1, "tiny", "train.histogram_every=0")), str(tmp_path / "packed"))
     assert report["images"] == 1 and len(report["history"]) == 1
 
 

@@ -35,7 +35,7 @@ from simpsons.config import load_config, read_config_file
 from simpsons.storage import is_s3
 from simpsons.tune import load_sweep_config, section_overrides
 from ray_head import VENV_BIN, RayHead
-from test_cluster_config import SECRET, dockerfile_instructions, documented_image
+from image_files import SECRET, dockerfile_instructions, documented_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "k8s"

@@ -39,7 +39,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
     except ConfigError as exc:
         raise DataError(f"{path} holds a config this code cannot read ({str(exc).rstrip('.')}); use the code version that wrote it.") from None
     class_names = list(state["class_names"])
-    model = create_model(len(class_names), cfg.model.head, cfg.model.dropout)
+    model = create_model(len(class_names), cfg.model.head, cfg.model.dropout, cfg.model.arch)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:  # torch lists every mismatched tensor over many lines

@@ -30,7 +30,8 @@ from simpsons.config import Config, config_text, from_dict, to_dict
 from simpsons.data import ResidentSplit, data_placement, load_packed, read_manifest
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
-from simpsons.model import create_model
+from simpsons.model import create_model, is_head
+from simpsons.weights import load_weights, pretrained
 
 _logger = logging.getLogger(__name__)
 
@@ -115,17 +116,31 @@ class TrainStep:
 
 
 def build_components(cfg: Config, class_counts: list[int], device: torch.device, prepare=lambda m: m):
-    """Model (prepared for DDP by `prepare`), focal loss, AdamW, scheduler and the step."""
+    """Model (its starting weights loaded, prepared for DDP by `prepare`), focal loss and AdamW."""
     torch.manual_seed(cfg.train.seed)
-    model = create_model(len(class_counts), cfg.model.head, cfg.model.dropout).to(device)
+    m = cfg.model
+    model = create_model(len(class_counts), m.head, m.dropout, m.arch)
+    load_weights(model, m.arch, m.weights, cfg.data.cache_dir, cfg.run.s3_endpoint)
+    groups = parameter_groups(model, cfg)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = prepare(model)
-    criterion = FocalLoss(resolve_alpha(cfg.loss.alpha, class_counts), cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
-    )
+    alpha = resolve_alpha(cfg.loss.alpha, class_counts, cfg.loss.alpha_power)
+    criterion = FocalLoss(alpha, cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     return model, criterion, optimizer
+
+
+def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """The classifier at optim.lr, then, with model.weights loaded, the pretrained backbone at
+    optim.lr x optim.backbone_lr_scale (one group at optim.lr otherwise)."""
+    if not pretrained(cfg.model.weights):
+        return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        (head if is_head(cfg.model.arch, name) else backbone).append(param)
+    return [{"params": head, "lr": cfg.optim.lr}, {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale}]
 
 
 @dataclass

@@ -66,6 +66,15 @@ def _die_with_parent(sig: int):
     return set_parent_death_signal
 
 
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each process that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class Process:
     """A subprocess whose combined output is collected line by line while it runs."""
 
@@ -240,11 +249,7 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 os.killpg(self._head.pid, signal.SIGKILL)
                 self._head.wait(10)
-        for pid in self.leftover_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(self.leftover_pids())
         if getattr(self, "_log", None):
             self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -359,11 +364,7 @@ class RayNode:
 
     def kill(self) -> None:
         """The node is lost: every one of its processes dies at once, with no chance to clean up."""
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(self.pids())
         if self._process is not None:
             self._process.wait(10)
 

@@ -294,8 +294,12 @@ def cluster_spec_problems(spec: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
-                         ids=lambda value: value if isinstance(value, str) else "")
+# Every KubeRay object of deploy/k8s/, named by its file (the test id).
+kuberay_objects = pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
+                                          ids=lambda value: value if isinstance(value, str) else "")
+
+
+@kuberay_objects
 def test_kuberay_objects_pass_the_operators_own_rules(name, doc):
     assert operator_problems(doc) == [], name
 
@@ -448,8 +452,7 @@ def rayjob_problems(job: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
-                         ids=lambda value: value if isinstance(value, str) else "")
+@kuberay_objects
 def test_kuberay_objects_agree_with_the_dockerfile_pyproject_and_the_config_they_run(name, doc):
     assert repo_problems(doc) == [], name
 

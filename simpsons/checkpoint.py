@@ -2,7 +2,8 @@
 
     checkpoint.pt   one plain dict that `torch.load(weights_only=True)` reads: model (unwrapped),
                     optimizer, scheduler, scaler, epoch, best_score, history, config, class_names,
-                    provenance, and `format` (checked on load)
+                    provenance, `format` (checked on load), and with optim.ema_decay the moving
+                    average's weights (`served`, what inference loads) and update count
     metrics.json    the epoch's validation report, confusion matrix, history and provenance
 
 Provenance ties a result to what produced it: the dataset URI, the sha256 of its manifest.json
@@ -32,8 +33,10 @@ REQUIRED_KEYS = ("model", "config", "class_names")  # what training saves and in
 # Writing
 
 
-def training_state(model, optimizer, scheduler, scaler, **extra) -> dict:
-    """The checkpoint's plain dict, every tensor on the CPU.
+def training_state(model, optimizer, scheduler, scaler, ema=None, **extra) -> dict:
+    """The checkpoint's plain dict, every tensor on the CPU. With `ema` (an AveragedModel of the
+    weights), `served` holds its weights, which inference loads; `model` holds the raw weights,
+    which training resumes from.
 
     CUDA tensors in it would make a plain `torch.load` fail on a machine without that GPU; the
     loader moves them to its own device (`restore`, `inference.load_checkpoint`).
@@ -43,6 +46,7 @@ def training_state(model, optimizer, scheduler, scaler, **extra) -> dict:
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
+        **({"served": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)} if ema is not None else {}),
         "format": FORMAT,
         **extra,
     })
@@ -111,9 +115,13 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
-def restore(state: dict, model, optimizer, scheduler, scaler) -> None:
-    """Load a checkpoint into this run's objects, whose settings may differ from the saving run's."""
+def restore(state: dict, model, optimizer, scheduler, scaler, ema=None) -> None:
+    """Load a checkpoint into this run's objects, whose settings may differ from the saving run's
+    (an average not in the checkpoint starts from the restored weights)."""
     getattr(model, "module", model).load_state_dict(state["model"])
+    if ema is not None and "served" in state:
+        ema.module.load_state_dict(state["served"])
+        ema.n_averaged.fill_(state["ema_updates"])
     optimizer.load_state_dict(state["optimizer"])
     # Optimizer state keeps the memory layout it was saved with; fused AdamW on CUDA refuses state
     # whose strides differ from its parameter's (a run resumed with train.channels_last flipped).
@@ -126,6 +134,11 @@ def restore(state: dict, model, optimizer, scheduler, scaler) -> None:
     # train.precision=fp16 starts its loss scale afresh instead.
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
+
+
+def served_weights(state: dict) -> dict:
+    """The weights inference uses: the moving average when the run kept one, else the raw weights."""
+    return state.get("served", state["model"])
 
 
 def read_metrics(folder: str | Path) -> dict:

@@ -77,6 +77,9 @@ class ModelConfig:
     head: str = "original"
     # Dropout probability in the classifier head.
     dropout: float = 0.5
+    # Test-time flip: evaluation, evaluate.py, predict.py and the exported model average the
+    # logits of each image and its mirror image (twice the inference cost).
+    tta_flip: bool = False
 
 
 @dataclass
@@ -108,6 +111,11 @@ class OptimConfig:
     # random classifier's gradients are still large (the usual fine-tuning practice). Without
     # loaded weights every parameter learns at lr.
     backbone_lr_scale: float = 0.1
+    # Exponential moving average of the weights, updated every step with this decay (0 = off;
+    # 0.999 averages over roughly the last 1,000 steps). When on, the averaged weights are what
+    # is evaluated, ranked, exported and served; the raw weights are checkpointed beside them
+    # (training resumes from those) and their scores reported as raw_val_*.
+    ema_decay: float = 0.0
     # "cosine": linear warm-up then cosine decay per step; "plateau": the original project's
     # ReduceLROnPlateau on validation loss (factor 0.5, patience 4).
     schedule: str = "cosine"
@@ -239,6 +247,7 @@ _BOUNDS = {
     "optim.lr": (0, None, False),
     "optim.weight_decay": (0, None, True),
     "optim.backbone_lr_scale": (0, 1, True),
+    "optim.ema_decay": (0, 1, True),
     "optim.warmup_epochs": (0, None, True),
     "optim.plateau_factor": (0, 1, False),
     "optim.plateau_patience": (0, None, True),

@@ -14,7 +14,7 @@ from simpsons.config import Config, ConfigError, from_dict
 from simpsons.data import (DataError, IMAGE_SUFFIXES, decode_failure, find_splits, load_image, pack_split, scan_split,
                            TreeProblems, too_large)
 from simpsons.metrics import classification_report, confusion_matrix
-from simpsons.model import create_model
+from simpsons.model import classify, create_model
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """The device to run a checkpoint on: `name`, or by default the first GPU when there is one."""
@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
     class_names = list(state["class_names"])
     model = create_model(len(class_names), cfg.model.head, cfg.model.dropout, cfg.model.arch)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint.served_weights(state))
     except RuntimeError:  # torch lists every mismatched tensor over many lines
         raise DataError(f"{path} holds weights that do not fit this code's model; use the code version that wrote it.") from None
     model.to(device).eval()
@@ -51,14 +51,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, train_size: int, batch_size: int = 128) -> torch.Tensor:
-    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32."""
+def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, train_size: int, batch_size: int = 128,
+                  flip: bool = False) -> torch.Tensor:
+    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32 (`flip`: model.tta_flip)."""
     images = torch.as_tensor(images)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
-        out.append(model(eval_transform(batch, train_size)).float().softmax(dim=1).cpu())
+        out.append(classify(model, eval_transform(batch, train_size), flip).float().softmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -84,7 +85,7 @@ def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | Non
     if not records:
         raise DataError(f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg.")
     packed = pack_split(records, cfg.data.stored_size, workers, desc="decode")
-    probs = predict_proba(model, packed.images, cfg.data.train_size)
+    probs = predict_proba(model, packed.images, cfg.data.train_size, flip=cfg.model.tta_flip)
     labels = torch.as_tensor(packed.labels.astype(np.int64))
     cm = confusion_matrix(labels, probs.argmax(1), len(class_names)).numpy()
     return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
@@ -113,7 +114,7 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: in
         except Exception as exc:  # one unreadable file must not sink the others
             results.append({"path": str(f), "error": decode_failure(exc)})
     if kept:
-        probs = predict_proba(model, np.stack(images), cfg.data.train_size)
+        probs = predict_proba(model, np.stack(images), cfg.data.train_size, flip=cfg.model.tta_flip)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
             results.append({"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]})

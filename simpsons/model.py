@@ -102,3 +102,10 @@ def create_model(num_classes: int, head: str = "original", dropout: float = 0.5,
 def is_head(arch: str, parameter_name: str) -> bool:
     """Whether a parameter (or state-dict key) belongs to the architecture's classifier."""
     return parameter_name.startswith(HEADS[arch] + ".")
+
+
+def classify(model: nn.Module, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Logits (B, C) of normalised images x (B, 3, H, W); with `flip` (test-time augmentation) the
+    mean of the logits of x and of its mirror image, as training also sees mirrored characters."""
+    logits = model(x)
+    return (logits + model(x.flip(3))) / 2 if flip else logits

@@ -30,7 +30,7 @@ from simpsons.config import Config, config_text, from_dict, to_dict
 from simpsons.data import ResidentSplit, data_placement, load_packed, read_manifest
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
-from simpsons.model import create_model, is_head
+from simpsons.model import classify, create_model, is_head
 from simpsons.weights import load_weights, pretrained
 
 _logger = logging.getLogger(__name__)
@@ -93,6 +93,13 @@ class TrainStep:
         # Under DDP with gradient_as_bucket_view the gradients are views into the all-reduce buckets;
         # setting them to None would make autograd allocate fresh ones that DDP copies back every step.
         self.set_to_none = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        # The weights' moving average (optim.ema_decay), BatchNorm statistics included; its update is
+        # one fused lerp per tensor on the device, no sync.
+        self.ema = None
+        if cfg.optim.ema_decay:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                getattr(model, "module", model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay),
+                use_buffers=True)
 
     def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
@@ -112,6 +119,8 @@ class TrainStep:
         self.scaler.update()
         if self.per_step_schedule:
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(getattr(self.model, "module", self.model))
         return loss.detach(), logits.detach()
 
 
@@ -199,8 +208,10 @@ def synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.device, num_classes: int,
              rank: int = 0, world: int = 1) -> tuple[torch.Tensor, float]:
-    """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split)."""
-    # The bare module, not the DDP wrapper: the wrapper's first forward after training broadcasts
+    """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split).
+
+    `model` is the trained network, its DDP wrapper or its moving average (AveragedModel)."""
+    # The bare module, not the DDP (or AveragedModel) wrapper: the wrapper's first forward after training broadcasts
     # the BatchNorm buffers, a collective that a rank with no validation batch (fewer images than
     # ranks) never joins, pairing the others' broadcast with its all_reduce below: a hang. Every
     # rank broadcasts here instead, so all evaluate with rank 0's statistics, as its checkpoint holds.
@@ -215,7 +226,7 @@ def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.
     batch = max(1, cfg.optim.batch_size // world) * 2
     for images, labels in split.eval_batches(batch, rank, world):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(eval_transform(images, cfg.data.train_size))
+            logits = classify(model, eval_transform(images, cfg.data.train_size), cfg.model.tta_flip)
         loss_sum += criterion(logits, labels).double() * len(labels)
         cm += confusion_matrix(labels, logits.argmax(1), num_classes)
     if world > 1:
@@ -262,7 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
     if resumed_from:
         with resumed_from.as_directory() as folder:
             state = checkpoint.load(folder, device)
-        checkpoint.restore(state, model, optimizer, scheduler, step.scaler)
+        checkpoint.restore(state, model, optimizer, scheduler, step.scaler, step.ema)
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
         if rank == 0:
             _logger.info("Resuming from the checkpoint of epoch %d; continuing at epoch %d.", state["epoch"], start_epoch)
@@ -274,12 +285,18 @@ def train_loop_per_worker(config: dict) -> None:
         trained = train_one_epoch(step, batches, epoch, cfg, rank, world, steps_per_epoch)
         if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
             writer.histograms(getattr(model, "module", model), epoch)  # the epoch's last gradients are still in .grad
-        cm, val_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
+        raw_cm, raw_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
         if cfg.optim.schedule == "plateau":
-            scheduler.step(val_loss)
+            scheduler.step(raw_loss)
+        cm, val_loss = raw_cm, raw_loss
+        if step.ema is not None:  # the served weights are the average: they are scored and ranked
+            cm, val_loss = evaluate(step.ema, criterion, val_split, cfg, device, len(class_names), rank, world)
         report = classification_report(cm, class_names)
         metrics = epoch_metrics(epoch, trained, val_loss, report, optimizer, time.perf_counter() - started,
                                 resumed=bool(resumed_from))
+        if step.ema is not None:
+            raw = classification_report(raw_cm, class_names)
+            metrics.update(raw_val_loss=raw_loss, raw_val_acc=raw["accuracy"], raw_val_macro_f1=raw["macro_f1"])
         history.append(metrics)
         best_score = max(best_score, metrics[SCORE])
         saved = None
@@ -288,9 +305,9 @@ def train_loop_per_worker(config: dict) -> None:
                          epoch + 1, cfg.optim.epochs, trained.loss, trained.accuracy, val_loss, metrics["val_acc"],
                          metrics[SCORE], trained.images_per_s)
             writer.scalars(metrics, epoch)
-            state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, epoch=epoch, best_score=best_score,
-                                              history=history, config=to_dict(cfg), class_names=list(class_names),
-                                              provenance=origin)
+            state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
+                                              best_score=best_score, history=history, config=to_dict(cfg),
+                                              class_names=list(class_names), provenance=origin)
             folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")  # Ray deletes it once uploaded
             checkpoint.save(folder, state, {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(),
                                             "history": history, "provenance": origin})

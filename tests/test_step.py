@@ -16,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit
-from simpsons.model import create_model
-from simpsons.checkpoint import restore, training_state
+from simpsons.model import classify, create_model
+from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch, worker_seed
 
 CPU = torch.device("cpu")
@@ -200,3 +200,39 @@ def test_tensorboard_copies_every_n_epochs_and_at_the_end(tmp_path):
     assert copied() == after_two
     writer.close()
     assert copied() > after_two  # the last epoch's events arrive at the end
+
+
+def test_moving_average_follows_the_weights_and_survives_a_checkpoint():
+    cfg = _cfg("optim.ema_decay=0.5")
+    split = _split()
+    step = _step(cfg, split)
+    raw = {name: p.detach().clone() for name, p in step.model.named_parameters()}
+    expected = dict(raw)
+    for images, labels in split.train_batches(0, 8, seed=0):
+        step(images, labels, torch.Generator().manual_seed(0))
+        current = dict(step.model.named_parameters())
+        # The first update copies the weights; each later one moves halfway (decay 0.5) towards them.
+        first = int(step.ema.n_averaged) == 1
+        expected = {n: current[n].detach().clone() if first else 0.5 * expected[n] + 0.5 * current[n].detach()
+                    for n in expected}
+    averaged = dict(step.ema.module.named_parameters())
+    assert all(torch.allclose(averaged[n], expected[n], atol=1e-6) for n in expected)
+    assert not torch.equal(averaged["fc.4.weight"], step.model.fc[4].weight)
+
+    state = training_state(step.model, step.optimizer, step.scheduler, step.scaler, step.ema, epoch=0)
+    resumed = _step(cfg, split)
+    restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler, resumed.ema)
+    assert int(resumed.ema.n_averaged) == int(step.ema.n_averaged) == 4
+    assert torch.equal(resumed.ema.module.fc[4].weight, step.ema.module.fc[4].weight)
+    assert torch.equal(served_weights(state)["fc.4.weight"], step.ema.module.fc[4].weight)
+
+
+def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
+    model = create_model(len(CLASS_NAMES)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        both = classify(model, x, flip=True)
+        assert torch.allclose(both, (model(x) + model(x.flip(3))) / 2)
+        symmetric = torch.cat([x[..., :16], x[..., :16].flip(3)], dim=3)  # its own mirror image
+        assert torch.allclose(classify(model, symmetric, flip=True), model(symmetric), atol=1e-5)
+        assert not torch.allclose(both, model(x))

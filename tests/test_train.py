@@ -95,6 +95,29 @@ def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset)
     assert state["epoch"] == done + 1 and state["config"]["train"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
 
 
+def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights(ray_cluster, packed_dataset, image_tree,
+                                                                                tmp_path):
+    from simpsons.cluster import prepare_run
+    from simpsons.train import fit
+
+    cfg = _cfg(tmp_path / "runs", 2, "ema", "optim.ema_decay=0.8", "model.tta_flip=true", "train.histogram_every=0")
+    report = fit(prepare_run(cfg), str(packed_dataset))
+    assert all({"raw_val_macro_f1", "raw_val_acc", "val_macro_f1"} <= set(h) for h in report["history"])
+    state = torch.load(tmp_path / "runs" / "ema" / "best" / "checkpoint.pt", weights_only=True)
+    assert state["ema_updates"] > 0
+    assert not all(torch.equal(state["served"][k], state["model"][k]) for k in state["model"])
+    # evaluate.py serves the averaged weights (with the flip): on the validation images it scores
+    # what training reported for the best epoch (bf16 there, fp32 here: one image may differ).
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "runs" / "ema" / "best"),
+                           "--data", str(image_tree / "dataset" / "val"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored["images"] == report["images"] == 48
+    assert abs(scored["accuracy"] - report["accuracy"]) <= 1 / 48 + 1e-9, (scored["accuracy"], report["accuracy"])
+
+
 def _latest_checkpoint(run_dir: Path) -> dict:
     states = [torch.load(p / "checkpoint.pt", weights_only=True) for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     return max(states, key=lambda state: state["epoch"])

@@ -9,7 +9,7 @@ EPOCHS ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench device-check clean
+.PHONY: install train test test-fast lint format bench device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ train: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything but the tests that start Ray clusters or train (about a minute).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 bench: install
 	$(PY) bench/throughput.py

@@ -44,9 +44,6 @@ def main() -> None:
         print(f"skipped: the shared real sample is not at {SHARED_SAMPLE}")
         return
 
-    import ray
-
-    from simpsons.cli import resolve_dataset
     from simpsons.train import fit
 
     results = {}
@@ -55,11 +52,8 @@ def main() -> None:
             f"data.source={args.data}", f"data.cache_dir={REPO / 'cache'}", "train.workers=1",
             f"run.storage={args.out}", f"run.name={args.profile}-{recipe}-{int(time.time())}",
         ])
-        dataset = resolve_dataset(cfg)
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
         started = time.perf_counter()
-        report = fit(cfg, dataset)
+        report = fit(cfg)  # joins (or starts) Ray as the jobs do
         wall = time.perf_counter() - started
         for h in report["history"]:
             print(f"{recipe}_epoch{h['epoch'] + 1}_val_macro_f1 {h['val_macro_f1']:.4f}")

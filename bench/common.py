@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import tarfile
 from pathlib import Path
@@ -41,12 +40,6 @@ def skip(reason: str) -> None:
 def load_average() -> float:
     """The 1-minute load average: how busy the machine was while a figure was measured."""
     return os.getloadavg()[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def real_sample_tree(cache: Path, archive: Path = REAL_ARCHIVE) -> Path | None:

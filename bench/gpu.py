@@ -25,6 +25,8 @@ Without CUDA it prints one line `skipped ...` and exits 0.
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,8 @@ import torch  # noqa: E402
 from simpsons.config import load_config  # noqa: E402
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed, read_manifest  # noqa: E402
 from simpsons.metrics import classification_report  # noqa: E402
-from simpsons.train import EpochSums, TrainStep, build_components, create_scheduler, evaluate, synchronize  # noqa: E402
+from simpsons.train import (TrainStep, build_components, create_scheduler, evaluate, synchronize,  # noqa: E402
+                            train_one_epoch)
 
 # The real sample's split sizes, used for random data when no images are at hand.
 RANDOM_TRAIN, RANDOM_VAL = 11903, 2337
@@ -65,32 +68,22 @@ def load_splits(args, stored: int, device: torch.device, share: float):
     return train, val, counts, source
 
 
-def time_steps(step, batches, generator, steps: int, device: torch.device) -> tuple[int, float]:
-    """(images, seconds) of `steps` steps, timed from an idle GPU to an idle GPU."""
+def time_steps(step, batches, steps: int, cfg, device: torch.device) -> tuple[int, float]:
+    """(images, seconds) of `steps` steps of simpsons.train.train_one_epoch, from an idle GPU to an idle GPU."""
     synchronize(device)
-    started = time.perf_counter()
-    images = 0
-    for _ in range(steps):
-        x, y = next(batches)
-        step(x, y, generator)
-        images += len(y)
-    synchronize(device)
-    return images, time.perf_counter() - started
+    trained = train_one_epoch(step, itertools.islice(batches, steps), 0, cfg, steps_per_epoch=steps)
+    return trained.images, trained.seconds
 
 
-def run_epoch(step, train, val, cfg, device, epoch: int, generator) -> tuple[float, float]:
+def run_epoch(step, train, val, cfg, device, epoch: int) -> tuple[float, float]:
     """One epoch as simpsons.train's loop runs it -> (train + eval seconds, eval seconds)."""
     synchronize(device)
     started = time.perf_counter()
-    sums = EpochSums(device)
-    for images, labels in train.train_batches(epoch, cfg.optim.batch_size, cfg.train.seed):
-        loss, logits = step(images, labels, generator)
-        sums.add(loss, logits, labels)
-    synchronize(device)
+    batch = cfg.optim.batch_size
+    train_one_epoch(step, train.train_batches(epoch, batch, cfg.train.seed), epoch, cfg, steps_per_epoch=train.steps_per_epoch(batch))
     eval_started = time.perf_counter()
     cm, _ = evaluate(step.model, step.criterion, val, cfg, device, len(CLASS_NAMES))
     classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
-    float(sums.sums[0])  # the loop reads its sums every epoch: a sync
     finished = time.perf_counter()
     return finished - started, finished - eval_started
 
@@ -141,7 +134,6 @@ def main(args: argparse.Namespace) -> None:
     note(f"bench/gpu.py on {name}, torch {torch.__version__}: {source}, {args.size} px, batch {args.batch}, "
          f"precision {cfg.train.precision} ({step.dtype}), channels_last {cfg.train.channels_last}, "
          f"fused AdamW {device.type == 'cuda'}, compile {args.compile}")
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
 
     epoch_counter = iter(range(1 << 30))
     batches = forever(lambda: train.train_batches(next(epoch_counter), args.batch, cfg.train.seed))
@@ -150,23 +142,23 @@ def main(args: argparse.Namespace) -> None:
     y = torch.randint(0, len(CLASS_NAMES), (args.batch,), device=device)
     ready = forever(lambda: [(x, y)])
 
-    time_steps(step, batches, generator, args.warmup, device)
-    time_steps(bare, ready, generator, args.warmup, device)
+    time_steps(step, batches, args.warmup, cfg, device)
+    time_steps(bare, ready, args.warmup, cfg, device)
     # Two halves each, interleaved, so drift (clocks, other jobs) falls on both alike.
     half = max(1, args.steps // 2)
     timed = {"train": [0, 0.0], "bare": [0, 0.0]}
     for _ in range(2):
         for key, fn, source in (("train", step, batches), ("bare", bare, ready)):
-            images, seconds = time_steps(fn, source, generator, half, device)
+            images, seconds = time_steps(fn, source, half, cfg, device)
             timed[key][0] += images
             timed[key][1] += seconds
     train_rate, bare_rate = (images / seconds for images, seconds in timed.values())
     note(f"steps: train {train_rate:.0f} img/s, model {bare_rate:.0f} img/s")
 
-    run_epoch(step, train, val, cfg, device, 0, generator)  # untimed: tunes the last partial batch's shapes
+    run_epoch(step, train, val, cfg, device, 0)  # untimed: tunes the last partial batch's shapes
     epoch_times, eval_times = [], []
     for epoch in range(1, args.epochs + 1):
-        total, in_eval = run_epoch(step, train, val, cfg, device, epoch, generator)
+        total, in_eval = run_epoch(step, train, val, cfg, device, epoch)
         epoch_times.append(total)
         eval_times.append(in_eval)
         note(f"epoch {epoch}: {total:.2f} s ({in_eval:.2f} s evaluating {len(val)} images)")
@@ -187,4 +179,4 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     from simpsons.cli import run_job
 
-    run_job(main, get_args_parser())
+    run_job(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only the figures

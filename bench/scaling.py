@@ -23,7 +23,6 @@ workers sharing memory bandwidth and caches and for Ray's own processes on the s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import math
 import os
@@ -34,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_common_args, emit, free_port, image_tree, load_average, note, stored_size_for
+from common import add_common_args, emit, image_tree, load_average, note, stored_size_for
 
 # Before Ray starts: its workers inherit these (see RAY_NOTES.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -66,7 +65,8 @@ def subset_dataset(tree: Path, cache: Path, stored: int, train_images: int, val_
 
 def run_job(cfg, dataset: str, workers: int) -> tuple[float, float]:
     """(training img/s of all workers in the last epoch, wall seconds of the fit)."""
-    from simpsons.train import build_trainer, resolve_resources
+    from simpsons.cluster import resolve_resources
+    from simpsons.train import build_trainer
 
     cfg = resolve_resources(cfg)
     note(f"fit with {workers} worker(s): {'GPU' if cfg.train.use_gpu else 'CPU'}, {cfg.train.cpus_per_worker:g} CPU(s) "
@@ -103,44 +103,36 @@ def main(args: argparse.Namespace) -> None:
     tree = image_tree(args.images, cache, args.archive)
     stored = stored_size_for(args.size)
     train_images = args.train_images or 8 * args.batch * max(args.workers)
-    with contextlib.redirect_stdout(sys.stderr):
-        dataset = subset_dataset(tree, cache, stored, train_images, args.val_images)
+    dataset = subset_dataset(tree, cache, stored, train_images, args.val_images)
     note(f"dataset: {dataset} ({read_manifest(dataset)['splits']['train']['images']} train images from {tree})")
 
     import ray
 
+    from simpsons.cluster import init_ray
+
     storage = tempfile.mkdtemp(prefix="simpsons-scaling-")
     rates, fit_seconds = {}, {}
     load_start = load_average()
-    # Ray prints the workers' output on the driver's stdout; keep stdout for the figures.
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            if args.address:
-                ray.init(address=args.address)
-            else:
-                os.environ.pop("RAY_ADDRESS", None)  # without --address: our own cluster, never someone else's
-                # Ray Train's placement-group cleaner finds the cluster through the dashboard; with other
-                # Ray instances on the machine it cannot guess which, so name ours (Ray processes inherit it).
-                dashboard_port = free_port()
-                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-                cpus = max(args.workers) * args.cpus_per_worker
-                ray.init(num_cpus=max(1, math.ceil(cpus)), _node_ip_address="127.0.0.1",
-                         dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
-            for workers in args.workers:
-                overrides = [
-                    f"data.train_size={args.size}", f"data.stored_size={stored}",
-                    f"optim.batch_size={args.batch * workers}", f"optim.epochs={args.epochs}",
-                    f"train.workers={workers}", f"train.cpus_per_worker={args.cpus_per_worker}",
-                    f"train.use_gpu={'true' if args.gpu else 'false'}",
-                    f"run.storage={storage}", f"run.name=scaling-w{workers}", "train.histogram_every=0",
-                ]
-                cfg = load_config(args.config, overrides + args.set)
-                rates[workers], fit_seconds[workers] = run_job(cfg, str(dataset), workers)
-                note(f"{workers} worker(s): {rates[workers]:.1f} img/s in all, {rates[workers] / workers:.1f} per worker "
-                     f"(load {load_average():.2f})")
-        finally:
-            ray.shutdown()
-            shutil.rmtree(storage, ignore_errors=True)
+    try:
+        if not args.address:
+            os.environ.pop("RAY_ADDRESS", None)  # without --address: our own cluster, never someone else's
+        # Workers' lines stay in their logs (stdout holds the figures); a failed fit raises with its error.
+        init_ray(args.address, num_cpus=max(1, math.ceil(max(args.workers) * args.cpus_per_worker)), log_to_driver=False)
+        for workers in args.workers:
+            overrides = [
+                f"data.train_size={args.size}", f"data.stored_size={stored}",
+                f"optim.batch_size={args.batch * workers}", f"optim.epochs={args.epochs}",
+                f"train.workers={workers}", f"train.cpus_per_worker={args.cpus_per_worker}",
+                f"train.use_gpu={'true' if args.gpu else 'false'}",
+                f"run.storage={storage}", f"run.name=scaling-w{workers}", "train.histogram_every=0",
+            ]
+            cfg = load_config(args.config, overrides + args.set)
+            rates[workers], fit_seconds[workers] = run_job(cfg, str(dataset), workers)
+            note(f"{workers} worker(s): {rates[workers]:.1f} img/s in all, {rates[workers] / workers:.1f} per worker "
+                 f"(load {load_average():.2f})")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
 
     first = args.workers[0]
     for workers in args.workers:
@@ -158,4 +150,4 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     from simpsons.cli import run_job as run_cli
 
-    run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only the figures

@@ -30,7 +30,9 @@ Figures (stdout, `name value`; img/s = training images per second of the median 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from simpsons.augment import MEAN, STD  # noqa: E402
 from simpsons.config import Config, load_config  # noqa: E402
 from simpsons.data import CLASS_NAMES, ResidentSplit, find_splits, load_packed, read_manifest  # noqa: E402
 from simpsons.model import create_model  # noqa: E402
-from simpsons.train import EpochSums, TrainStep, build_components, create_scheduler  # noqa: E402
+from simpsons.train import TrainStep, build_components, create_scheduler, train_one_epoch  # noqa: E402
 
 # Extra pipelines that show what each choice is worth: name -> config overrides.
 VARIANTS = {
@@ -156,8 +158,7 @@ class ProjectPipeline:
         scheduler = create_scheduler(optimizer, cfg, split.steps_per_epoch(batch))
         step_class = bare_step_class() if bare else (TrainStep if cfg.train.channels_last else NCHWStep)
         self.train_step = step_class(model, criterion, optimizer, scheduler, cfg, device)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.sums = EpochSums(torch.device("cpu"))
+        self.steps = itertools.count()
         if bare:
             # The input TrainStep.inputs would produce: (B, 3, T, T) float32 in the config's layout.
             size = cfg.data.train_size
@@ -170,13 +171,13 @@ class ProjectPipeline:
             self.batches = forever(lambda: split.train_batches(next(counter), batch, cfg.train.seed))
 
     def step(self) -> int:
-        images, labels = next(self.batches)
         if self.data_only:
-            self.train_step.inputs(images, self.generator)
+            images, labels = next(self.batches)
+            self.train_step.inputs(images, torch.Generator().manual_seed(self.cfg.train.seed))
             return len(labels)
-        loss, logits = self.train_step(images, labels, self.generator)
-        self.sums.add(loss, logits, labels)  # the training loop's per-step bookkeeping
-        return len(labels)
+        # The training loop's own function, one step at a time: its per-step bookkeeping included.
+        trained = train_one_epoch(self.train_step, itertools.islice(self.batches, 1), next(self.steps), self.cfg)
+        return trained.images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,4 +290,4 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     from simpsons.cli import run_job
 
-    run_job(main, get_args_parser())
+    run_job(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only the figures

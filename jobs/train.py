@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import check_inputs, load_job_config, resolve_dataset, run_job  # noqa: E402
+from simpsons.cli import load_job_config, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,12 +29,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = load_job_config(args)
-    from simpsons.train import fit, prepare_run
+    cfg = load_job_config(args)  # a bad config is refused before Ray is imported
+    from simpsons.train import fit
 
-    check_inputs(cfg)
-    cfg = prepare_run(cfg)  # a run the cluster cannot hold fails here, before any data is prepared
-    fit(cfg, resolve_dataset(cfg))
+    fit(cfg)  # checks first: a run that cannot happen fails in seconds, before any data is prepared
 
 
 if __name__ == "__main__":

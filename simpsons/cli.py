@@ -78,8 +78,11 @@ def configure_logging(stream: TextIO | None = None) -> None:
     logger.propagate = False
 
 
-def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    configure_logging()
+def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+            log_stream: TextIO | None = None) -> None:
+    """Parse arguments and run `main`; a user error becomes one line on stderr and exit status 2.
+    The library's log lines go to `log_stream` (default stdout; benchmarks keep it for figures)."""
+    configure_logging(log_stream)
     args = parser.parse_args()
     try:
         main(args)

@@ -69,10 +69,20 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # "original": Linear-BN-Dropout-ReLU-Linear exactly as published; "standard": Linear-BN-ReLU-Dropout.
+    # "original": the original project's residual network (the default); or a torchvision
+    # architecture: resnet18, resnet50, efficientnet_b0, convnext_tiny, mobilenet_v3_large.
+    arch: str = "original"
+    # Starting weights: "none", "imagenet" (torchvision's, for a torchvision arch; downloaded once
+    # per node into data.cache_dir), or a local path / s3:// URI of a state dict (or a checkpoint.pt).
+    weights: str = "none"
+    # The original network's classifier: "original" is Linear-BN-Dropout-ReLU-Linear exactly as
+    # published; "standard" is Linear-BN-ReLU-Dropout. (torchvision architectures keep their own.)
     head: str = "original"
     # Dropout probability in the classifier head.
     dropout: float = 0.5
+    # Test-time flip: evaluation, evaluate.py, predict.py and the exported model average the
+    # logits of each image and its mirror image (twice the inference cost).
+    tta_flip: bool = False
 
 
 @dataclass
@@ -80,6 +90,9 @@ class LossConfig:
     # Focal loss weight: null (1 for every class), a number, a list of 42 numbers, or "auto"
     # (inverse square root of the training-set class frequency, mean weight per image = 1).
     alpha: Any = "auto"
+    # The class-balance exponent p of alpha "auto": alpha_c proportional to count_c^-p, from 0
+    # (every class alike) through 0.5 (inverse square root, the default) to 1 (inverse frequency).
+    alpha_power: float = 0.5
     # Focal exponent; 0 with alpha=1 is plain cross-entropy.
     gamma: float = 1.5
     # Label smoothing epsilon (0 = off).
@@ -96,6 +109,16 @@ class OptimConfig:
     lr: float = 3e-3
     # AdamW decoupled weight decay.
     weight_decay: float = 0.02
+    # With model.weights loaded, the pretrained backbone learns at lr x this and the new classifier
+    # at lr: full-rate updates to weights that already work would undo what they learnt while the
+    # random classifier's gradients are still large (the usual fine-tuning practice). Without
+    # loaded weights every parameter learns at lr.
+    backbone_lr_scale: float = 0.1
+    # Exponential moving average of the weights, updated every step with this decay (0 = off;
+    # 0.999 averages over roughly the last 1,000 steps). When on, the averaged weights are what
+    # is evaluated, ranked, exported and served; the raw weights are checkpointed beside them
+    # (training resumes from those) and their scores reported as raw_val_*.
+    ema_decay: float = 0.0
     # "cosine": linear warm-up then cosine decay per step; "plateau": the original project's
     # ReduceLROnPlateau on validation loss (factor 0.5, patience 4).
     schedule: str = "cosine"
@@ -257,6 +280,9 @@ class Config:
 
     def validate(self) -> "Config":
         _choice("model.head", self.model.head, ("original", "standard"))
+        from simpsons.model import ARCHS  # torch and torchvision: imported only when a config is checked
+
+        _choice("model.arch", self.model.arch, ARCHS)
         _choice("optim.schedule", self.optim.schedule, ("cosine", "plateau"))
         _choice("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32"))
         alpha = self.loss.alpha
@@ -308,11 +334,14 @@ _BOUNDS = {
     "data.resident_share": (0, 1, True),
     "model.dropout": (0, 1, True),
     "loss.gamma": (0, None, True),
+    "loss.alpha_power": (0, 1, True),
     "loss.label_smoothing": (0, 1, True),
     "optim.epochs": (1, None, True),
     "optim.batch_size": (1, None, True),
     "optim.lr": (0, None, False),
     "optim.weight_decay": (0, None, True),
+    "optim.backbone_lr_scale": (0, 1, True),
+    "optim.ema_decay": (0, 1, True),
     "optim.warmup_epochs": (0, None, True),
     "optim.plateau_factor": (0, 1, False),
     "optim.plateau_patience": (0, None, True),
@@ -428,8 +457,13 @@ def read_config_file(path: str | Path) -> dict:
     return values
 
 
+def config_text(cfg: Config) -> str:
+    """The config as YAML that load_config reads back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
 
 
 # The config fields that name a place on disk (or an s3:// / http(s) / Drive URI).

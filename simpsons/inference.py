@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from simpsons import checkpoint
 from simpsons.augment import eval_transform
 from simpsons.config import Config, ConfigError, from_dict
 from simpsons.data import (DataError, IMAGE_SUFFIXES, decode_failure, find_splits, load_image, pack_split, scan_split,
                            TreeProblems, too_large)
 from simpsons.metrics import classification_report, confusion_matrix
-from simpsons.model import create_model
-
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint's layout changes; readers refuse other versions
-CHECKPOINT_KEYS = ("model", "config", "class_names")  # what training saves and inference needs
-
+from simpsons.model import classify, create_model
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """The device to run a checkpoint on: `name`, or by default the first GPU when there is one."""
@@ -36,20 +32,16 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Config, list[str], dict]:
     """(model in eval mode on `device` (default: resolve_device()), config, class names, raw state)."""
     device = resolve_device(device)
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise DataError(f"No checkpoint at {path}; pass a run's best/ folder or its checkpoint.pt.")
-    state = read_checkpoint_state(path, device)
+    path = checkpoint.checkpoint_file(path)
+    state = checkpoint.load(path, device)
     try:
         cfg = from_dict(state["config"])
     except ConfigError as exc:
         raise DataError(f"{path} holds a config this code cannot read ({str(exc).rstrip('.')}); use the code version that wrote it.") from None
     class_names = list(state["class_names"])
-    model = create_model(len(class_names), cfg.model.head, cfg.model.dropout)
+    model = create_model(len(class_names), cfg.model.head, cfg.model.dropout, cfg.model.arch)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint.served_weights(state))
     except RuntimeError:  # torch lists every mismatched tensor over many lines
         raise DataError(f"{path} holds weights that do not fit this code's model; use the code version that wrote it.") from None
     model.to(device).eval()
@@ -58,34 +50,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
     return model, cfg, class_names, state
 
 
-def read_checkpoint_state(path: Path, device: str | torch.device = "cpu") -> dict:
-    """The state dict saved by training, or a DataError in one sentence for any other file."""
-    fix = "pass a run's best/ folder or the checkpoint.pt in it"
-    try:
-        with warnings.catch_warnings():  # foreign bytes also draw a pickle-protocol warning: one sentence is enough
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign bytes
-        raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it); {fix}.") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise DataError(f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}.")
-    version = state.get("format", 1)  # checkpoints written before the version was recorded are version 1
-    if version != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is a checkpoint of format version {version!r} and this code reads version "
-                        f"{CHECKPOINT_FORMAT}; use the code version that wrote it.")
-    return state
-
-
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, train_size: int, batch_size: int = 128) -> torch.Tensor:
-    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32."""
+def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, train_size: int, batch_size: int = 128,
+                  flip: bool = False) -> torch.Tensor:
+    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32 (`flip`: model.tta_flip)."""
     images = torch.as_tensor(images)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
-        out.append(model(eval_transform(batch, train_size)).float().softmax(dim=1).cpu())
+        out.append(classify(model, eval_transform(batch, train_size), flip).float().softmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -111,7 +85,7 @@ def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | Non
     if not records:
         raise DataError(f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg.")
     packed = pack_split(records, cfg.data.stored_size, workers, desc="decode")
-    probs = predict_proba(model, packed.images, cfg.data.train_size)
+    probs = predict_proba(model, packed.images, cfg.data.train_size, flip=cfg.model.tta_flip)
     labels = torch.as_tensor(packed.labels.astype(np.int64))
     cm = confusion_matrix(labels, probs.argmax(1), len(class_names)).numpy()
     return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
@@ -140,7 +114,7 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: in
         except Exception as exc:  # one unreadable file must not sink the others
             results.append({"path": str(f), "error": decode_failure(exc)})
     if kept:
-        probs = predict_proba(model, np.stack(images), cfg.data.train_size)
+        probs = predict_proba(model, np.stack(images), cfg.data.train_size, flip=cfg.model.tta_flip)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
             results.append({"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]})

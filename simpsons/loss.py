@@ -14,28 +14,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def auto_alpha(class_counts: Sequence[int]) -> list[float]:
-    """Per-class weights proportional to 1/sqrt(count), scaled so the mean weight per image is 1.
+def balance_alpha(class_counts: Sequence[int], power: float = 0.5) -> list[float]:
+    """Per-class weights proportional to count^-power, scaled so the mean weight per image is 1.
 
-    Inverse square root is the usual middle ground between no re-weighting and inverse frequency
-    (which lets a class of 3 images dominate). A class with no images gets the largest weight of
-    the others (it never appears in a batch, so the value only matters for completeness).
+    power 0 weighs every class alike, 1 is inverse frequency (which lets a class of 3 images
+    dominate), 0.5 (inverse square root) the usual middle ground and the default. A continuous
+    exponent gives a sweep a real axis to search. A class with no images gets the largest weight
+    of the others (it never appears in a batch, so the value only matters for completeness).
     """
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"loss.alpha_power must be in [0, 1], not {power}.")
     counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
     if counts.sum() <= 0:
         raise ValueError("auto alpha needs at least one training image.")
     present = counts > 0
     weights = torch.zeros_like(counts)
-    weights[present] = counts[present].rsqrt()
+    weights[present] = counts[present].pow(-power)
     weights = weights / ((weights * counts).sum() / counts.sum())
     weights[~present] = weights[present].max()
     return weights.tolist()
 
 
-def resolve_alpha(alpha, class_counts: Sequence[int]) -> list[float] | float | None:
-    """Turn the config's alpha (None, number, list or 'auto') into what FocalLoss takes."""
+def resolve_alpha(alpha, class_counts: Sequence[int], power: float = 0.5) -> list[float] | float | None:
+    """Turn the config's alpha (None, number, list or 'auto': balance_alpha with `power`) into
+    what FocalLoss takes."""
     if alpha == "auto":
-        return auto_alpha(class_counts)
+        return balance_alpha(class_counts, power)
     if isinstance(alpha, list) and len(alpha) != len(class_counts):
         raise ValueError(f"loss.alpha has {len(alpha)} values but there are {len(class_counts)} classes.")
     return alpha

@@ -1,15 +1,33 @@
-"""The original project's residual network (IlyaKarakulin/Classification-of-the-Simpsons, Model.py).
+"""The networks: the original project's residual network (the default) and torchvision backbones.
+
+The original (IlyaKarakulin/Classification-of-the-Simpsons, Model.py):
 
 Layer for layer as published: a 5x5/2 stem, six residual blocks 64-64-128-128-256-256 with 1x1
 projections where the stride is 2, global average pooling and a two-layer head. 2,934,570
 parameters for 42 classes. The published head puts Dropout before ReLU; `head="standard"` gives
 the usual Linear-BN-ReLU-Dropout order (same parameters, same shapes).
+
+torchvision architectures (`model.arch`) get a classification layer for this run's classes; their
+ImageNet weights, or a state dict of the user's, are loaded by simpsons.weights.
 """
 
 from __future__ import annotations
 
 import torch
+import torchvision
 from torch import nn
+
+# The module holding each architecture's classifier: the part that is new when weights trained on
+# other classes are loaded (and that fine-tuning trains at the full learning rate).
+HEADS = {
+    "original": "fc",
+    "resnet18": "fc",
+    "resnet50": "fc",
+    "efficientnet_b0": "classifier",
+    "convnext_tiny": "classifier",
+    "mobilenet_v3_large": "classifier",
+}
+ARCHS = tuple(HEADS)
 
 
 class ResidualBlock(nn.Module):
@@ -71,5 +89,23 @@ class SimpsonsNet(nn.Module):
         return self.fc(x)
 
 
-def create_model(num_classes: int, head: str = "original", dropout: float = 0.5) -> SimpsonsNet:
-    return SimpsonsNet(num_classes=num_classes, head=head, dropout=dropout)
+def create_model(num_classes: int, head: str = "original", dropout: float = 0.5, arch: str = "original") -> nn.Module:
+    """A freshly initialised network; `head` and `dropout` shape the original network's classifier
+    (torchvision architectures keep their own)."""
+    if arch == "original":
+        return SimpsonsNet(num_classes=num_classes, head=head, dropout=dropout)
+    if arch not in HEADS:
+        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, not {arch!r}.")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def is_head(arch: str, parameter_name: str) -> bool:
+    """Whether a parameter (or state-dict key) belongs to the architecture's classifier."""
+    return parameter_name.startswith(HEADS[arch] + ".")
+
+
+def classify(model: nn.Module, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Logits (B, C) of normalised images x (B, 3, H, W); with `flip` (test-time augmentation) the
+    mean of the logits of x and of its mirror image, as training also sees mirrored characters."""
+    logits = model(x)
+    return (logits + model(x.flip(3))) / 2 if flip else logits

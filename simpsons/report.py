@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simpsons import storage
+from simpsons import checkpoint, storage
 from simpsons.config import Config, save_config
 from simpsons.metrics import per_class_csv, plot_confusion
 
@@ -50,11 +50,11 @@ def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: 
     best checkpoint's own, which stops at the best epoch.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    saved = json.loads((checkpoint_dir / "metrics.json").read_text())
-    report = {"epoch": saved["epoch"], **saved["val"]}
+    saved = checkpoint.read_metrics(checkpoint_dir)
+    report = {"epoch": saved["epoch"], **saved["val"], "provenance": saved.get("provenance")}
     history = history or saved["history"]
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(checkpoint_dir / "checkpoint.pt", Path(tmp) / "checkpoint.pt")
+        shutil.copy(checkpoint_dir / checkpoint.CHECKPOINT_FILE, Path(tmp) / checkpoint.CHECKPOINT_FILE)
         save_config(cfg, Path(tmp) / "config.yaml")
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
         write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)
@@ -62,14 +62,6 @@ def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: 
     _logger.info("Best epoch %d: val macro-F1 %.4f, accuracy %.4f -> %s",
                  saved["epoch"] + 1, report["macro_f1"], report["accuracy"], dest_uri)
     return {**report, "history": history}
-
-
-# TODO(issue 12): read_history belongs to the checkpoint format's owner (simpsons/checkpoint.py);
-# it moves there with the checkpoint layout, and train.fit imports it from there.
-def read_history(checkpoint) -> list[dict]:
-    """The per-epoch metrics recorded in a reported Ray checkpoint."""
-    with checkpoint.as_directory() as ckpt_dir:
-        return json.loads((Path(ckpt_dir) / "metrics.json").read_text())["history"]
 
 
 def report_class_names(report: dict) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import posixpath
 import tempfile
@@ -23,7 +22,8 @@ import yaml
 
 from simpsons import storage
 from simpsons.config import Config, to_dict
-from simpsons.train import METRICS_FILE, SCORE
+from simpsons.checkpoint import read_metrics
+from simpsons.train import SCORE
 
 _logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def write_sweep_report(rows: list[dict], sweep_uri: str, best_cfg: Config) -> No
     with checkpoint.as_directory() as ckpt_dir:
         # The checkpoint's own history stops at its epoch; curves.png gets every epoch the trial
         # ran (Tune's copy of them, with the keys the training loop reports).
-        keys = json.loads((Path(ckpt_dir) / METRICS_FILE).read_text())["history"][0].keys()
+        keys = read_metrics(ckpt_dir)["history"][0].keys()
         history = [{k: epoch[k] for k in keys if k in epoch} for epoch in best["history"]]
         write_best(ckpt_dir, storage.join(sweep_uri, "best"), best_cfg, history=history)
 

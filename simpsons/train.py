@@ -7,16 +7,14 @@ export the best checkpoint with its metrics to `<storage>/<run name>/best/`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
-import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import ray
 import ray.train
@@ -24,19 +22,19 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from simpsons import storage
+from simpsons import checkpoint, storage
 from simpsons.augment import eval_transform, train_transform
-from simpsons.config import Config, ConfigError, from_dict, resolve_paths, to_dict
+from simpsons.cli import configure_logging
+from simpsons.cluster import absolute_dataset_uri, prepare_run, worker_resources
+from simpsons.config import Config, config_text, from_dict, to_dict
 from simpsons.data import ResidentSplit, data_placement, load_packed, read_manifest
-from simpsons.inference import CHECKPOINT_FORMAT
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
-from simpsons.model import create_model
+from simpsons.model import classify, create_model, is_head
+from simpsons.weights import load_weights, pretrained
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"
 SCORE = "val_macro_f1"  # the metric checkpoints are ranked by
 
 
@@ -59,11 +57,7 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def worker_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
-    """The seed of one random stream of one rank in one epoch (0: augmentation, 1: dropout).
-
-    Every rank draws its own augmentations and dropout masks; with one seed on all ranks, DDP would
-    average gradients of identically masked networks and waste the workers' diversity.
-    """
+    """The seed of one random stream of one rank in one epoch (0: augmentation, 1: dropout)."""
     return ((seed * 1_000_003 + epoch) * 997 + rank) * 2 + stream
 
 
@@ -99,6 +93,13 @@ class TrainStep:
         # Under DDP with gradient_as_bucket_view the gradients are views into the all-reduce buckets;
         # setting them to None would make autograd allocate fresh ones that DDP copies back every step.
         self.set_to_none = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        # The weights' moving average (optim.ema_decay), BatchNorm statistics included; its update is
+        # one fused lerp per tensor on the device, no sync.
+        self.ema = None
+        if cfg.optim.ema_decay:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                getattr(model, "module", model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay),
+                use_buffers=True)
 
     def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
@@ -118,37 +119,84 @@ class TrainStep:
         self.scaler.update()
         if self.per_step_schedule:
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(getattr(self.model, "module", self.model))
         return loss.detach(), logits.detach()
 
 
 def build_components(cfg: Config, class_counts: list[int], device: torch.device, prepare=lambda m: m):
-    """Model (prepared for DDP by `prepare`), focal loss, AdamW, scheduler and the step."""
+    """Model (its starting weights loaded, prepared for DDP by `prepare`), focal loss and AdamW."""
     torch.manual_seed(cfg.train.seed)
-    model = create_model(len(class_counts), cfg.model.head, cfg.model.dropout).to(device)
+    m = cfg.model
+    model = create_model(len(class_counts), m.head, m.dropout, m.arch)
+    load_weights(model, m.arch, m.weights, cfg.data.cache_dir, cfg.run.s3_endpoint)
+    groups = parameter_groups(model, cfg)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = prepare(model)
-    criterion = FocalLoss(resolve_alpha(cfg.loss.alpha, class_counts), cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
-    )
+    alpha = resolve_alpha(cfg.loss.alpha, class_counts, cfg.loss.alpha_power)
+    criterion = FocalLoss(alpha, cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     return model, criterion, optimizer
 
 
-class EpochSums:
-    """Training loss and accuracy summed on the device over an epoch: read once, at its end.
+def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """The classifier at optim.lr, then, with model.weights loaded, the pretrained backbone at
+    optim.lr x optim.backbone_lr_scale (one group at optim.lr otherwise)."""
+    if not pretrained(cfg.model.weights):
+        return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        (head if is_head(cfg.model.arch, name) else backbone).append(param)
+    return [{"params": head, "lr": cfg.optim.lr}, {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale}]
 
-    The image count is kept on the host, where it is known: a `torch.tensor(n, device="cuda")` per
-    step would be a blocking host->device copy that drains the GPU's queue.
+
+@dataclass
+class EpochStats:
+    """What one training epoch measured, summed over every rank."""
+
+    loss: float  # mean training loss per image
+    accuracy: float  # of the training predictions, on augmented images
+    images: int  # trained on, all ranks together
+    seconds: float  # wall time, the device's queued work included
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def train_one_epoch(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int, cfg: Config,
+                    rank: int = 0, world: int = 1, steps_per_epoch: int = 0) -> EpochStats:
+    """Run `step` over `batches` ((B, S, S, 3) uint8 images, (B,) labels) and return the epoch's
+    loss and accuracy, summed on the device and read once at the end (no per-step sync).
+
+    Plain PyTorch: the Ray worker, the tests and the benchmarks all run this function. With
+    world > 1 it all-reduces the sums, so every rank must call it with the same number of batches.
     """
-
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct
-        self.images = 0
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double()])
-        self.images += len(labels)
+    device = next(step.model.parameters()).device
+    # Every rank draws its own augmentations and dropout masks: with one seed on all ranks, DDP
+    # would average gradients of identically masked networks and waste the workers' diversity.
+    generator = torch.Generator(device=device).manual_seed(worker_seed(cfg.train.seed, epoch, rank, 0))
+    torch.manual_seed(worker_seed(cfg.train.seed, epoch, rank, 1))  # dropout masks
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct
+    images = 0  # on the host, where it is known: a per-step torch.tensor(n, device="cuda") would block
+    log_every = cfg.train.log_every if rank == 0 else 0
+    started = time.perf_counter()
+    for i, (batch, labels) in enumerate(batches):
+        loss, logits = step(batch, labels, generator)
+        sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double()])
+        images += len(labels)
+        if log_every and (i + 1) % log_every == 0:
+            _logger.info("epoch %d/%d step %d/%d loss %.3f %.0f img/s", epoch + 1, cfg.optim.epochs, i + 1,
+                         steps_per_epoch, float(loss), images * world / (time.perf_counter() - started))
+    synchronize(device)  # nothing in the steps waits for the GPU: the time must
+    seconds = time.perf_counter() - started
+    if world > 1:
+        dist.all_reduce(sums)
+    images *= world  # every rank takes the same number of images
+    return EpochStats(loss=float(sums[0]) / max(1, images), accuracy=float(sums[1]) / max(1, images),
+                      images=images, seconds=seconds)
 
 
 def synchronize(device: torch.device) -> None:
@@ -160,8 +208,10 @@ def synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.device, num_classes: int,
              rank: int = 0, world: int = 1) -> tuple[torch.Tensor, float]:
-    """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split)."""
-    # The bare module, not the DDP wrapper: the wrapper's first forward after training broadcasts
+    """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split).
+
+    `model` is the trained network, its DDP wrapper or its moving average (AveragedModel)."""
+    # The bare module, not the DDP (or AveragedModel) wrapper: the wrapper's first forward after training broadcasts
     # the BatchNorm buffers, a collective that a rank with no validation batch (fewer images than
     # ranks) never joins, pairing the others' broadcast with its all_reduce below: a hang. Every
     # rank broadcasts here instead, so all evaluate with rank 0's statistics, as its checkpoint holds.
@@ -176,7 +226,7 @@ def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.
     batch = max(1, cfg.optim.batch_size // world) * 2
     for images, labels in split.eval_batches(batch, rank, world):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(eval_transform(images, cfg.data.train_size))
+            logits = classify(model, eval_transform(images, cfg.data.train_size), cfg.model.tta_flip)
         loss_sum += criterion(logits, labels).double() * len(labels)
         cm += confusion_matrix(labels, logits.argmax(1), num_classes)
     if world > 1:
@@ -188,60 +238,12 @@ def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# The checkpoint
-
-
-def _to_cpu(value):
-    """`value` with every tensor in it copied to the CPU (dicts, lists and tuples walked through)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
-
-
-def checkpoint_state(model, optimizer, scheduler, scaler, **extra) -> dict:
-    """The checkpoint's plain dict, every tensor on the CPU.
-
-    CUDA tensors in it would make a plain `torch.load` fail on a machine without that GPU; the
-    loader moves them to its own device (`restore_state`, `inference.load_checkpoint`).
-    """
-    return _to_cpu({
-        "model": getattr(model, "module", model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "format": CHECKPOINT_FORMAT,  # checked on load (inference.read_checkpoint_state)
-        **extra,
-    })
-
-
-def restore_state(state: dict, model, optimizer, scheduler, scaler) -> None:
-    """Load a checkpoint into this run's objects, whose settings may differ from the saving run's."""
-    getattr(model, "module", model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    # Optimizer state keeps the memory layout it was saved with; fused AdamW on CUDA refuses state
-    # whose strides differ from its parameter's (a run resumed with train.channels_last flipped).
-    for param, param_state in optimizer.state.items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-    scheduler.load_state_dict(state["scheduler"])
-    # A disabled GradScaler (bf16, fp32) saves {}, which an enabled one refuses: a run resumed with
-    # train.precision=fp16 starts its loss scale afresh instead.
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The Ray Train worker
+# The Ray Train worker: setup -> restore -> epochs (train, evaluate, report with a checkpoint)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = from_dict(config["cfg"])
-    dataset_uri = config["dataset"]
+    cfg, dataset_uri, code = from_dict(config["cfg"]), config["dataset"], config["code_version"]
+    configure_logging()  # this process is a Ray worker: rank 0's lines reach the driver's output
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -253,98 +255,101 @@ def train_loop_per_worker(config: dict) -> None:
     dataset_dir = storage.local_dataset_dir(dataset_uri, cfg.data.cache_dir, cfg.run.s3_endpoint)
     manifest = read_manifest(dataset_dir)
     class_names = manifest["class_names"]
-    counts = manifest["splits"]["train"]["class_counts"]
-    arrays = {name: load_packed(dataset_dir, name) for name in ("train", "val")}
-    on_device, placement = data_placement(sum(a.nbytes for pair in arrays.values() for a in pair), device,
-                                          cfg.data.resident_share)
-    if rank == 0:  # every rank decides for its own device; one line in the log is enough
-        print(f"Data: train + val {placement}.", flush=True)
-    train_split, val_split = (ResidentSplit(*arrays[name], device=device, on_device=on_device) for name in ("train", "val"))
-    del arrays
+    origin = checkpoint.provenance(dataset_uri, dataset_dir, code)
+    train_split, val_split = resident_splits(dataset_dir, device, cfg.data.resident_share, announce=rank == 0)
     per_worker_batch = cfg.optim.batch_size // world
     steps_per_epoch = train_split.steps_per_epoch(per_worker_batch, world)
 
     ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
     model, criterion, optimizer = build_components(
-        cfg, counts, device,
+        cfg, manifest["splits"]["train"]["class_counts"], device,
         prepare=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs),
     )
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
     step = TrainStep(model, criterion, optimizer, scheduler, cfg, device)
-    bare_model = getattr(model, "module", model)
 
     start_epoch, best_score, history = 0, -1.0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        restore_state(state, model, optimizer, scheduler, step.scaler)
+    resumed_from = ray.train.get_checkpoint()
+    if resumed_from:
+        with resumed_from.as_directory() as folder:
+            state = checkpoint.load(folder, device)
+        checkpoint.restore(state, model, optimizer, scheduler, step.scaler, step.ema)
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
         if rank == 0:
-            print(f"Resuming from the checkpoint of epoch {state['epoch']}; continuing at epoch {start_epoch}.", flush=True)
+            _logger.info("Resuming from the checkpoint of epoch %d; continuing at epoch %d.", state["epoch"], start_epoch)
 
     writer = _TensorBoard(cfg) if rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(worker_seed(cfg.train.seed, epoch, rank, 0))
-        torch.manual_seed(worker_seed(cfg.train.seed, epoch, rank, 1))  # dropout masks
-        sums = EpochSums(device)
-        for i, (images, labels) in enumerate(train_split.train_batches(epoch, per_worker_batch, cfg.train.seed, rank, world)):
-            loss, logits = step(images, labels, generator)
-            sums.add(loss, logits, labels)
-            if rank == 0 and cfg.train.log_every and (i + 1) % cfg.train.log_every == 0:
-                rate = sums.images * world / (time.perf_counter() - started)
-                print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {i + 1}/{steps_per_epoch} "
-                      f"loss {float(loss):.3f} {rate:.0f} img/s", flush=True)
-        synchronize(device)  # nothing in the steps waits for the GPU: the time must
-        train_time = time.perf_counter() - started
+        batches = train_split.train_batches(epoch, per_worker_batch, cfg.train.seed, rank, world)
+        trained = train_one_epoch(step, batches, epoch, cfg, rank, world, steps_per_epoch)
         if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
-            writer.histograms(bare_model, epoch)  # gradients of the epoch's last step are still in .grad
-        if world > 1:
-            dist.all_reduce(sums.sums)
-        images_seen = sums.images * world  # every rank takes the same number of images
-        cm, val_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
+            writer.histograms(getattr(model, "module", model), epoch)  # the epoch's last gradients are still in .grad
+        raw_cm, raw_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
         if cfg.optim.schedule == "plateau":
-            scheduler.step(val_loss)
+            scheduler.step(raw_loss)
+        cm, val_loss = raw_cm, raw_loss
+        if step.ema is not None:  # the served weights are the average: they are scored and ranked
+            cm, val_loss = evaluate(step.ema, criterion, val_split, cfg, device, len(class_names), rank, world)
         report = classification_report(cm, class_names)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": float(sums.sums[0]) / images_seen,
-            "train_acc": float(sums.sums[1]) / images_seen,
-            "val_loss": val_loss,
-            "val_acc": report["accuracy"],
-            "val_macro_precision": report["macro_precision"],
-            "val_macro_recall": report["macro_recall"],
-            SCORE: report["macro_f1"],
-            "val_weighted_f1": report["weighted_f1"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_img_per_s": images_seen / train_time,
-            "epoch_time_s": time.perf_counter() - started,
-            "resumed": bool(checkpoint),
-        }
+        metrics = epoch_metrics(epoch, trained, val_loss, report, optimizer, time.perf_counter() - started,
+                                resumed=bool(resumed_from))
+        if step.ema is not None:
+            raw = classification_report(raw_cm, class_names)
+            metrics.update(raw_val_loss=raw_loss, raw_val_acc=raw["accuracy"], raw_val_macro_f1=raw["macro_f1"])
         history.append(metrics)
         best_score = max(best_score, metrics[SCORE])
+        saved = None
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs} train loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | "
-                  f"val loss {val_loss:.3f} acc {metrics['val_acc']:.3f} macro-F1 {metrics[SCORE]:.3f} | "
-                  f"{metrics['train_img_per_s']:.0f} img/s", flush=True)
+            _logger.info("epoch %d/%d train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.0f img/s",
+                         epoch + 1, cfg.optim.epochs, trained.loss, trained.accuracy, val_loss, metrics["val_acc"],
+                         metrics[SCORE], trained.images_per_s)
             writer.scalars(metrics, epoch)
-        ckpt = None
-        if rank == 0:
-            folder = Path(tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-"))  # Ray deletes it once uploaded
-            torch.save(checkpoint_state(model, optimizer, scheduler, step.scaler, epoch=epoch, best_score=best_score,
-                                        history=history, config=to_dict(cfg), class_names=list(class_names)),
-                       folder / CHECKPOINT_FILE)
-            (folder / METRICS_FILE).write_text(json.dumps(
-                {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}))
-            ckpt = ray.train.Checkpoint.from_directory(str(folder))
+            state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
+                                              best_score=best_score, history=history, config=to_dict(cfg),
+                                              class_names=list(class_names), provenance=origin)
+            folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")  # Ray deletes it once uploaded
+            checkpoint.save(folder, state, {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(),
+                                            "history": history, "provenance": origin})
+            saved = ray.train.Checkpoint.from_directory(folder)
         # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
         # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
         # copy has finished, and the worker's end waits for every pending copy.
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
     if writer:
         writer.close()
+
+
+def resident_splits(dataset_dir: str | Path, device: torch.device, share: float,
+                    announce: bool = True) -> tuple[ResidentSplit, ResidentSplit]:
+    """The packed train and val splits, kept whole on `device` (or in pinned host memory when they
+    do not fit `share` of its free memory)."""
+    arrays = {name: load_packed(dataset_dir, name) for name in ("train", "val")}
+    on_device, placement = data_placement(sum(a.nbytes for pair in arrays.values() for a in pair), device, share)
+    if announce:  # every rank decides for its own device; one line in the log is enough
+        _logger.info("Data: train + val %s.", placement)
+    return tuple(ResidentSplit(*arrays[name], device=device, on_device=on_device) for name in ("train", "val"))
+
+
+def epoch_metrics(epoch: int, trained: EpochStats, val_loss: float, report: dict, optimizer, seconds: float,
+                  resumed: bool) -> dict:
+    """The figures reported to Ray (and kept in every checkpoint's history) for one epoch."""
+    return {
+        "epoch": epoch,
+        "train_loss": trained.loss,
+        "train_acc": trained.accuracy,
+        "val_loss": val_loss,
+        "val_acc": report["accuracy"],
+        "val_macro_precision": report["macro_precision"],
+        "val_macro_recall": report["macro_recall"],
+        SCORE: report["macro_f1"],
+        "val_weighted_f1": report["weighted_f1"],
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_img_per_s": trained.images_per_s,
+        "epoch_time_s": seconds,
+        "resumed": resumed,
+    }
 
 
 class _TensorBoard:
@@ -398,223 +403,15 @@ class _TensorBoard:
 # in RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, e.g. while the autoscaler boots a cold node) before
 # the run fails. Ray's default, -1, retries for ever: a run that can never start would never end.
 CONTROLLER_FAILURE_LIMIT = 3
-# Where the cluster launcher (`ray up`) puts its config on the head node.
-LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
-
-
-@dataclass
-class ClusterCapacity:
-    """The Ray cluster's nodes and what its autoscaler may add (nothing on a plain `ray.init()`)."""
-
-    # Total resources of every live node, e.g. {"CPU": 48.0, "GPU": 4.0}; busy ones included,
-    # since they are freed again: only what can never exist makes a run impossible.
-    nodes: list[dict[str, float]]
-    # Live nodes other than the driver's (Ray Train workers may land on any of them).
-    other_nodes: int
-    # Autoscaler node types: (name, resources of one node, nodes of the type it may start).
-    node_types: list[tuple[str, dict[str, float], int]] = field(default_factory=list)
-    # The autoscaler's limit on worker nodes of all types together (None: no limit given).
-    max_added: int | None = None
-
-    def can_add_nodes(self) -> bool:
-        return any(count > 0 for _, _, count in self.node_types) and self.max_added != 0
-
-    def has(self, resource: str) -> bool:
-        """Whether some node has, or some node type the autoscaler may start would have, `resource`."""
-        return any(node.get(resource, 0) > 0 for node in self.nodes) or any(
-            res.get(resource, 0) > 0 for _, res, count in self.node_types if count > 0 and self.max_added != 0)
-
-    def bundles_that_fit(self, bundle: dict[str, float]) -> int:
-        """How many copies of `bundle` (one worker's resources) the cluster holds at most, counting
-        the nodes its autoscaler may add, so a PACK or SPREAD placement of that many can succeed."""
-        def per_node(resources: dict[str, float]) -> int:
-            needed = [(k, v) for k, v in bundle.items() if v > 0]
-            if not needed:
-                return 1 << 30
-            return min(int(resources.get(k, 0) / v + 1e-9) for k, v in needed)
-
-        total = sum(per_node(node) for node in self.nodes)
-        room = float("inf") if self.max_added is None else self.max_added
-        for _, resources, count in sorted(self.node_types, key=lambda t: per_node(t[1]), reverse=True):
-            added = int(min(count, room))
-            total += per_node(resources) * added
-            room -= added
-        return total
-
-    def describe(self) -> str:
-        def fmt(resources: dict[str, float]) -> str:
-            shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store"))}
-            return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
-
-        text = f"{len(self.nodes)} node(s) {', '.join(fmt(n) for n in self.nodes) or ''}".rstrip()
-        types = [f"up to {count} x {name} {fmt(res)}" for name, res, count in self.node_types if count > 0]
-        if types and self.max_added != 0:
-            limit = "" if self.max_added is None else f", at most {self.max_added} in all"
-            return f"{text}; its autoscaler can add {', '.join(types)}{limit}"
-        return f"{text} and no autoscaler that can add more"
-
-
-def cluster_capacity() -> ClusterCapacity:
-    """The connected Ray cluster's nodes, plus the node types its autoscaler reported to the GCS."""
-    driver_node = ray.get_runtime_context().get_node_id()
-    alive = [node for node in ray.nodes() if node.get("Alive")]
-    capacity = ClusterCapacity(
-        nodes=[{k: float(v) for k, v in node.get("Resources", {}).items()} for node in alive],
-        other_nodes=sum(node.get("NodeID") != driver_node for node in alive),
-    )
-    capacity.node_types, capacity.max_added = _autoscaler_node_types()
-    return capacity
-
-
-def _autoscaler_node_types() -> tuple[list[tuple[str, dict[str, float], int]], int | None]:
-    """(node types, limit on added nodes) of the cluster's autoscaler; ([], None) without one."""
-    from ray._private.state import state
-
-    config = state.get_cluster_config()  # reported to the GCS by autoscalers that do (KubeRay's v2)
-    if config is not None and config.node_group_configs:
-        unlimited = 1 << 30
-        return [(group.name, {k: float(v) for k, v in group.resources.items()},
-                 unlimited if group.max_count < 0 else int(group.max_count))
-                for group in config.node_group_configs], None
-    # The VM launcher (`ray up`) reports nothing; it leaves its config where Tune also looks for it
-    # (ray.tune.execution.cluster_info): on the head, where `ray job submit` runs the driver.
-    path = Path(LAUNCHER_CONFIG).expanduser()
-    if path.is_file():
-        import yaml
-
-        return launcher_node_types(yaml.safe_load(path.read_text()) or {})
-    return [], None
-
-
-def launcher_node_types(config: dict) -> tuple[list[tuple[str, dict[str, float], int]], int | None]:
-    """(worker node types, global max_workers) of a cluster launcher config such as cluster.yaml."""
-    head = config.get("head_node_type")
-    types = [(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()}, int(spec.get("max_workers", 0)))
-             for name, spec in (config.get("available_node_types") or {}).items() if name != head]
-    limit = config.get("max_workers")
-    return types, None if limit is None else int(limit)
-
-
-def resolve_resources(cfg: Config, capacity: ClusterCapacity | None = None) -> Config:
-    """Fill in train.use_gpu="auto" and cpus_per_worker=0 from the Ray cluster, and refuse a
-    placement the cluster can never satisfy (Ray Train would otherwise wait and retry for ever)."""
-    cfg = from_dict(to_dict(cfg))
-    capacity = capacity or cluster_capacity()
-    if cfg.train.use_gpu == "auto":
-        # On an autoscaling cluster the GPU nodes may not exist yet when the job starts: the node
-        # types decide, or "auto" would quietly train on the GPU nodes' CPUs.
-        cfg.train.use_gpu = capacity.has("GPU")
-    if not cfg.train.cpus_per_worker:
-        cpus = sum(node.get("CPU", 0) for node in capacity.nodes)
-        cfg.train.cpus_per_worker = float(max(1, int(cpus // cfg.train.workers)))
-    bundle = worker_resources(cfg)
-    fits = capacity.bundles_that_fit(bundle)
-    if fits < cfg.train.workers:
-        asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
-        raise ConfigError(
-            f"The run asks for {cfg.train.workers} Ray Train worker(s) with {asked} each, but the cluster "
-            f"({capacity.describe()}) can hold {fits}; lower train.workers or train.cpus_per_worker"
-            f"{', set train.use_gpu=false' if cfg.train.use_gpu else ''}, or add nodes (cluster.yaml max_workers)."
-        )
-    return cfg
-
-
-def worker_resources(cfg: Config) -> dict[str, float]:
-    """What one Ray Train worker holds (resources must be resolved: see resolve_resources)."""
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
-    return {**resources, **cfg.train.resources_per_worker}
-
-
-def check_storage_reach(cfg: Config, dataset_uri: str, capacity: ClusterCapacity) -> None:
-    """Refuse local folders for the data and the run when workers may run on another machine.
-
-    A folder on the driver's disk does not exist on the other nodes: their workers would fail
-    with a misleading "dataset missing" (retried train.max_failures times) or, for run.storage,
-    only at the first checkpoint, an epoch later.
-    """
-    if not (capacity.other_nodes or capacity.can_add_nodes()):
-        return
-    where = f"this Ray cluster has (or can add) nodes other than the driver's ({capacity.describe()}), whose workers cannot see it"
-    if not storage.is_s3(dataset_uri):
-        raise ConfigError(
-            f"The dataset {dataset_uri or cfg.data.source} is a local folder, but {where}; prepare it into S3 "
-            f"(python jobs/prepare_data.py --dest s3://BUCKET/PREFIX) and set data.uri to the s3:// version it prints."
-        )
-    if not storage.is_s3(cfg.run.storage):
-        raise ConfigError(
-            f"run.storage {cfg.run.storage} is a local folder, but {where}; set run.storage=s3://BUCKET/PREFIX."
-        )
-
-
-def absolute_dataset_uri(uri: str) -> str:
-    """An s3:// URI as it is; a local folder as an absolute path (workers do not share our cwd)."""
-    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), or start a local one.
-
-    A RAY_ADDRESS whose GCS does not answer is refused at once: `ray.init` would wait on it for
-    minutes. When ASHA stops a trial, Ray Train's placement-group cleaner frees the trial's workers;
-    it finds the cluster through the dashboard and, if it has to guess while other Ray instances
-    run on the same machine, gives up, so the stopped trial's CPUs are never freed and the next
-    trial waits for ever. A local cluster therefore gets a known dashboard port whose address every
-    Ray process inherits (the raylet copies this process's environment).
-    """
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address:
-        _check_reachable(address)
-        ray.init()
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", dashboard_port=port)
-
-
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """One sentence instead of ray.init's minutes-long wait when RAY_ADDRESS names a dead GCS."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto", "local" and the like: Ray's own lookup
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"No Ray cluster answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start it "
-            f"(ray start --head) or unset RAY_ADDRESS to run on a local Ray instance."
-        ) from None
-
-
-def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
-    """The driver's checks before anything travels to a worker: paths made absolute, local folders
-    refused on a multi-node cluster, resources resolved and the placement shown to be possible.
-
-    `dataset_uri` defaults to data.uri (empty: prepared from data.source into the local cache).
-    Joins the Ray cluster (or starts a local one) if this process has not yet.
-    """
-    init_ray()
-    cfg = resolve_paths(cfg)
-    capacity = cluster_capacity()
-    check_storage_reach(cfg, cfg.data.uri if dataset_uri is None else dataset_uri, capacity)
-    return resolve_resources(cfg, capacity)
-
-
 def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for this config (resources must be resolved: see resolve_resources)."""
+    """A TorchTrainer for this config (resources must be resolved: see cluster.prepare_run)."""
     name = name or cfg.run.name
-    resources = worker_resources(cfg)
     fs, path = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "dataset": dataset_uri},
+        train_loop_config={"cfg": to_dict(cfg), "dataset": dataset_uri, "code_version": checkpoint.code_version()},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=worker_resources(cfg)
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -634,27 +431,34 @@ def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callba
 def best_checkpoint(result) -> ray.train.Checkpoint:
     if not result.best_checkpoints:
         raise RuntimeError("The run reported no checkpoint; nothing to export.")
-    checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
-    return checkpoint
+    best, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
+    return best
 
 
-def fit(cfg: Config, dataset_uri: str) -> dict:
-    """Train with Ray Train, then export the best checkpoint; returns the exported metrics."""
-    from simpsons.report import read_history, write_best
+def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
+    """A whole training job: the driver's checks, data, Ray Train, then the best checkpoint's report
+    in `<run.storage>/<run.name>/best/`; returns the reported metrics.
 
-    storage.check_writable(cfg.run.storage, cfg.run.s3_endpoint)  # said now, not by Ray's controller later
-    dataset_uri = absolute_dataset_uri(dataset_uri)
+    `dataset_uri` is a packed dataset; by default data.uri, or data.source prepared into the cache
+    once the checks have shown the run can happen (a bad run fails in seconds, not after packing).
+    """
+    from simpsons.cli import resolve_dataset
+    from simpsons.report import write_best
+
+    cfg = prepare_run(cfg, dataset_uri)
+    dataset_uri = absolute_dataset_uri(dataset_uri or resolve_dataset(cfg))
     if not storage.is_s3(dataset_uri):
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
     else:
         storage.check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
-    cfg = prepare_run(cfg, dataset_uri)
-    print(f"Training {cfg.run.name}: {cfg.train.workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'}, "
-          f"{cfg.train.cpus_per_worker:g} CPU(s) each, {cfg.optim.epochs} epochs -> {cfg.run.storage}", flush=True)
+    run_uri = storage.join(cfg.run.storage, cfg.run.name)
+    # The resolved config beside the run from its start: a run stopped early still says how it was set.
+    storage.write_bytes(config_text(cfg).encode(), storage.join(run_uri, "config.yaml"), cfg.run.s3_endpoint)
+    _logger.info("Training %s: %d worker(s), %s, %g CPU(s) each, %d epochs -> %s", cfg.run.name, cfg.train.workers,
+                 "GPU" if cfg.train.use_gpu else "CPU", cfg.train.cpus_per_worker, cfg.optim.epochs, cfg.run.storage)
     result = build_trainer(cfg, dataset_uri).fit()
-    dest = storage.join(cfg.run.storage, cfg.run.name, "best")
     # Read the latest checkpoint before opening the best one: when they are the same checkpoint, a
     # nested as_directory() in one process shares its temp folder and deletes it on the inner exit.
-    history = read_history(result.checkpoint)
-    with best_checkpoint(result).as_directory() as ckpt_dir:
-        return write_best(ckpt_dir, dest, cfg, history=history)
+    history = checkpoint.read_history(result.checkpoint)
+    with best_checkpoint(result).as_directory() as folder:
+        return write_best(folder, storage.join(run_uri, "best"), cfg, history=history)

@@ -30,7 +30,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from simpsons import storage
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
-from simpsons.train import SCORE, absolute_dataset_uri, build_trainer, prepare_run
+from simpsons.cluster import absolute_dataset_uri, prepare_run
+from simpsons.train import SCORE, build_trainer
 
 _logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def trial_driver_resources(sweep: SweepConfig) -> dict[str, float]:
 def resolve_sweep_resources(cfg: Config, dataset_uri: str | None = None) -> tuple[Config, int]:
     """(cfg with paths and resources settled and checked, trials that run at once).
 
-    Joins the Ray cluster (see `simpsons.train.prepare_run`). A sweep shares the cluster between
+    Runs the driver's checks and joins the Ray cluster (`simpsons.cluster.prepare_run`). A sweep shares the cluster between
     trials, so an unset train.cpus_per_worker means 1 (not the single-run default of every CPU),
     and 0 concurrent trials means as many as fit.
     """
@@ -210,11 +211,10 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
     the placement before any data is prepared; `dataset_uri` defaults to data.uri, or data.source
     prepared into the local cache.
     """
-    from simpsons.cli import check_inputs, resolve_dataset
+    from simpsons.cli import resolve_dataset
 
     sweep = cfg.tune
-    check_inputs(cfg, dataset_uri)
-    cfg, concurrent = resolve_sweep_resources(cfg, dataset_uri)
+    cfg, concurrent = resolve_sweep_resources(cfg, dataset_uri)  # prepare_run's checks, Ray, the placement
     dataset_uri = absolute_dataset_uri(dataset_uri or resolve_dataset(cfg))  # trials run in folders of their own
     sweep_uri = storage.join(cfg.run.storage, sweep.name)
     fs, root = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)

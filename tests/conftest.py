@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from simpsons.cluster import free_port
 from synthetic import make_image_tree
 
 # Ray workers inherit this; keeps 2-worker fits on 2 cores quick (RAY_NOTES.md).
@@ -15,12 +15,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "simpsons_dataset"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +72,13 @@ def ray_cluster(s3_server):
     """
     import ray
 
-    # Ray Train's placement-group cleaner (it frees the workers of a Tune trial that ASHA stops)
-    # finds the cluster through the dashboard; with other Ray instances on the machine it cannot
-    # guess which one, so every Ray process inherits the address (the raylet copies this env).
-    dashboard_port = free_port()
+    from simpsons.cluster import init_ray
+
+    # The jobs' own way to start a local cluster; it names the dashboard's address in
+    # RAY_API_SERVER_ADDRESS for every Ray process (see init_ray), restored afterwards.
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    ray.init(num_cpus=4, log_to_driver=True, _node_ip_address="127.0.0.1", dashboard_port=dashboard_port)
+    saved_address = os.environ.pop("RAY_ADDRESS", None)  # this fixture's cluster, never another
+    init_ray(num_cpus=4)
     try:
         yield ray
     finally:
@@ -93,3 +87,5 @@ def ray_cluster(s3_server):
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
+        if saved_address is not None:
+            os.environ["RAY_ADDRESS"] = saved_address

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from simpsons.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the head, `ray job submit` and the job's `python` all come from here
@@ -65,10 +66,13 @@ def _die_with_parent(sig: int):
     return set_parent_death_signal
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each process that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Process:
@@ -245,11 +249,7 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 os.killpg(self._head.pid, signal.SIGKILL)
                 self._head.wait(10)
-        for pid in self.leftover_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(self.leftover_pids())
         if getattr(self, "_log", None):
             self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -364,11 +364,7 @@ class RayNode:
 
     def kill(self) -> None:
         """The node is lost: every one of its processes dies at once, with no chance to clean up."""
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(self.pids())
         if self._process is not None:
             self._process.wait(10)
 

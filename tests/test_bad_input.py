@@ -18,7 +18,7 @@ import boto3
 import pytest
 import torch
 
-from conftest import free_port
+from simpsons.cluster import free_port
 from simpsons.model import create_model
 from synthetic import make_image_tree
 

@@ -33,11 +33,11 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
 from simpsons.config import load_config
+from image_files import SECRET, dockerfile_instructions, documented_image
 from simpsons.storage import is_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE_ARN = re.compile(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@/-]+")
-SECRET = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|RAY_AUTH_TOKEN=", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +51,6 @@ def prepared(cluster) -> dict:
     config = prepare_config(copy.deepcopy(cluster))
     validate_config(config)
     return config
-
-
-def dockerfile_instructions() -> list[str]:
-    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
-def documented_image() -> str:
-    """The image reference the Dockerfile tells the user to build and push."""
-    match = re.search(r"docker build -t (\S+) \.", (ROOT / "Dockerfile").read_text())
-    assert match, "the Dockerfile's header must show its `docker build -t <image> .` command"
-    return match.group(1)
 
 
 def project_version() -> str:

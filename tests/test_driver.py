@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from simpsons.config import ConfigError, load_config, resolve_paths
-from simpsons.train import ClusterCapacity, check_storage_reach, launcher_node_types, resolve_resources
+from simpsons.cluster import ClusterCapacity, check_storage_reach, launcher_node_types, resolve_resources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_the_driver_finds_the_autoscalers_node_types_where_ray_keeps_them(ray_cl
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    from simpsons.train import cluster_capacity
+    from simpsons.cluster import cluster_capacity
 
     monkeypatch.setenv("HOME", str(tmp_path))  # the driver's home on the head
     plain = cluster_capacity()  # a plain `ray.init()`: no autoscaler

@@ -8,6 +8,7 @@ benchmark reuses.
 from __future__ import annotations
 
 import io
+import math
 import json
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed
-from simpsons.train import (EpochSums, TrainStep, amp_dtype, build_components, checkpoint_state, create_scheduler,
-                            restore_state)
+from simpsons.checkpoint import restore, training_state
+from simpsons.train import TrainStep, amp_dtype, build_components, create_scheduler, train_one_epoch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)")]
@@ -84,14 +85,17 @@ def test_training_step_never_waits_for_the_gpu(precision, on_device):
     batches = split.train_batches(0, 128, seed=0)
     for _ in range(2):  # warm-up: cudnn.benchmark's tuning, normalize's constants, the scaler's state
         step(*next(batches), generator)
-    sums = EpochSums(CUDA)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
-    for images, labels in batches:  # the batch gather, the step and the epoch's sums, as the loop runs them
-        loss, logits = step(images, labels, generator)
-        sums.add(loss, logits, labels)
-    torch.cuda.set_sync_debug_mode(0)
-    assert sums.images == 256 and torch.isfinite(sums.sums).all()
+
+    def unsynced(batches):  # the batch gathers and train_one_epoch's steps and sums, not its end-of-epoch read
+        torch.cuda.set_sync_debug_mode("error")  # any synchronizing call in between raises
+        try:
+            yield from batches
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    stats = train_one_epoch(step, unsynced(batches), 0, step.cfg)
+    assert stats.images == 256 and math.isfinite(stats.loss)
 
 
 def test_host_memory_path_gives_the_resident_batches_on_the_gpu():
@@ -113,12 +117,12 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
     for x, y in split.train_batches(0, 128, 0):
         saved(x, y, generator)
     buffer = io.BytesIO()
-    torch.save(checkpoint_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
+    torch.save(training_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # no map_location: CPU tensors only
     assert all(t.device.type == "cpu" for t in state["model"].values())
     resumed = _components(_cfg("train.precision=fp16", "train.channels_last=false"), labels)
     assert resumed.optimizer.defaults["fused"]
-    restore_state(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
+    restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
     losses = [float(resumed(x, y, generator)[0]) for x, y in split.train_batches(1, 128, 0)]
     assert all(np.isfinite(losses))
 

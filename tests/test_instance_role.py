@@ -20,7 +20,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import free_port
+from simpsons.cluster import free_port
 from ray_head import REPO, VENV_BIN, RayHead
 from simpsons.report import OUTPUT_FILES
 from synthetic import make_image_tree

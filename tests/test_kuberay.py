@@ -34,7 +34,7 @@ from simpsons.cli import load_job_config
 from simpsons.config import load_sweep, read_config_file
 from simpsons.storage import is_s3
 from ray_head import VENV_BIN, RayHead
-from test_cluster_config import SECRET, dockerfile_instructions, documented_image
+from image_files import SECRET, dockerfile_instructions, documented_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "k8s"
@@ -293,8 +293,12 @@ def cluster_spec_problems(spec: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
-                         ids=lambda value: value if isinstance(value, str) else "")
+# Every KubeRay object of deploy/k8s/, named by its file (the test id).
+kuberay_objects = pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
+                                          ids=lambda value: value if isinstance(value, str) else "")
+
+
+@kuberay_objects
 def test_kuberay_objects_pass_the_operators_own_rules(name, doc):
     assert operator_problems(doc) == [], name
 
@@ -447,8 +451,7 @@ def rayjob_problems(job: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
-                         ids=lambda value: value if isinstance(value, str) else "")
+@kuberay_objects
 def test_kuberay_objects_agree_with_the_dockerfile_pyproject_and_the_config_they_run(name, doc):
     assert repo_problems(doc) == [], name
 

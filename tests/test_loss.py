@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simpsons.loss import FocalLoss, auto_alpha, resolve_alpha
+from simpsons.loss import FocalLoss, balance_alpha, resolve_alpha
 
 
 def _batch(seed=0, n=64, c=42):
@@ -48,11 +48,25 @@ def test_stable_in_bf16_logits():
 
 def test_auto_alpha_favours_rare_classes_and_keeps_mean_weight_one():
     counts = [1000, 100, 10, 0]
-    w = auto_alpha(counts)
+    w = balance_alpha(counts)
     assert w[0] < w[1] < w[2]
     assert w[3] == max(w[:3])
     mean_per_image = sum(c * x for c, x in zip(counts, w)) / sum(counts)
     assert mean_per_image == pytest.approx(1.0)
+
+
+def test_alpha_power_runs_from_equal_weights_to_inverse_frequency():
+    counts = [400, 100, 25, 0]
+    images = sum(counts)
+    for power in (0.0, 0.25, 0.5, 1.0):
+        w = balance_alpha(counts, power)
+        assert sum(wi * c for wi, c in zip(w, counts)) / images == pytest.approx(1.0)  # mean weight per image
+        assert w[1] / w[0] == pytest.approx(4.0**power) and w[2] / w[1] == pytest.approx(4.0**power)
+        assert w[3] == max(w[:3])  # a class with no images
+    assert balance_alpha(counts, 0.5) == resolve_alpha("auto", counts)  # "auto" is the default power
+    assert resolve_alpha("auto", counts, 1.0) == balance_alpha(counts, 1.0)
+    with pytest.raises(ValueError, match="alpha_power"):
+        balance_alpha(counts, 1.5)
 
 
 def test_resolve_alpha_checks_list_length():

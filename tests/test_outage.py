@@ -16,7 +16,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import free_port
+from simpsons.cluster import free_port
 from simpsons.config import load_config
 
 pytestmark = pytest.mark.slow

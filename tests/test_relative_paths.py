@@ -24,12 +24,12 @@ SMALL = ["data.stored_size=40", "data.train_size=32", "optim.batch_size=32", "op
 
 
 def test_make_train_config_writes_tensorboard_and_best_under_the_working_folder(ray_cluster, packed_dataset, tmp_path, monkeypatch):
-    from simpsons.train import fit, prepare_run
+    from simpsons.train import fit
 
     monkeypatch.chdir(tmp_path)  # where the user typed `make train`
     cfg = load_config(REPO / "configs" / "local.yaml", [f"data.uri={packed_dataset}", "optim.epochs=1", *SMALL])
     assert cfg.run.storage == "./runs" and cfg.run.name == "local"
-    fit(prepare_run(cfg), cfg.data.uri)
+    fit(cfg, cfg.data.uri)
 
     run = tmp_path / "runs" / "local"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))

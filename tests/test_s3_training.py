@@ -12,7 +12,6 @@ import uuid
 import boto3
 import pytest
 
-from simpsons.cli import resolve_dataset
 from simpsons.config import load_config
 from simpsons.report import OUTPUT_FILES
 from simpsons.prepare import prepare_dataset
@@ -48,7 +47,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
         f"data.cache_dir={tmp_path / 'node_cache'}", f"run.storage=s3://{bucket}/runs", "run.name=e2e",
     ]
     cfg = load_config(None, overrides)
-    report = fit(cfg, resolve_dataset(cfg))
+    report = fit(cfg)  # data.source prepared into the cache by the job itself
 
     # Two workers on one node shared one download into the node-local cache.
     assert len(list((tmp_path / "node_cache" / "datasets").glob("*/manifest.json"))) == 1

@@ -16,9 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit
-from simpsons.model import create_model
-from simpsons.train import (EpochSums, TrainStep, _TensorBoard, amp_dtype, build_components, checkpoint_state,
-                            create_scheduler, restore_state, worker_seed)
+from simpsons.model import classify, create_model
+from simpsons.checkpoint import restore, served_weights, training_state
+from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch, worker_seed
 
 CPU = torch.device("cpu")
 
@@ -93,13 +93,15 @@ def test_training_step_makes_no_tensor_from_host_data(on_device):
     generator = torch.Generator().manual_seed(0)
     batches = split.train_batches(0, 8, seed=0)
     step(*next(batches), generator)  # the first step fills the per-device caches (normalize's constants)
-    sums = EpochSums(CPU)
-    with HostTensorRecorder() as recorder:
-        for images, labels in batches:  # the batch gather, the step and the epoch's sums, as the loop runs them
-            loss, logits = step(images, labels, generator)
-            sums.add(loss, logits, labels)
+    recorder = HostTensorRecorder()
+
+    def recorded(batches):  # the batch gathers and train_one_epoch's steps and sums, not its end-of-epoch read
+        with recorder:
+            yield from batches
+
+    stats = train_one_epoch(step, recorded(batches), 0, cfg)
     assert recorder.found == []
-    assert sums.images == 24 and torch.isfinite(sums.sums).all()
+    assert stats.images == 24 and np.isfinite(stats.loss)
 
 
 def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
@@ -128,7 +130,7 @@ def test_resume_with_fp16_and_flipped_channels_last():
     for images, labels in split.train_batches(0, 8, seed=0):
         saved(images, labels, generator)
     buffer = io.BytesIO()
-    torch.save(checkpoint_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
+    torch.save(training_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     assert state["scaler"] == {}  # a disabled scaler saves nothing ...
     with pytest.raises(RuntimeError, match="empty"):
@@ -136,7 +138,7 @@ def test_resume_with_fp16_and_flipped_channels_last():
 
     resumed = _step(_cfg("train.precision=fp16", "train.channels_last=false"), split)
     assert resumed.scaler.is_enabled()
-    restore_state(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
+    restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
     conv = resumed.model.conv1[0].weight
     assert state["optimizer"]["state"][0]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
     for param, param_state in resumed.optimizer.state.items():  # the layout of this run's parameters
@@ -146,10 +148,10 @@ def test_resume_with_fp16_and_flipped_channels_last():
     assert all(np.isfinite(losses)) and resumed.scaler.get_scale() > 0
 
 
-def test_checkpoint_state_is_plain_cpu_tensors():
+def test_training_state_is_plain_cpu_tensors():
     step = _step(_cfg(), _split())
     step(*next(_split().train_batches(0, 8, 0)), torch.Generator().manual_seed(0))
-    state = checkpoint_state(step.model, step.optimizer, step.scheduler, step.scaler, epoch=3)
+    state = training_state(step.model, step.optimizer, step.scheduler, step.scaler, epoch=3)
     tensors = [v for v in _walk(state) if isinstance(v, torch.Tensor)]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     assert state["epoch"] == 3 and not any(k.startswith("module.") for k in state["model"])
@@ -198,3 +200,39 @@ def test_tensorboard_copies_every_n_epochs_and_at_the_end(tmp_path):
     assert copied() == after_two
     writer.close()
     assert copied() > after_two  # the last epoch's events arrive at the end
+
+
+def test_moving_average_follows_the_weights_and_survives_a_checkpoint():
+    cfg = _cfg("optim.ema_decay=0.5")
+    split = _split()
+    step = _step(cfg, split)
+    raw = {name: p.detach().clone() for name, p in step.model.named_parameters()}
+    expected = dict(raw)
+    for images, labels in split.train_batches(0, 8, seed=0):
+        step(images, labels, torch.Generator().manual_seed(0))
+        current = dict(step.model.named_parameters())
+        # The first update copies the weights; each later one moves halfway (decay 0.5) towards them.
+        first = int(step.ema.n_averaged) == 1
+        expected = {n: current[n].detach().clone() if first else 0.5 * expected[n] + 0.5 * current[n].detach()
+                    for n in expected}
+    averaged = dict(step.ema.module.named_parameters())
+    assert all(torch.allclose(averaged[n], expected[n], atol=1e-6) for n in expected)
+    assert not torch.equal(averaged["fc.4.weight"], step.model.fc[4].weight)
+
+    state = training_state(step.model, step.optimizer, step.scheduler, step.scaler, step.ema, epoch=0)
+    resumed = _step(cfg, split)
+    restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler, resumed.ema)
+    assert int(resumed.ema.n_averaged) == int(step.ema.n_averaged) == 4
+    assert torch.equal(resumed.ema.module.fc[4].weight, step.ema.module.fc[4].weight)
+    assert torch.equal(served_weights(state)["fc.4.weight"], step.ema.module.fc[4].weight)
+
+
+def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
+    model = create_model(len(CLASS_NAMES)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        both = classify(model, x, flip=True)
+        assert torch.allclose(both, (model(x) + model(x.flip(3))) / 2)
+        symmetric = torch.cat([x[..., :16], x[..., :16].flip(3)], dim=3)  # its own mirror image
+        assert torch.allclose(classify(model, symmetric, flip=True), model(symmetric), atol=1e-5)
+        assert not torch.allclose(both, model(x))

@@ -9,7 +9,7 @@ import boto3
 import numpy as np
 import pytest
 
-from conftest import free_port
+from simpsons.cluster import free_port
 from simpsons import storage
 from simpsons.data import load_packed, read_manifest
 from simpsons.storage import StorageError

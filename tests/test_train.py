@@ -1,6 +1,7 @@
 """A real 2-worker Ray Train run on test-written images, its outputs, resume, evaluate and predict."""
 
 import csv
+import hashlib
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from simpsons.config import load_config
 from simpsons.report import OUTPUT_FILES
@@ -35,7 +37,7 @@ def trained_run(ray_cluster, packed_dataset, tmp_path_factory):
     return storage / "run", report
 
 
-def test_two_worker_run_learns_and_writes_every_output(trained_run):
+def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_dataset):
     run_dir, report = trained_run
     best = run_dir / "best"
     assert sorted(p.name for p in best.iterdir()) == sorted(OUTPUT_FILES)
@@ -53,6 +55,13 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run):
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
     assert state["config"]["train"]["workers"] == 2
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # Provenance: the result names the dataset, its manifest's checksum and the code that produced it.
+    manifest_sha256 = hashlib.sha256((packed_dataset / "manifest.json").read_bytes()).hexdigest()
+    for origin in (state["provenance"], metrics["provenance"]):
+        assert origin["dataset_uri"] == str(packed_dataset) and origin["manifest_sha256"] == manifest_sha256
+        assert origin["code_version"].startswith("0.1.0")
+    # The resolved config is written beside the run when it starts, not only into best/.
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["workers"] == 2
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_dataset):
@@ -81,6 +90,28 @@ def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset)
     assert all(math.isfinite(h["train_loss"]) for h in history) and report["accuracy"] >= 0.7
     state = _latest_checkpoint(run_dir)
     assert state["epoch"] == done + 1 and state["config"]["train"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
+
+
+def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights(ray_cluster, packed_dataset, image_tree,
+                                                                                tmp_path):
+    from simpsons.train import fit
+
+    cfg = _cfg(tmp_path / "runs", 2, "ema", "optim.ema_decay=0.8", "model.tta_flip=true", "train.histogram_every=0")
+    report = fit(cfg, str(packed_dataset))
+    assert all({"raw_val_macro_f1", "raw_val_acc", "val_macro_f1"} <= set(h) for h in report["history"])
+    state = torch.load(tmp_path / "runs" / "ema" / "best" / "checkpoint.pt", weights_only=True)
+    assert state["ema_updates"] > 0
+    assert not all(torch.equal(state["served"][k], state["model"][k]) for k in state["model"])
+    # evaluate.py serves the averaged weights (with the flip): on the validation images it scores
+    # what training reported for the best epoch (bf16 there, fp32 here: one image may differ).
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "runs" / "ema" / "best"),
+                           "--data", str(image_tree / "dataset" / "val"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored["images"] == report["images"] == 48
+    assert abs(scored["accuracy"] - report["accuracy"]) <= 1 / 48 + 1e-9, (scored["accuracy"], report["accuracy"])
 
 
 def _latest_checkpoint(run_dir: Path) -> dict:

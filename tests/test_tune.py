@@ -40,7 +40,7 @@ BASE = [
 def test_sweep_file_loads_and_bad_keys_name_themselves(tmp_path):
     cfg = load_sweep(REPO / "configs" / "tune.yaml", ["tune.num_samples=3", "optim.lr=0.001"])
     assert cfg.tune.num_samples == 3 and cfg.optim.lr == 0.001 and cfg.optim.epochs == 8
-    assert set(cfg.tune.space) >= {"optim.lr", "loss.gamma", "loss.alpha"}
+    assert set(cfg.tune.space) >= {"optim.lr", "loss.gamma", "loss.alpha_power"}
 
     with pytest.raises(ConfigError, match="'tune.num_sample'"):
         load_sweep(None, ["tune.num_sample=3"])
@@ -58,7 +58,7 @@ def test_sweep_file_loads_and_bad_keys_name_themselves(tmp_path):
 
 def test_one_space_entry_is_set_or_removed_and_the_rest_kept():
     cfg = load_sweep(REPO / "configs" / "tune.yaml", [
-        "tune.space.optim.weight_decay={loguniform: [1.0e-3, 1.0e-1]}", "tune.space.loss.alpha=null"])
+        "tune.space.optim.weight_decay={loguniform: [1.0e-3, 1.0e-1]}", "tune.space.loss.alpha_power=null"])
     assert cfg.tune.space == {"optim.lr": {"loguniform": [3.0e-4, 1.0e-2]}, "loss.gamma": {"uniform": [0.0, 3.0]},
                               "optim.weight_decay": {"loguniform": [1.0e-3, 1.0e-1]}}
     # A whole space replaces the file's.

@@ -1,0 +1,163 @@
+"""The checkpoint: one folder per reported epoch, and the one module that knows its layout.
+
+    checkpoint.pt   one plain dict that `torch.load(weights_only=True)` reads: model (unwrapped),
+                    optimizer, scheduler, scaler, epoch, best_score, history, config, class_names,
+                    provenance, `format` (checked on load), and with optim.ema_decay the moving
+                    average's weights (`served`, what inference loads) and update count
+    metrics.json    the epoch's validation report, confusion matrix, history and provenance
+
+Provenance ties a result to what produced it: the dataset URI, the sha256 of its manifest.json
+(which lists the sha256 of every packed file) and the code version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from simpsons.data import DataError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+FORMAT = 1  # bump when the layout changes; load() refuses other versions
+REQUIRED_KEYS = ("model", "config", "class_names")  # what training saves and inference needs
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def training_state(model, optimizer, scheduler, scaler, ema=None, **extra) -> dict:
+    """The checkpoint's plain dict, every tensor on the CPU. With `ema` (an AveragedModel of the
+    weights), `served` holds its weights, which inference loads; `model` holds the raw weights,
+    which training resumes from.
+
+    CUDA tensors in it would make a plain `torch.load` fail on a machine without that GPU; the
+    loader moves them to its own device (`restore`, `inference.load_checkpoint`).
+    """
+    return _to_cpu({
+        "model": getattr(model, "module", model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        **({"served": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)} if ema is not None else {}),
+        "format": FORMAT,
+        **extra,
+    })
+
+
+def save(folder: str | Path, state: dict, metrics: dict) -> Path:
+    """Write checkpoint.pt and metrics.json into `folder` (created); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / CHECKPOINT_FILE)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics))
+    return folder
+
+
+def provenance(dataset_uri: str, dataset_dir: str | Path, code: str) -> dict:
+    """What produced a result: the dataset's URI, its manifest's sha256 and the code version."""
+    manifest = hashlib.sha256((Path(dataset_dir) / "manifest.json").read_bytes()).hexdigest()
+    return {"dataset_uri": dataset_uri, "manifest_sha256": manifest, "code_version": code}
+
+
+def code_version() -> str:
+    """The package version, with the git commit when the code runs from a checkout (`-dirty`
+    when it has uncommitted changes). Asked on the driver: Ray ships workers no .git folder."""
+    try:
+        version = metadata.version("simpsons")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+git.{commit}" if commit else version
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The state dict saved by training (tensors on `device`), or a DataError in one sentence for
+    any other file; `path` is a checkpoint folder or its checkpoint.pt."""
+    path = checkpoint_file(path)
+    if not path.is_file():
+        raise DataError(f"No checkpoint at {path}; pass a run's best/ folder or its checkpoint.pt.")
+    fix = "pass a run's best/ folder or the checkpoint.pt in it"
+    try:
+        with warnings.catch_warnings():  # foreign bytes also draw a pickle-protocol warning: one sentence is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign bytes
+        raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it); {fix}.") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DataError(f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}.")
+    version = state.get("format", 1)  # checkpoints written before the version was recorded are version 1
+    if version != FORMAT:
+        raise DataError(f"{path} is a checkpoint of format version {version!r} and this code reads version "
+                        f"{FORMAT}; use the code version that wrote it.")
+    return state
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint.pt of a checkpoint folder (a run's best/ included), or `path` itself."""
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
+
+
+def restore(state: dict, model, optimizer, scheduler, scaler, ema=None) -> None:
+    """Load a checkpoint into this run's objects, whose settings may differ from the saving run's
+    (an average not in the checkpoint starts from the restored weights)."""
+    getattr(model, "module", model).load_state_dict(state["model"])
+    if ema is not None and "served" in state:
+        ema.module.load_state_dict(state["served"])
+        ema.n_averaged.fill_(state["ema_updates"])
+    optimizer.load_state_dict(state["optimizer"])
+    # Optimizer state keeps the memory layout it was saved with; fused AdamW on CUDA refuses state
+    # whose strides differ from its parameter's (a run resumed with train.channels_last flipped).
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    scheduler.load_state_dict(state["scheduler"])
+    # A disabled GradScaler (bf16, fp32) saves {}, which an enabled one refuses: a run resumed with
+    # train.precision=fp16 starts its loss scale afresh instead.
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+
+
+def served_weights(state: dict) -> dict:
+    """The weights inference uses: the moving average when the run kept one, else the raw weights."""
+    return state.get("served", state["model"])
+
+
+def read_metrics(folder: str | Path) -> dict:
+    """metrics.json of a checkpoint folder: {"epoch", "val", "confusion", "history", "provenance"}."""
+    return json.loads((Path(folder) / METRICS_FILE).read_text())
+
+
+def read_history(checkpoint) -> list[dict]:
+    """The per-epoch metrics recorded in a reported Ray checkpoint."""
+    with checkpoint.as_directory() as folder:
+        return read_metrics(folder)["history"]
+
+
+def _to_cpu(value):
+    """`value` with every tensor in it copied to the CPU (dicts, lists and tuples walked through)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value

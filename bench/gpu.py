@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from simpsons.config import load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed, read_manifest  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement  # noqa: E402
+from simpsons.dataset import load_packed, read_manifest  # noqa: E402
 from simpsons.metrics import classification_report  # noqa: E402
 from simpsons.train import EpochSums, TrainStep, build_components, create_scheduler, evaluate, synchronize  # noqa: E402
 

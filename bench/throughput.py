@@ -43,7 +43,8 @@ from torchvision import transforms  # noqa: E402
 
 from simpsons.augment import MEAN, STD  # noqa: E402
 from simpsons.config import Config, load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, find_splits, load_packed, read_manifest  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, find_layout  # noqa: E402
+from simpsons.dataset import load_packed, read_manifest  # noqa: E402
 from simpsons.model import create_model  # noqa: E402
 from simpsons.train import EpochSums, TrainStep, build_components, create_scheduler  # noqa: E402
 
@@ -247,7 +248,7 @@ def main(args: argparse.Namespace) -> None:
 
     pipelines = {}
     if not args.no_baseline:
-        train_dir = find_splits(tree)["train"]
+        train_dir = find_layout(tree).train_folder
         pipelines["baseline"] = OriginalPipeline(train_dir, args.size, args.batch)
         pipelines["baseline_data"] = OriginalPipeline(train_dir, args.size, args.batch, data_only=True)
     pipelines["train"] = ProjectPipeline(cfg, split, counts)

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from simpsons import storage
 from simpsons.augment import eval_transform, train_transform
 from simpsons.config import Config, ConfigError, from_dict, resolve_paths, to_dict
-from simpsons.data import ResidentSplit, data_placement, load_packed, read_manifest
+from simpsons.data import ResidentSplit, data_placement
+from simpsons.dataset import check_dataset, load_packed, local_dataset_dir, read_manifest
 from simpsons.inference import CHECKPOINT_FORMAT
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
@@ -250,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    dataset_dir = storage.local_dataset_dir(dataset_uri, cfg.data.cache_dir, cfg.run.s3_endpoint)
+    dataset_dir = local_dataset_dir(dataset_uri, cfg.data.cache_dir, cfg.run.s3_endpoint)
     manifest = read_manifest(dataset_dir)
     class_names = manifest["class_names"]
     counts = manifest["splits"]["train"]["class_counts"]
@@ -647,7 +648,7 @@ def fit(cfg: Config, dataset_uri: str) -> dict:
     if not storage.is_s3(dataset_uri):
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
     else:
-        storage.check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
+        check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
     cfg = prepare_run(cfg, dataset_uri)
     print(f"Training {cfg.run.name}: {cfg.train.workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'}, "
           f"{cfg.train.cpus_per_worker:g} CPU(s) each, {cfg.optim.epochs} epochs -> {cfg.run.storage}", flush=True)

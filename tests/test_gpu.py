@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from simpsons.config import load_config
-from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed
+from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
+from simpsons.dataset import load_packed
 from simpsons.train import (EpochSums, TrainStep, amp_dtype, build_components, checkpoint_state, create_scheduler,
                             restore_state)
 

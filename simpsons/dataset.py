@@ -106,9 +106,9 @@ def load_packed(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
 # A version in S3 -> a node-local cache
 
 
-def check_dataset(uri: str, endpoint: str = "") -> dict:
-    """The manifest of the packed dataset at an s3:// `uri`; StorageError when it has none (incomplete)."""
-    return json.loads(_remote_manifest_bytes(uri, endpoint))
+def check_dataset(uri: str, endpoint: str = "") -> None:
+    """StorageError when the packed dataset at an s3:// `uri` has no manifest (missing or incomplete)."""
+    _remote_manifest_bytes(uri, endpoint)
 
 
 def _remote_manifest_bytes(uri: str, endpoint: str) -> bytes:

@@ -318,9 +318,9 @@ def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
 
 
 def pack_tree(root: str | Path, out_dir: str | Path, stored_size: int = 144, workers: int = 0,
-              class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> dict:
+              class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> None:
     """Pack every image under `root` (split or not; see scan_tree) into `out_dir`."""
-    return build_dataset(scan_tree(root, class_names, max_bytes=max_bytes), out_dir, stored_size, workers)
+    build_dataset(scan_tree(root, class_names, max_bytes=max_bytes), out_dir, stored_size, workers)
 
 
 def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144, workers: int = 0,

@@ -12,7 +12,7 @@ import pytest
 from asserts import one_sentence
 from conftest import free_port
 from simpsons import storage
-from simpsons.dataset import load_packed, local_dataset_dir, read_manifest
+from simpsons.dataset import load_packed, local_dataset_dir, manifest_sha256, read_manifest
 from simpsons.files import file_sha256
 from simpsons.storage import StorageError
 
@@ -134,6 +134,10 @@ def test_dataset_is_downloaded_once_per_node_and_verified(bucket, packed_dataset
     assert read_manifest(local) == read_manifest(packed_dataset)
     images, labels = load_packed(local, "train")
     assert np.array_equal(images, load_packed(packed_dataset, "train")[0])
+    # Provenance: the node's copy names the same data as the folder that was uploaded, and the
+    # cache folder is named by that digest.
+    assert manifest_sha256(local) == manifest_sha256(packed_dataset) == file_sha256(packed_dataset / "manifest.json")
+    assert manifest_sha256(packed_dataset).startswith(local.name)
 
     # A damaged object is caught against the manifest's sha256, and nothing is marked complete.
     damaged = np.load(packed_dataset / "val_labels.npy")[::-1].copy()

@@ -101,9 +101,13 @@ class Layout:
         """The groups of images there are: the split names, and "testset" for a flat test set."""
         return [*self.splits, *(["testset"] if self.flat_testset else [])]
 
+    def folder(self, name: str) -> Path:
+        """The folder that group `name` (one of names()) is read from."""
+        return self.flat_testset if name == "testset" and self.flat_testset is not None else self.splits[name]
+
     def scan(self, name: str, class_names: Sequence[str], max_bytes: int, problems: TreeProblems) -> list[ImageRecord]:
         """The image records of group `name` (one of names()), problems collected into `problems`."""
-        if name == "testset" and self.flat_testset is not None:
+        if self.folder(name) == self.flat_testset:
             return scan_flat_testset(self.flat_testset, class_names, self.root, max_bytes, problems)
         return scan_split(self.splits[name], class_names, self.root, max_bytes, problems)
 

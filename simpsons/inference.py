@@ -106,12 +106,12 @@ def evaluate_folder(checkpoint: str | Path, data: str | Path, split: str | None 
     layout = find_layout(fetch_source(data, cache_dir, max_image_bytes=cfg.data.max_image_bytes), class_names)
     available = [name for name in layout.names() if name != "unsplit"]  # "unsplit": class folders without a split
     if split is None:
-        split = next((name for name in ("testset", "val") if name in available), None if available else "unsplit")
+        split = next((name for name in ("testset", "val") if name in available), "val" if available else "unsplit")
     if split not in layout.names():
         found = (f"it has {', '.join(available)}" if available
                  else "it is not split: leave out --split to score all its images")
         raise DataError(f"{data} has no '{split}' split; {found}.")
-    folder = layout.flat_testset if split == "testset" and layout.flat_testset else layout.splits[split]
+    folder = layout.folder(split)
     problems = TreeProblems(unread=[u for u in layout.unread if (layout.root / u["path"]).is_relative_to(folder)])
     records = layout.scan(split, class_names, cfg.data.max_image_bytes, problems)
     problems.raise_if_any(len(class_names))

@@ -2,7 +2,7 @@
 
     tree = scan_tree(root)                       which images, which split, which class
     build_dataset(tree, out_dir, stored_size)    decode each image once, split if needed, pack,
-                                                 write report.json and manifest.json (data.py layout)
+                                                 write report.json and manifest.json (dataset.py format)
     prepare_dataset(source, dest, name, version) fetch -> scan -> build (cached) -> upload to
                                                  <dest>/datasets/<name>/<version>/, manifest last
 

@@ -86,6 +86,9 @@ def test_evaluate_takes_every_layout_training_takes(checkpoint, tmp_path):
     assert evaluate_folder(checkpoint, original, "train", device="cpu")[0]["images"] == 4 * 2
     with pytest.raises(DataError, match=r"has no 'testset' split; it has train, val\.$"):
         evaluate_folder(checkpoint, original, "testset", device="cpu")
+    train_only = make_image_tree(tmp_path / "train_only", per_split={"train": 1}, size=40)
+    with pytest.raises(DataError, match=r"has no 'val' split; it has train\.$"):
+        evaluate_folder(checkpoint, train_only, device="cpu")
 
     # An archive of a Kaggle root, as train.py --data takes it: unpacked safely into the cache.
     archive = tmp_path / "kaggle.tar.gz"

@@ -15,10 +15,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from simpsons.cli import configure_logging  # noqa: E402
-
-configure_logging(sys.stderr)  # the library's progress lines are notes, not figures: stdout stays for figures
-
 # The real sample shipped beside the repository (see ../shared/data/README.md); never copied into it.
 REAL_ARCHIVE = REPO.parent / "shared" / "data" / "simpsons_dataset" / "dataset.tar.xz"
 DEFAULT_CACHE = REPO / "bench" / "out" / "cache"

@@ -159,4 +159,4 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     from simpsons.cli import run_job as run_cli
 
-    run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only figures

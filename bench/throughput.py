@@ -288,6 +288,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from simpsons.cli import run_job
 
-    run_job(main, get_args_parser())
+    run_job(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only figures

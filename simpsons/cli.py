@@ -72,8 +72,9 @@ def configure_logging(stream: TextIO | None = None) -> None:
     logger.propagate = False
 
 
-def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    configure_logging()
+def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+            log_stream: TextIO | None = None) -> None:
+    configure_logging(log_stream)
     args = parser.parse_args()
     try:
         main(args)

@@ -124,8 +124,8 @@ def find_layout(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES
     """
     root = Path(root).resolve()
     known = None if class_names == "auto" else set(class_names)
-    unread = unread_members(root) if root.is_dir() else []
-    for folder in _folders_breadth_first(root, max_depth) if root.is_dir() else ():
+    unread = unread_members(root)
+    for folder in _folders_breadth_first(root, max_depth) if root.is_dir() else ():  # no folder: no layout
         if (folder / "train").is_dir():
             splits = {name: folder / name for name in SPLIT_NAMES if (folder / name).is_dir()}
             notes = [f"split folders found in {_rel(folder, root)}: {', '.join(splits)}; kept as given"]

@@ -321,26 +321,23 @@ def upload_files(files: dict[str, str | Path], uri: str, endpoint: str = "", sha
         def send(key: str, path: Path) -> None:
             extra = {"Metadata": {"sha256": sha256[key]}} if key in sha256 else {}
             object_key = f"{prefix}/{key}" if prefix else key
-            for attempt in range(1, FILE_ATTEMPTS + 1):
-                sent = [0]
+            sent = [0]  # bytes of this file on the bar: taken back when an attempt fails
 
-                def progress(n: int) -> None:
-                    sent[0] += n
-                    bar.update(n)
+            def progress(n: int) -> None:
+                sent[0] += n
+                bar.update(n)
 
-                try:
-                    if path.stat().st_size < MULTIPART_THRESHOLD:
-                        # One PUT: a third of upload_file's overhead for the many small images.
-                        client.put_object(Bucket=bucket, Key=object_key, Body=path.read_bytes(), **extra)
-                        progress(path.stat().st_size)
-                    else:
-                        client.upload_file(str(path), bucket, object_key, ExtraArgs=extra, Config=config, Callback=progress)
-                    return
-                except _s3_errors() as exc:
-                    bar.update(-sent[0])
-                    if attempt == FILE_ATTEMPTS or not _retryable(exc):
-                        raise explain(exc, join(uri, key), endpoint) from None
-                    time.sleep(2**attempt)
+            def attempt() -> None:
+                bar.update(-sent[0])
+                sent[0] = 0
+                if path.stat().st_size < MULTIPART_THRESHOLD:
+                    # One PUT: a third of upload_file's overhead for the many small images.
+                    client.put_object(Bucket=bucket, Key=object_key, Body=path.read_bytes(), **extra)
+                    progress(path.stat().st_size)
+                else:
+                    client.upload_file(str(path), bucket, object_key, ExtraArgs=extra, Config=config, Callback=progress)
+
+            _retrying(attempt, join(uri, key), endpoint)
 
         _run_parallel(send, files, workers)
     return total
@@ -400,16 +397,23 @@ def download_files(files: dict[str, str | Path], uri: str, endpoint: str = "", d
 
         def fetch(key: str, path: Path) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            for attempt in range(1, FILE_ATTEMPTS + 1):
-                try:
-                    client.download_file(bucket, f"{prefix}/{key}" if prefix else key, str(path), Config=config, Callback=bar.update)
-                    return
-                except _s3_errors() as exc:
-                    if attempt == FILE_ATTEMPTS or not _retryable(exc):
-                        raise explain(exc, join(uri, key), endpoint) from None
-                    time.sleep(2**attempt)
+            object_key = f"{prefix}/{key}" if prefix else key
+            _retrying(lambda: client.download_file(bucket, object_key, str(path), Config=config, Callback=bar.update),
+                      join(uri, key), endpoint)
 
         _run_parallel(fetch, files, workers)
+
+
+def _retrying(transfer, uri: str, endpoint: str) -> None:
+    """transfer() up to FILE_ATTEMPTS times, backing off between tries; a failure that is the last, or
+    that no retry can fix, is raised as the StorageError for `uri`."""
+    for attempt in range(1, FILE_ATTEMPTS + 1):
+        try:
+            return transfer()
+        except _s3_errors() as exc:
+            if attempt == FILE_ATTEMPTS or not _retryable(exc):
+                raise explain(exc, uri, endpoint) from None
+            time.sleep(2**attempt)
 
 
 def _retryable(exc: BaseException) -> bool:

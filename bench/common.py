@@ -7,10 +7,8 @@ here (no real sample, no CUDA) prints one line starting with `skipped ` and exit
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,30 +41,31 @@ def load_average() -> float:
 
 
 def real_sample_tree(cache: Path, archive: Path = REAL_ARCHIVE) -> Path | None:
-    """The real sample unpacked once into `cache/real` (a tree with dataset/train, dataset/val), or None."""
+    """The real sample unpacked once into the cache (a tree with dataset/train, dataset/val), or None.
+
+    Unpacked as training's data sources are (simpsons.sources.fetch_source: the hardened
+    archive.safe_extract, into `cache/unpacked/<key>`), so a benchmark reads the same tree.
+    """
     if not archive.is_file():
         return None
-    root = cache / "real"
-    stamp = root / ".unpacked"
-    # The archive's size and mtime identify it well enough for a benchmark cache.
-    key = f"{archive.resolve()} {archive.stat().st_size} {archive.stat().st_mtime_ns}"
-    if stamp.is_file() and stamp.read_text() == key:
-        return root
-    note(f"Unpacking {archive} into {root} (once; about 10 s) ...")
-    root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:xz") as tar:
-        tar.extractall(root, filter="data")
-    stamp.write_text(key)
-    return root
+    from simpsons.sources import fetch_source
+
+    return fetch_source(archive, cache)
 
 
 def image_tree(images: str | None, cache: Path, archive: Path = REAL_ARCHIVE) -> Path:
-    """The image-folder tree to benchmark on: `--images` if given, else the real sample (or skip)."""
+    """The image-folder tree to benchmark on: `--images` if given, else the real sample (or skip).
+
+    An --images tree may have any layout training reads (simpsons.data.find_layout).
+    """
     if images:
-        path = Path(images)
-        if not path.is_dir():
-            raise SystemExit(f"error: --images {images} is not a folder; give an image tree like <root>/dataset/train/<class>/*.jpg.")
-        return path
+        from simpsons.data import DataError, find_layout
+
+        try:
+            find_layout(images)
+        except (DataError, OSError) as exc:
+            raise SystemExit(f"error: --images {images}: {exc}") from None
+        return Path(images)
     tree = real_sample_tree(cache, archive)
     if tree is None:
         skip(f"the real sample {archive} is not here; pass --archive <dataset.tar.xz> or --images <image tree>.")
@@ -74,11 +73,10 @@ def image_tree(images: str | None, cache: Path, archive: Path = REAL_ARCHIVE) ->
 
 
 def packed(tree: Path, cache: Path, stored_size: int) -> Path:
-    """The tree packed once into the cache (uint8 arrays, see simpsons/data.py)."""
+    """The tree packed once into the cache (uint8 arrays, see simpsons/dataset.py)."""
     from simpsons.prepare import cached_pack
 
-    with contextlib.redirect_stdout(sys.stderr):  # the packer's progress lines are not figures
-        return cached_pack(tree, cache, stored_size)
+    return cached_pack(tree, cache, stored_size)
 
 
 def stored_size_for(train_size: int) -> int:

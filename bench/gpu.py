@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from simpsons.config import load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed, read_manifest  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement  # noqa: E402
+from simpsons.dataset import load_packed, read_manifest  # noqa: E402
 from simpsons.metrics import classification_report  # noqa: E402
 from simpsons.train import (TrainStep, build_components, create_scheduler, evaluate, synchronize,  # noqa: E402
                             train_one_epoch)
@@ -177,6 +178,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from simpsons.cli import run_job
 
     run_job(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only the figures

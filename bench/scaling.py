@@ -40,12 +40,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from simpsons.config import load_config  # noqa: E402
-from simpsons.data import find_splits, pack_split, read_manifest, scan_split, write_packed  # noqa: E402
+from simpsons.data import find_layout, pack_split, scan_split  # noqa: E402
+from simpsons.dataset import read_manifest, write_packed  # noqa: E402
 
 
 def subset_dataset(tree: Path, cache: Path, stored: int, train_images: int, val_images: int, seed: int = 0) -> Path:
     """Pack a seeded random subset of the tree's train and val splits once (small epochs, same images)."""
-    splits = find_splits(tree)
+    splits = find_layout(tree).splits
     base = splits["train"].parent
     key = hashlib.sha256(f"{tree.resolve()}|{stored}|{train_images}|{val_images}|{seed}".encode()).hexdigest()[:16]
     out = cache / "subsets" / key

@@ -45,7 +45,8 @@ from torchvision import transforms  # noqa: E402
 
 from simpsons.augment import MEAN, STD  # noqa: E402
 from simpsons.config import Config, load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, find_splits, load_packed, read_manifest  # noqa: E402
+from simpsons.data import CLASS_NAMES, ResidentSplit, find_layout  # noqa: E402
+from simpsons.dataset import load_packed, read_manifest  # noqa: E402
 from simpsons.model import create_model  # noqa: E402
 from simpsons.train import TrainStep, build_components, create_scheduler, train_one_epoch  # noqa: E402
 
@@ -135,18 +136,6 @@ class OriginalPipeline:
 # This project's pipeline
 
 
-class NCHWStep(TrainStep):
-    """TrainStep with NCHW-contiguous inputs.
-
-    augment.py returns channels_last tensors whatever the config says, and a channels_last input
-    makes the convolutions run channels_last even with NCHW weights; without this copy a
-    "no channels_last" variant would silently measure channels_last.
-    """
-
-    def inputs(self, images, generator):
-        return super().inputs(images, generator).contiguous()
-
-
 class ProjectPipeline:
     """One training step of simpsons.train's loop: next resident batch -> TrainStep -> running sums."""
 
@@ -156,7 +145,7 @@ class ProjectPipeline:
         batch = cfg.optim.batch_size
         model, criterion, optimizer = build_components(cfg, class_counts, device)
         scheduler = create_scheduler(optimizer, cfg, split.steps_per_epoch(batch))
-        step_class = bare_step_class() if bare else (TrainStep if cfg.train.channels_last else NCHWStep)
+        step_class = bare_step_class() if bare else TrainStep  # the preset gives the config's layout
         self.train_step = step_class(model, criterion, optimizer, scheduler, cfg, device)
         self.steps = itertools.count()
         if bare:
@@ -248,7 +237,7 @@ def main(args: argparse.Namespace) -> None:
 
     pipelines = {}
     if not args.no_baseline:
-        train_dir = find_splits(tree)["train"]
+        train_dir = find_layout(tree).train_folder
         pipelines["baseline"] = OriginalPipeline(train_dir, args.size, args.batch)
         pipelines["baseline_data"] = OriginalPipeline(train_dir, args.size, args.batch, data_only=True)
     pipelines["train"] = ProjectPipeline(cfg, split, counts)
@@ -288,6 +277,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from simpsons.cli import run_job
 
     run_job(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only the figures

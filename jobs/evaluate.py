@@ -1,6 +1,11 @@
-"""Evaluate a checkpoint on a labelled image folder: the same per-class report and PNG as training.
+"""Evaluate a checkpoint on labelled images: the same per-class report and PNG as training.
 
     python jobs/evaluate.py --checkpoint runs/local/best --data ../data/dataset/testset --out runs/local/test
+    python jobs/evaluate.py --checkpoint runs/local/best --data ~/kaggle/simpsons --out runs/local/kaggle-test
+
+--data takes a labelled folder <folder>/<class>/*.jpg (scored whole) or any source train.py --data
+takes: a tree with train/val/testset (testset scored, else val), Kaggle's layout (its flat
+kaggle_simpson_testset/<class>_<n>.jpg scored), an archive or URL of one.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from simpsons.cli import run_job  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run's best/ folder or a checkpoint.pt")
-    parser.add_argument("--data", required=True, help="<folder>/<class>/*.jpg, or a dataset root with train/val/testset")
-    parser.add_argument("--split", help="split to evaluate when --data is a dataset root (default: testset, else val)")
+    parser.add_argument("--data", required=True,
+                        help="<folder>/<class>/*.jpg, or any image tree, archive or URL that train.py takes")
+    parser.add_argument("--split", help="split to evaluate when --data has splits (default: testset, else val)")
     parser.add_argument("--out", required=True, help="folder for metrics.json, per_class.csv, confusion.png")
+    parser.add_argument("--cache-dir", default="~/.cache/simpsons",
+                        help="where an archive or URL is fetched and unpacked (default: %(default)s)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one, else the CPU)")
     return parser
 
@@ -28,7 +36,8 @@ def main(args: argparse.Namespace) -> None:
     from simpsons.report import write_report
     from simpsons.inference import evaluate_folder
 
-    report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split, device=args.device)
+    report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split, device=args.device,
+                                          cache_dir=args.cache_dir)
     report["files_left_out"] = bad_files
     names = [row["class"] for row in report["per_class"]]
     write_report(args.out, report, cm, names, title=f"{args.data}: macro-F1 {report['macro_f1']:.3f}")

@@ -29,9 +29,11 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from tqdm import tqdm
+
+from simpsons.files import process_alive
 
 ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar", ".zip")
 MAX_MEMBERS = 200_000  # the full Kaggle set has ~21k files
@@ -79,22 +81,12 @@ def remove_dead_partials(target: Path) -> None:
     prefix = f".{target.name}.partial-{socket.gethostname()}-"
     for partial in target.parent.glob(f"{glob_escape(prefix)}*"):
         pid = partial.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
 
 def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +245,3 @@ def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
         raise ArchiveError(f"Cannot read {archive.name} as a zip archive ({exc}); download it again or check the file.") from None
 
-
-def iter_archives(folder: Path) -> Iterator[Path]:
-    """Archive files directly inside `folder`, by name."""
-    return (p for p in sorted(folder.iterdir()) if p.is_file() and is_archive(p))

@@ -4,14 +4,28 @@ Input batches are the packed uint8 images (B, S, S, 3). Training applies, per im
 resized crop (area fraction in `scale`, aspect ratio in [3/4, 4/3]), a horizontal flip and a
 rotation, all folded into one (2, 3) affine matrix so the whole batch is a single
 `grid_sample` to the output size. Evaluation resizes the full image with antialiasing.
+
+The training loop and inference use presets built once from the config (torchvision's
+references/classification/presets.py shape), then called per batch:
+
+    train_inputs = create_train_preset(cfg)    # cfg.data + cfg.train.channels_last, read once
+    x = train_inputs(images, generator)       # (B, S, S, 3) uint8 -> (B, 3, T, T) float32
+    x = create_eval_preset(cfg)(images)       # the whole image resized, no randomness
+
+Outputs are in the layout the config asks for: channels_last memory, or contiguous NCHW.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from simpsons.config import Config
 
 # ImageNet statistics, as the original project normalised with.
 MEAN = (0.485, 0.456, 0.406)
@@ -19,7 +33,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
-    # (B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1], channels_last memory (no copy of layout)
+    # (B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1], channels_last memory (a permuted view: no copy)
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 
@@ -62,20 +76,69 @@ def random_affine(batch: int, scale: tuple[float, float], rotate_deg: float, hfl
     return theta
 
 
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def train_transform(images: torch.Tensor, out_size: int, scale=(0.6, 1.0), rotate_deg: float = 15.0,
                     hflip: bool = True, generator: torch.Generator | None = None,
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), channels_last: bool = True) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, out, out) float32 normalised, randomly cropped/flipped/rotated."""
     x = _to_float(images)
     theta = random_affine(len(x), tuple(scale), rotate_deg, hflip, generator, device=x.device, ratio=ratio)
     grid = F.affine_grid(theta, [len(x), 3, out_size, out_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return normalize(x).contiguous(memory_format=torch.channels_last)
+    return normalize(x).contiguous(memory_format=_layout(channels_last))
 
 
-def eval_transform(images: torch.Tensor, out_size: int) -> torch.Tensor:
+def eval_transform(images: torch.Tensor, out_size: int, channels_last: bool = True) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, out, out) float32 normalised, whole image resized."""
     x = _to_float(images)
     if x.shape[-1] != out_size:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
-    return normalize(x).contiguous(memory_format=torch.channels_last)
+    return normalize(x).contiguous(memory_format=_layout(channels_last))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the config read once
+
+
+@dataclass(frozen=True)
+class EvalPreset:
+    """Evaluation and inference inputs: (B, S, S, 3) uint8 -> (B, 3, T, T) float32, the whole image resized."""
+
+    train_size: int  # T, the side (px) the network sees
+    channels_last: bool = True  # output memory layout: channels_last, or contiguous NCHW
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return eval_transform(images, self.train_size, self.channels_last)
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Training inputs: (B, S, S, 3) uint8 -> (B, 3, T, T) float32, randomly cropped, flipped and
+    rotated with `generator` (or, with augment off, resized as in evaluation)."""
+
+    train_size: int  # T, the side (px) the network sees
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # crop area as a fraction of the stored image
+    rotate_deg: float = 15.0  # rotation uniform in [-rotate_deg, rotate_deg]
+    hflip: bool = True  # horizontal flip with probability 0.5
+    augment: bool = True  # False: no randomness at all (the original project's recipe)
+    channels_last: bool = True  # output memory layout: channels_last, or contiguous NCHW
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not self.augment:
+            return eval_transform(images, self.train_size, self.channels_last)
+        return train_transform(images, self.train_size, self.crop_scale, self.rotate_deg, self.hflip, generator,
+                               channels_last=self.channels_last)
+
+
+def create_train_preset(cfg: Config) -> TrainPreset:
+    """The training preset of a simpsons.config.Config (its data section and train.channels_last)."""
+    d = cfg.data
+    return TrainPreset(d.train_size, tuple(d.crop_scale), d.rotate, d.hflip, d.augment, cfg.train.channels_last)
+
+
+def create_eval_preset(cfg: Config) -> EvalPreset:
+    """The evaluation preset of a simpsons.config.Config (data.train_size and train.channels_last)."""
+    return EvalPreset(cfg.data.train_size, cfg.train.channels_last)

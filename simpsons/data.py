@@ -1,19 +1,14 @@
-"""Image-folder trees -> packed uint8 arrays -> a resident, sharded, seeded batch loader.
+"""Image-folder trees -> decoded uint8 arrays -> a resident, sharded, seeded batch loader.
 
-Layout read (the original project's): `<root>/dataset/{train,val,testset}/<class>/*.jpg`
-(the `dataset/` level is optional). Labels are indices into the fixed CLASS_NAMES, so a split
-missing a class never shifts the labels of the others.
-
-A packed dataset is a folder:
-    manifest.json              written last; a folder without it is incomplete
-    report.json                files left out and why, notes
-    <split>_images.npy         (N, S, S, 3) uint8, S = stored_size
-    <split>_labels.npy         (N,) int16 indices into manifest["class_names"]
+`find_layout` is the one reader of a tree's layout, for training, evaluation and benchmarks:
+the original project's `[dataset/]{train,val,testset}/<class>/*.jpg`, or Kaggle's
+`simpsons_dataset/<class>/*.jpg` with its flat `kaggle_simpson_testset/<class>_<n>.jpg`. Labels
+are indices into the class list (default: the fixed CLASS_NAMES), so a split missing a class
+never shifts the labels of the others. The packed-dataset folder format is simpsons.dataset's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from simpsons.archive import UNREAD_LIST
+from simpsons.files import sha256_hex
 
 _logger = logging.getLogger(__name__)
 
@@ -47,8 +45,7 @@ assert list(CLASS_NAMES) == sorted(CLASS_NAMES) and len(CLASS_NAMES) == 42
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLIT_NAMES = ("train", "val", "testset")
-MANIFEST = "manifest.json"
-REPORT = "report.json"
+_FLAT_NAME = re.compile(r"^(?P<cls>[a-z_]+?)_(?P<n>\d+)$")  # kaggle_simpson_testset/<class>_<n>.jpg
 
 
 class DataError(ValueError):
@@ -75,17 +72,127 @@ class PackedSplit:
 # Finding images
 
 
-def find_splits(root: str | Path) -> dict[str, Path]:
-    """The split folders under `root` (or `root/dataset`), e.g. {"train": ..., "val": ...}."""
-    root = Path(root)
-    base = root / "dataset" if (root / "dataset").is_dir() else root
-    splits = {name: base / name for name in SPLIT_NAMES if (base / name).is_dir()}
-    if "train" not in splits:
-        raise DataError(
-            f"No 'train' folder under {root}: expected {root}/dataset/train/<class>/*.jpg "
-            "(the original project's layout)."
-        )
-    return splits
+@dataclass
+class Layout:
+    """Where an image tree keeps its images: the one answer for training, evaluation and benchmarks.
+
+    Either split (`[dataset/]{train,val,testset}/<class>/`: `splits` holds the given folders) or
+    not (Kaggle's `simpsons_dataset/<class>/`, or any `<class>/` folders: `splits` is
+    {"unsplit": folder}, and Kaggle's flat `kaggle_simpson_testset/<class>_<n>.jpg`, when there
+    is one, is `flat_testset`).
+    """
+
+    root: Path  # the folder searched; record relpaths are relative to it
+    splits: dict[str, Path]  # split name -> folder of <class>/ folders
+    flat_testset: Path | None = None  # folder of <class>_<n>.jpg files beside an unsplit tree
+    notes: list[str] = field(default_factory=list)
+    unread: list[dict] = field(default_factory=list)  # {"path", "reason"}: archive members left packed for their size
+
+    @property
+    def given_split(self) -> bool:
+        return "unsplit" not in self.splits
+
+    @property
+    def train_folder(self) -> Path:
+        """The class folders training learns from: the given train split, or the unsplit tree."""
+        return self.splits.get("train") or self.splits["unsplit"]
+
+    def names(self) -> list[str]:
+        """The groups of images there are: the split names, and "testset" for a flat test set."""
+        return [*self.splits, *(["testset"] if self.flat_testset else [])]
+
+    def folder(self, name: str) -> Path:
+        """The folder that group `name` (one of names()) is read from."""
+        return self.flat_testset if name == "testset" and self.flat_testset is not None else self.splits[name]
+
+    def scan(self, name: str, class_names: Sequence[str], max_bytes: int, problems: TreeProblems) -> list[ImageRecord]:
+        """The image records of group `name` (one of names()), problems collected into `problems`."""
+        if self.folder(name) == self.flat_testset:
+            return scan_flat_testset(self.flat_testset, class_names, self.root, max_bytes, problems)
+        return scan_split(self.splits[name], class_names, self.root, max_bytes, problems)
+
+    def class_folder_names(self) -> list[str]:
+        """The tree's own class folders, sorted (data.classes=auto)."""
+        return sorted({p.name for folder in self.splits.values() for p in _subfolders(folder)})
+
+
+def find_layout(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES, max_depth: int = 4) -> Layout:
+    """The layout of the image tree at or within `max_depth` folders below `root`; DataError when there is none.
+
+    The shallowest folder that holds `train/` or class folders (named as a class of
+    `class_names`; with "auto", any subfolder holding images) wins.
+    """
+    root = Path(root).resolve()
+    known = None if class_names == "auto" else set(class_names)
+    unread = unread_members(root)
+    for folder in _folders_breadth_first(root, max_depth) if root.is_dir() else ():  # no folder: no layout
+        if (folder / "train").is_dir():
+            splits = {name: folder / name for name in SPLIT_NAMES if (folder / name).is_dir()}
+            notes = [f"split folders found in {_rel(folder, root)}: {', '.join(splits)}; kept as given"]
+            return Layout(root, splits, None, notes, unread)
+        if _holds_class_folders(folder, known):
+            notes = [f"class folders without a split found in {_rel(folder, root)}"]
+            nested = folder / folder.name
+            if nested.is_dir() and _holds_class_folders(nested, known):
+                # Kaggle's download holds simpsons_dataset/ twice, one inside the other.
+                notes.append(f"{_rel(nested, root)} repeats {_rel(folder, root)}; the inner copy is used")
+                folder = nested
+            return Layout(root, {"unsplit": folder}, _find_flat_testset(root, max_depth), notes, unread)
+    more = f" ({unread_summary(unread)})" if unread else ""
+    raise DataError(
+        f"No images found under {root}{more}: expected [dataset/]train/<class>/*.jpg (the original layout) "
+        "or <class>/*.jpg (Kaggle's simpsons_dataset) within a few folders of it."
+    )
+
+
+def _holds_class_folders(folder: Path, known: set[str] | None) -> bool:
+    """Has a subfolder named as a known class (or, with no class list, one that holds images)."""
+    if known is not None:
+        return any(p.name in known for p in _subfolders(folder))
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for p in _subfolders(folder) for f in p.iterdir() if f.is_file())
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+
+
+def _folders_breadth_first(root: Path, max_depth: int):
+    level = [root]
+    for _ in range(max_depth + 1):
+        yield from level
+        level = [p for folder in level for p in _subfolders(folder)]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _find_flat_testset(root: Path, max_depth: int) -> Path | None:
+    """Kaggle's test set: the first *testset* folder holding image files directly."""
+    for folder in _folders_breadth_first(root, max_depth):
+        if "testset" in folder.name.lower() and _images_in(folder):
+            return folder
+    return None
+
+
+def _rel(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    return "the source folder" if rel == "." else rel
+
+
+def unread_members(root: Path) -> list[dict]:
+    """Archive members left packed for their size (archive.UNREAD_LIST of each archive unpacked at or below `root`)."""
+    unread = []
+    for listing in [root / UNREAD_LIST, *sorted(root.glob(f"*/{UNREAD_LIST}"))]:
+        if listing.is_file():
+            base = listing.parent.relative_to(root)
+            unread += [{"path": (base / item["path"]).as_posix(), "reason": item["reason"]}
+                       for item in json.loads(listing.read_text())]
+    return unread
+
+
+def unread_summary(unread: list[dict]) -> str:
+    return f"{len(unread)} file(s) left out unread for their size, e.g. {unread[0]['path']} ({unread[0]['reason']})"
 
 
 @dataclass
@@ -139,7 +246,7 @@ def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, 
         if class_dir.name not in index:
             problems.unknown.append(rel)
             continue
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = _images_in(class_dir)
         if not files:
             problems.empty.append(rel)
         for f in files:
@@ -153,6 +260,27 @@ def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, 
         problems.raise_if_any(len(class_names))
         if not records:
             raise DataError(f"No class folders with images under {split_dir}; add <class>/*.jpg folders to it.")
+    return records
+
+
+def scan_flat_testset(folder: Path, class_names: Sequence[str], root: Path, max_bytes: int,
+                      problems: TreeProblems) -> list[ImageRecord]:
+    """Kaggle's flat test set: every `<class>_<n>.jpg` in `folder`, labelled by the class in its name.
+
+    Files named otherwise (or after an unknown class) go to `problems.misnamed`, files over
+    `max_bytes` to `problems.unread`.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    records = []
+    for path in _images_in(folder):
+        match = _FLAT_NAME.match(path.stem)
+        relpath = path.relative_to(root).as_posix()
+        if not match or match["cls"] not in index:
+            problems.misnamed.append(relpath)
+        elif path.stat().st_size > max_bytes:
+            problems.unread.append({"path": relpath, "reason": too_large(path.stat().st_size, max_bytes)})
+        else:
+            records.append(ImageRecord(path, index[match["cls"]], relpath))
     return records
 
 
@@ -194,7 +322,7 @@ def decode_failure(exc: Exception) -> str:
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
     path, size = args
     data = Path(path).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_hex(data)
     if not data:
         return None, digest, "empty file (0 bytes)"
     try:
@@ -247,71 +375,6 @@ class _InlineExecutor:
 
 def class_counts(labels: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> list[int]:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
-
-
-def write_packed(out_dir: str | Path, splits: dict[str, PackedSplit], stored_size: int, extra_manifest: dict | None = None,
-                 class_names: Sequence[str] = CLASS_NAMES) -> dict:
-    """Write arrays, report.json, then manifest.json last (its presence marks the set complete)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    manifest = {
-        "format": 1,
-        "class_names": list(class_names),
-        "stored_size": stored_size,
-        "splits": {},
-        "sources": {},
-        **(extra_manifest or {}),
-    }
-    for name, split in splits.items():
-        np.save(out_dir / f"{name}_images.npy", split.images)
-        np.save(out_dir / f"{name}_labels.npy", split.labels)
-        manifest["splits"][name] = {
-            "images": len(split.labels),
-            "class_counts": class_counts(split.labels, len(class_names)),
-            "files": {"images": f"{name}_images.npy", "labels": f"{name}_labels.npy"},
-        }
-        manifest["sources"].update(zip(split.sources, split.sha256))
-    report = {"bad_files": {name: s.bad_files for name, s in splits.items()}}
-    (out_dir / REPORT).write_text(json.dumps(report, indent=1))
-    manifest["files"] = {p.name: file_sha256(p) for p in sorted(out_dir.iterdir()) if p.name != MANIFEST}
-    _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
-
-
-def read_manifest(dataset_dir: str | Path) -> dict:
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            f"{dataset_dir} has no {MANIFEST}: the dataset is missing or was not fully written; "
-            "run jobs/prepare_data.py for it again."
-        )
-    return json.loads(path.read_text())
-
-
-def load_packed(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, S, S, 3) uint8, labels (N,) int64) of one split of a packed dataset folder."""
-    manifest = read_manifest(dataset_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"Dataset {dataset_dir} has no '{split}' split; it has {', '.join(manifest['splits'])}.")
-    files = manifest["splits"][split]["files"]
-    images = np.load(Path(dataset_dir) / files["images"], mmap_mode="r")
-    labels = np.load(Path(dataset_dir) / files["labels"]).astype(np.int64)
-    return images, labels
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

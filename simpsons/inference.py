@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from simpsons import checkpoint
-from simpsons.augment import eval_transform
+from simpsons.augment import EvalPreset, create_eval_preset
 from simpsons.config import Config, ConfigError, from_dict
-from simpsons.data import (DataError, IMAGE_SUFFIXES, decode_failure, find_splits, load_image, pack_split, scan_split,
-                           TreeProblems, too_large)
+from simpsons.data import (DataError, IMAGE_SUFFIXES, TreeProblems, decode_failure, find_layout, load_image, pack_split,
+                           too_large)
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model
 
@@ -51,41 +51,48 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, train_size: int, batch_size: int = 128,
-                  flip: bool = False) -> torch.Tensor:
-    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32 (`flip`: model.tta_flip)."""
+def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, preset: EvalPreset,
+                  batch_size: int = 128, flip: bool = False) -> torch.Tensor:
+    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32, inputs made by `preset`
+    (`flip`: model.tta_flip)."""
     images = torch.as_tensor(images)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
-        out.append(classify(model, eval_transform(batch, train_size), flip).float().softmax(dim=1).cpu())
+        out.append(classify(model, preset(batch), flip).float().softmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate_folder(checkpoint: str | Path, folder: str | Path, split: str | None = None, workers: int = 0,
-                    device: str | None = None) -> tuple[dict, np.ndarray, list[dict]]:
-    """(report, confusion matrix, files left out) for a labelled folder `<folder>/<class>/*.jpg`.
+def evaluate_folder(checkpoint: str | Path, data: str | Path, split: str | None = None, workers: int = 0,
+                    device: str | None = None, cache_dir: str = "~/.cache/simpsons",
+                    ) -> tuple[dict, np.ndarray, list[dict]]:
+    """(report, confusion matrix, files left out) for labelled images.
 
-    `folder` may also be a dataset root; then `split` (default: testset, else val) is evaluated.
+    `data` is a labelled folder `<data>/<class>/*.jpg` (scored whole) or anything training's
+    --data takes: a split tree, Kaggle's layout with its flat test set `<class>_<n>.jpg`, an
+    archive or URL of one (fetched into `cache_dir`). Of a tree with splits, `split` (default:
+    testset, else val) is scored.
     """
+    from simpsons.sources import fetch_source
+
     model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; pass <folder>/<class>/*.jpg or a dataset root with train/val/testset.")
-    if not any(p.is_dir() and p.name in class_names for p in folder.iterdir()):
-        splits = find_splits(folder)
-        split = split or ("testset" if "testset" in splits else "val")
-        if split not in splits:
-            raise DataError(f"{folder} has no '{split}' split; it has {', '.join(splits)}.")
-        folder = splits[split]
-    problems = TreeProblems()
-    records = scan_split(folder, class_names, folder.parent, cfg.data.max_image_bytes, problems)
+    layout = find_layout(fetch_source(data, cache_dir, max_image_bytes=cfg.data.max_image_bytes), class_names)
+    available = [name for name in layout.names() if name != "unsplit"]  # "unsplit": class folders without a split
+    if split is None:
+        split = next((name for name in ("testset", "val") if name in available), "val" if available else "unsplit")
+    if split not in layout.names():
+        found = (f"it has {', '.join(available)}" if available
+                 else "it is not split: leave out --split to score all its images")
+        raise DataError(f"{data} has no '{split}' split; {found}.")
+    folder = layout.folder(split)
+    problems = TreeProblems(unread=[u for u in layout.unread if (layout.root / u["path"]).is_relative_to(folder)])
+    records = layout.scan(split, class_names, cfg.data.max_image_bytes, problems)
     problems.raise_if_any(len(class_names))
     if not records:
         raise DataError(f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg.")
     packed = pack_split(records, cfg.data.stored_size, workers, desc="decode")
-    probs = predict_proba(model, packed.images, cfg.data.train_size, flip=cfg.model.tta_flip)
+    probs = predict_proba(model, packed.images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
     labels = torch.as_tensor(packed.labels.astype(np.int64))
     cm = confusion_matrix(labels, probs.argmax(1), len(class_names)).numpy()
     return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
@@ -114,7 +121,7 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: in
         except Exception as exc:  # one unreadable file must not sink the others
             results.append({"path": str(f), "error": decode_failure(exc)})
     if kept:
-        probs = predict_proba(model, np.stack(images), cfg.data.train_size, flip=cfg.model.tta_flip)
+        probs = predict_proba(model, np.stack(images), create_eval_preset(cfg), flip=cfg.model.tta_flip)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
             results.append({"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]})

@@ -2,7 +2,7 @@
 
     tree = scan_tree(root)                       which images, which split, which class
     build_dataset(tree, out_dir, stored_size)    decode each image once, split if needed, pack,
-                                                 write report.json and manifest.json (data.py layout)
+                                                 write report.json and manifest.json (dataset.py format)
     prepare_dataset(source, dest, name, version) fetch -> scan -> build (cached) -> upload to
                                                  <dest>/datasets/<name>/<version>/, manifest last
 
@@ -22,8 +22,8 @@ only what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,13 +36,15 @@ from urllib.parse import urlparse, urlunparse
 import numpy as np
 
 from simpsons import storage
-from simpsons.archive import MAX_FILE_BYTES, UNREAD_LIST
-from simpsons.data import (CLASS_NAMES, IMAGE_SUFFIXES, MANIFEST, REPORT, SPLIT_NAMES, DataError, ImageRecord,
-                           PackedSplit, TreeProblems, class_counts, file_sha256, pack_split, read_manifest, scan_split,
-                           too_large, write_packed)
+from simpsons.archive import MAX_FILE_BYTES
+from simpsons.data import (CLASS_NAMES, DataError, ImageRecord, PackedSplit, TreeProblems, class_counts, find_layout,
+                           pack_split, unread_summary)
+from simpsons.dataset import MANIFEST, REPORT, read_manifest, write_packed
+from simpsons.files import cache_key, file_sha256, sha256_files, sha256_hex
+
+_logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the same inputs would give a different dataset
-_FLAT_NAME = re.compile(r"^(?P<cls>[a-z_]+?)_(?P<n>\d+)$")  # kaggle_simpson_testset/<class>_<n>.jpg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,118 +66,32 @@ class Tree:
 
 def scan_tree(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES, max_depth: int = 4,
               max_bytes: int = MAX_FILE_BYTES) -> Tree:
-    """Every image under `root`, by split (or "unsplit"), labelled by the class list.
+    """Every image under `root`, by split (or "unsplit"), labelled by the class list (see data.find_layout).
 
     `class_names="auto"` takes the tree's own class folders, sorted. Unknown class folders and
     misnamed test-set files anywhere in the tree are raised together, in one DataError; empty
     class folders, alone, are only noted. Files over `max_bytes` (and archive members that were
     not unpacked for that reason) are listed in `unread` and never opened.
     """
-    root = Path(root).resolve()
-    problems = TreeProblems(unread=_unread_members(root))
-    found = _find_layout(root, None if class_names == "auto" else set(class_names), max_depth)
-    if found is None:
-        unread = f" ({_unread_summary(problems.unread)})" if problems.unread else ""
-        raise DataError(
-            f"No images found under {root}{unread}: expected [dataset/]train/<class>/*.jpg (the original layout) "
-            "or <class>/*.jpg (Kaggle's simpsons_dataset) within a few folders of it."
-        )
-    folder, given_split = found
-    if given_split:
-        split_dirs = [folder / name for name in SPLIT_NAMES if (folder / name).is_dir()]
-        if class_names == "auto":
-            class_names = sorted({p.name for d in split_dirs for p in _subfolders(d)})
-        groups = {d.name: scan_split(d, class_names, root, max_bytes, problems) for d in split_dirs}
-        notes = [f"split folders found in {_rel(folder, root)}: {', '.join(groups)}; kept as given"]
-        if "val" not in groups:
-            groups["unsplit"] = groups.pop("train")
-            notes.append("no val folder: train is split into train and val")
-    else:
-        notes = [f"class folders without a split found in {_rel(folder, root)}"]
-        nested = folder / folder.name
-        if nested.is_dir() and _holds_class_folders(nested, None if class_names == "auto" else set(class_names)):
-            # Kaggle's download holds simpsons_dataset/ twice, one inside the other.
-            notes.append(f"{_rel(nested, root)} repeats {_rel(folder, root)}; the inner copy is used")
-            folder = nested
-        if class_names == "auto":
-            class_names = sorted(p.name for p in _subfolders(folder))
-        groups = {"unsplit": scan_split(folder, class_names, root, max_bytes, problems)}
-        flat = _flat_testset(root, class_names, max_depth, max_bytes, problems)
-        if flat:
-            groups["testset"] = flat
-            notes.append(f"flat test set ({len(flat)} images named <class>_<n>) found in {_rel(flat[0].path.parent, root)}")
+    layout = find_layout(root, class_names, max_depth)
+    if class_names == "auto":
+        class_names = layout.class_folder_names()
+    problems = TreeProblems(unread=list(layout.unread))
+    notes = list(layout.notes)
+    groups = {name: layout.scan(name, class_names, max_bytes, problems) for name in layout.names()}
+    if layout.given_split and "val" not in groups:
+        groups["unsplit"] = groups.pop("train")
+        notes.append("no val folder: train is split into train and val")
+    if layout.flat_testset is not None:
+        if groups["testset"]:
+            notes.append(f"flat test set ({len(groups['testset'])} images named <class>_<n>) found in "
+                         f"{layout.flat_testset.relative_to(layout.root).as_posix()}")
+        else:
+            del groups["testset"]
     problems.raise_if_any(len(class_names))
     if problems.unread:
-        notes.append(_unread_summary(problems.unread))
-    return Tree(root, groups, notes + problems.notes(), list(class_names), problems.unread)
-
-
-def _find_layout(root: Path, known: set[str] | None, max_depth: int) -> tuple[Path, bool] | None:
-    """(the folder holding train/ or the class folders, whether it holds a given split), or None."""
-    for folder in _folders_breadth_first(root, max_depth):
-        if (folder / "train").is_dir():
-            return folder, True
-        if _holds_class_folders(folder, known):
-            return folder, False
-    return None
-
-
-def _holds_class_folders(folder: Path, known: set[str] | None) -> bool:
-    """Has a subfolder named as a known class (or, with no class list, one that holds images)."""
-    if known is not None:
-        return any(p.name in known for p in _subfolders(folder))
-    return any(f.suffix.lower() in IMAGE_SUFFIXES for p in _subfolders(folder) for f in p.iterdir() if f.is_file())
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
-
-
-def _unread_members(root: Path) -> list[dict]:
-    """Archive members left packed for their size (archive.UNREAD_LIST of each unpacked archive)."""
-    unread = []
-    for listing in [root / UNREAD_LIST, *sorted(root.glob(f"*/{UNREAD_LIST}"))]:
-        if listing.is_file():
-            base = listing.parent.relative_to(root)
-            unread += [{"path": (base / item["path"]).as_posix(), "reason": item["reason"]} for item in json.loads(listing.read_text())]
-    return unread
-
-
-def _unread_summary(unread: list[dict]) -> str:
-    return f"{len(unread)} file(s) left out unread for their size, e.g. {unread[0]['path']} ({unread[0]['reason']})"
-
-
-def _folders_breadth_first(root: Path, max_depth: int):
-    level = [root]
-    for _ in range(max_depth + 1):
-        yield from level
-        level = [p for folder in level for p in _subfolders(folder)]
-
-
-def _flat_testset(root: Path, class_names, max_depth: int, max_bytes: int, problems: TreeProblems) -> list[ImageRecord]:
-    """Kaggle's test set: image files named <class>_<n>.jpg directly inside a *testset* folder."""
-    index = {name: i for i, name in enumerate(class_names)}
-    for folder in _folders_breadth_first(root, max_depth):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if "testset" not in folder.name.lower() or not files:
-            continue
-        records = []
-        for path in files:
-            match = _FLAT_NAME.match(path.stem)
-            relpath = path.relative_to(root).as_posix()
-            if not match or match["cls"] not in index:
-                problems.misnamed.append(relpath)
-            elif path.stat().st_size > max_bytes:
-                problems.unread.append({"path": relpath, "reason": too_large(path.stat().st_size, max_bytes)})
-            else:
-                records.append(ImageRecord(path, index[match["cls"]], relpath))
-        return records
-    return []
-
-
-def _rel(path: Path, root: Path) -> str:
-    rel = path.relative_to(root).as_posix()
-    return "the source folder" if rel == "." else rel
+        notes.append(unread_summary(problems.unread))
+    return Tree(layout.root, groups, notes + problems.notes(), list(class_names), problems.unread)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +240,8 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
     report["counts"] = {name: dict(zip(class_names, class_counts(s.labels, len(class_names)))) for name, s in packed.items()}
     kept = sum(len(s.labels) for s in packed.values())
     report["images_kept"] = kept
-    print(f"Decoded {found} images in {seconds:.1f} s ({found / max(seconds, 1e-9):.0f} images/s); kept {kept}, "
-          f"left out {found - kept} (see report.json)", flush=True)
+    _logger.info("Decoded %d images in %.1f s (%.0f images/s); kept %d, left out %d (see report.json)",
+                 found, seconds, found / max(seconds, 1e-9), kept, found - kept)
 
     # Written into a hidden sibling and renamed: out_dir either holds a whole dataset or nothing.
     partial = out_dir.with_name(f".{out_dir.name}.partial")
@@ -402,9 +318,9 @@ def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
 
 
 def pack_tree(root: str | Path, out_dir: str | Path, stored_size: int = 144, workers: int = 0,
-              class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> dict:
+              class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> None:
     """Pack every image under `root` (split or not; see scan_tree) into `out_dir`."""
-    return build_dataset(scan_tree(root, class_names, max_bytes=max_bytes), out_dir, stored_size, workers)
+    build_dataset(scan_tree(root, class_names, max_bytes=max_bytes), out_dir, stored_size, workers)
 
 
 def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144, workers: int = 0,
@@ -412,11 +328,11 @@ def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144,
     """Pack `root` into the cache once; later calls with the same tree and settings reuse it."""
     root = Path(root).expanduser().resolve()
     classes = class_names if class_names == "auto" else list(class_names)
-    key = hashlib.sha256(json.dumps([str(root), stored_size, classes, max_bytes]).encode()).hexdigest()[:16]
+    key = cache_key(json.dumps([str(root), stored_size, classes, max_bytes]))
     out_dir = Path(cache_dir).expanduser().resolve() / "packed" / key  # absolute: Ray workers run elsewhere
     try:
         read_manifest(out_dir)
-        print(f"Using the packed dataset in {out_dir}", flush=True)
+        _logger.info("Using the packed dataset in %s", out_dir)
     except ValueError:
         pack_tree(root, out_dir, stored_size, workers, class_names, max_bytes)
     return out_dir
@@ -455,11 +371,11 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
 
     tree = scan_tree(fetch_source(source, cache_dir, max_image_bytes=max_image_bytes), class_names, max_bytes=max_image_bytes)
     records = tree.records
-    shas = storage.sha256_files([r.path for r in records])
+    shas = sha256_files([r.path for r in records])
     settings = {"format": FORMAT, "stored_size": stored_size, "val_fraction": val_fraction, "seed": seed,
                 "min_class_size": min_class_size, "class_names": tree.class_names, "max_image_bytes": max_image_bytes}
     inputs = sorted(zip((r.relpath for r in records), shas))
-    fingerprint = hashlib.sha256(json.dumps([inputs, settings]).encode()).hexdigest()
+    fingerprint = sha256_hex(json.dumps([inputs, settings]))
 
     remote = storage.read_bytes(storage.join(uri, MANIFEST), endpoint)
     if remote is not None:
@@ -469,7 +385,7 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
                 f"{uri} already holds a complete dataset made from other images or settings; "
                 "pass a new --version (a version never changes once its manifest is written)."
             )
-        print(f"{uri} is already complete with these inputs; nothing to send.", flush=True)
+        _logger.info("%s is already complete with these inputs; nothing to send.", uri)
         return Prepared(uri, sum(s["images"] for s in done["splits"].values()), 0, 0, time.perf_counter() - started, None)
 
     staging = Path(cache_dir).expanduser() / "prepared" / fingerprint[:16]
@@ -479,7 +395,7 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
                  "source": _public(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         rate = build_dataset(tree, staging, stored_size, workers, val_fraction, seed, min_class_size, extra)["pack_images_per_s"]
     else:
-        print(f"Using the packed dataset in {staging} (built before from the same inputs)", flush=True)
+        _logger.info("Using the packed dataset in %s (built before from the same inputs)", staging)
     manifest = json.loads((staging / MANIFEST).read_text())
 
     # Every object of the version, key -> (local file, sha256); the manifest lists them all.
@@ -492,8 +408,8 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
     images = sum(s["images"] for s in manifest["splits"].values())
     seconds = time.perf_counter() - started
     counts = ", ".join(f"{k} {v['images']:,}" for k, v in manifest["splits"].items())
-    print(f"Dataset {uri}: {images:,} images ({counts}); sent {sent:,} files ({sent_bytes / 2**20:.1f} MiB) "
-          f"in {seconds:.1f} s. Train on it with --set data.uri={uri}", flush=True)
+    _logger.info("Dataset %s: %s images (%s); sent %s files (%.1f MiB) in %.1f s. Train on it with --set data.uri=%s",
+                 uri, f"{images:,}", counts, f"{sent:,}", sent_bytes / 2**20, seconds, uri)
     return Prepared(uri, images, sent + 1, sent_bytes, seconds, rate)
 
 

@@ -20,7 +20,6 @@ cannot resume) and a finished one is never fetched again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from simpsons.archive import MAX_FILE_BYTES, ArchiveError, is_archive, safe_extract
-from simpsons.data import file_sha256 as _sha256
+from simpsons.files import cache_key, file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons"
         if urlparse(source).scheme in ("http", "https"):
             return _local(_http_file(source, cache, sha256), cache, max_image_bytes)
         path = _local_path(source)
-        if sha256 and path.is_file() and _sha256(path) != sha256:
+        if sha256 and path.is_file() and file_sha256(path) != sha256:
             raise SourceError(f"Data source {path} does not have the expected sha256 {sha256}; the file is corrupt or a different version.")
         return _local(path, cache, max_image_bytes)
     except ArchiveError as exc:
@@ -128,11 +127,11 @@ def _local(path: Path, cache: Path, max_image_bytes: int) -> Path:
 
 def _unpack(archives: list[Path], cache: Path, max_image_bytes: int) -> Path:
     """Unpack archives once into cache/unpacked/<sha256 of their contents>/ (one subfolder each when several)."""
-    digests = [_sha256(a) for a in archives]
-    key = hashlib.sha256("|".join([*digests, str(max_image_bytes)]).encode()).hexdigest()[:16]
+    digests = [file_sha256(a) for a in archives]
+    key = cache_key("|".join([*digests, str(max_image_bytes)]))
     target = cache / "unpacked" / key
     if target.is_dir():
-        print(f"Using {target} (unpacked before from {', '.join(a.name for a in archives)})", flush=True)
+        _logger.info("Using %s (unpacked before from %s)", target, ", ".join(a.name for a in archives))
         return target
     if len(archives) == 1:
         safe_extract(archives[0], target, max_file_bytes=max_image_bytes)
@@ -142,7 +141,7 @@ def _unpack(archives: list[Path], cache: Path, max_image_bytes: int) -> Path:
         for archive in archives:
             safe_extract(archive, partial / _stem(archive), max_file_bytes=max_image_bytes)
         os.replace(partial, target)
-    print(f"Unpacked {', '.join(a.name for a in archives)} into {target}", flush=True)
+    _logger.info("Unpacked %s into %s", ", ".join(a.name for a in archives), target)
     return target
 
 
@@ -163,12 +162,12 @@ def _drive_folder(folder_id: str, cache: Path) -> Path:
     out = cache / "downloads" / f"drive-folder-{folder_id}"
     marker = out.with_name(out.name + ".complete.json")
     if _marker_ok(marker, out):
-        print(f"Using {out} (downloaded before from Google Drive)", flush=True)
+        _logger.info("Using %s (downloaded before from Google Drive)", out)
         return out
     import gdown
 
     out.mkdir(parents=True, exist_ok=True)
-    print(f"Downloading Google Drive folder {folder_id} into {out}", flush=True)
+    _logger.info("Downloading Google Drive folder %s into %s", folder_id, out)
     try:
         # resume=True: finished files are skipped and partial ones continued after an interruption.
         files = gdown.download_folder(id=folder_id, output=str(out), quiet=False, resume=True, retries=3, timeout=(30, 120))
@@ -196,7 +195,7 @@ def _drive_file(file_id: str, cache: Path, sha256: str) -> Path:
     if not path:
         raise SourceError(f"Google Drive file {file_id} could not be downloaded; check the link is public.")
     path = Path(path)
-    if sha256 and _sha256(path) != sha256:
+    if sha256 and file_sha256(path) != sha256:
         path.unlink()
         raise SourceError(f"Google Drive file {file_id} does not have the expected sha256 {sha256}; it was deleted, run again to re-download.")
     _write_marker(marker, out_dir, [path])
@@ -230,11 +229,11 @@ def _http_file(url: str, cache: Path, sha256: str, attempts: int = 4) -> Path:
     import requests
 
     name = Path(unquote(urlparse(url).path)).name or "download"
-    out_dir = cache / "downloads" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    out_dir = cache / "downloads" / f"url-{cache_key(url)}"
     dest = out_dir / name
     checked = dest.with_name(dest.name + ".sha256")
     if dest.is_file() and checked.is_file() and (not sha256 or checked.read_text().strip() == sha256):
-        print(f"Using {dest} (downloaded before from {url})", flush=True)
+        _logger.info("Using %s (downloaded before from %s)", dest, url)
         return dest
     out_dir.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -250,7 +249,7 @@ def _http_file(url: str, cache: Path, sha256: str, attempts: int = 4) -> Path:
             time.sleep(wait)
         except requests.HTTPError as exc:
             raise SourceError(f"Could not download {url}: the server answered {exc.response.status_code}; check the URL.") from None
-    digest = _sha256(part)
+    digest = file_sha256(part)
     if sha256 and digest != sha256:
         part.unlink()
         raise SourceError(f"Download of {url} does not have the expected sha256 {sha256}; it was deleted, run again to re-download.")

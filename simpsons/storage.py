@@ -8,29 +8,26 @@ exponential backoff plus a few more per file, and a progress bar in bytes.
 An S3-compatible endpoint (MinIO, R2, a test server) comes from the config (`run.s3_endpoint`)
 or the standard AWS_ENDPOINT_URL(_S3); credentials only ever come from the standard AWS chain
 (environment, profile, instance role) and are never logged or stored. Failures that a user can
-fix (no bucket, no credentials, wrong endpoint, a dataset without manifest) raise StorageError
+fix (no bucket, no credentials, wrong endpoint) raise StorageError
 with one sentence saying what and how.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
-
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
-from simpsons.data import MANIFEST, file_sha256 as _sha256
+from simpsons.files import file_md5, file_sha256, sha256_hex, write_atomic
+
+_logger = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 16 << 20  # bytes; larger files go up in parts of MULTIPART_CHUNK
 MULTIPART_CHUNK = 16 << 20
@@ -280,14 +277,12 @@ def write_bytes(data: bytes, uri: str, endpoint: str = "") -> None:
     if not is_s3(uri):
         path = Path(uri).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         return
     bucket, key = split_uri(uri)
     try:
         s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data,
-                                       Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+                                       Metadata={"sha256": sha256_hex(data)})
     except _s3_errors() as exc:
         raise explain(exc, uri, endpoint) from None
 
@@ -326,26 +321,23 @@ def upload_files(files: dict[str, str | Path], uri: str, endpoint: str = "", sha
         def send(key: str, path: Path) -> None:
             extra = {"Metadata": {"sha256": sha256[key]}} if key in sha256 else {}
             object_key = f"{prefix}/{key}" if prefix else key
-            for attempt in range(1, FILE_ATTEMPTS + 1):
-                sent = [0]
+            sent = [0]  # bytes of this file on the bar: taken back when an attempt fails
 
-                def progress(n: int) -> None:
-                    sent[0] += n
-                    bar.update(n)
+            def progress(n: int) -> None:
+                sent[0] += n
+                bar.update(n)
 
-                try:
-                    if path.stat().st_size < MULTIPART_THRESHOLD:
-                        # One PUT: a third of upload_file's overhead for the many small images.
-                        client.put_object(Bucket=bucket, Key=object_key, Body=path.read_bytes(), **extra)
-                        progress(path.stat().st_size)
-                    else:
-                        client.upload_file(str(path), bucket, object_key, ExtraArgs=extra, Config=config, Callback=progress)
-                    return
-                except _s3_errors() as exc:
-                    bar.update(-sent[0])
-                    if attempt == FILE_ATTEMPTS or not _retryable(exc):
-                        raise explain(exc, join(uri, key), endpoint) from None
-                    time.sleep(2**attempt)
+            def attempt() -> None:
+                bar.update(-sent[0])
+                sent[0] = 0
+                if path.stat().st_size < MULTIPART_THRESHOLD:
+                    # One PUT: a third of upload_file's overhead for the many small images.
+                    client.put_object(Bucket=bucket, Key=object_key, Body=path.read_bytes(), **extra)
+                    progress(path.stat().st_size)
+                else:
+                    client.upload_file(str(path), bucket, object_key, ExtraArgs=extra, Config=config, Callback=progress)
+
+            _retrying(attempt, join(uri, key), endpoint)
 
         _run_parallel(send, files, workers)
     return total
@@ -364,7 +356,8 @@ def sync_files(files: dict[str, str | Path], uri: str, sha256: dict[str, str], e
     todo = {key: Path(path) for key, path in files.items()
             if not _same(key, Path(path), sha256[key], remote.get(key), uri, endpoint, client)}
     if len(todo) < len(files):
-        print(f"{len(files) - len(todo)} of {len(files)} files already at {uri} with the same content; not sent again", flush=True)
+        _logger.info("%d of %d files already at %s with the same content; not sent again",
+                     len(files) - len(todo), len(files), uri)
     return len(todo), upload_files(todo, uri, endpoint, sha256, desc)
 
 
@@ -372,9 +365,9 @@ def _same(key: str, path: Path, sha256: str, remote: RemoteObject | None, uri: s
     if remote is None or remote.size != path.stat().st_size:
         return False
     if not is_s3(uri):
-        return _sha256(Path(uri).expanduser() / key) == sha256
+        return file_sha256(Path(uri).expanduser() / key) == sha256
     if remote.etag and "-" not in remote.etag:
-        return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() == remote.etag
+        return file_md5(path) == remote.etag
     bucket, prefix = split_uri(uri)
     try:
         head = client.head_object(Bucket=bucket, Key=f"{prefix}/{key}" if prefix else key)
@@ -404,16 +397,23 @@ def download_files(files: dict[str, str | Path], uri: str, endpoint: str = "", d
 
         def fetch(key: str, path: Path) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            for attempt in range(1, FILE_ATTEMPTS + 1):
-                try:
-                    client.download_file(bucket, f"{prefix}/{key}" if prefix else key, str(path), Config=config, Callback=bar.update)
-                    return
-                except _s3_errors() as exc:
-                    if attempt == FILE_ATTEMPTS or not _retryable(exc):
-                        raise explain(exc, join(uri, key), endpoint) from None
-                    time.sleep(2**attempt)
+            object_key = f"{prefix}/{key}" if prefix else key
+            _retrying(lambda: client.download_file(bucket, object_key, str(path), Config=config, Callback=bar.update),
+                      join(uri, key), endpoint)
 
         _run_parallel(fetch, files, workers)
+
+
+def _retrying(transfer, uri: str, endpoint: str) -> None:
+    """transfer() up to FILE_ATTEMPTS times, backing off between tries; a failure that is the last, or
+    that no retry can fix, is raised as the StorageError for `uri`."""
+    for attempt in range(1, FILE_ATTEMPTS + 1):
+        try:
+            return transfer()
+        except _s3_errors() as exc:
+            if attempt == FILE_ATTEMPTS or not _retryable(exc):
+                raise explain(exc, uri, endpoint) from None
+            time.sleep(2**attempt)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -460,104 +460,3 @@ def download_dir(uri: str, local_dir: str | Path, endpoint: str = "") -> Path:
     keys = list_objects(uri, endpoint)
     download_files({key: local_dir / key for key in keys}, uri, endpoint, desc=f"download {local_dir.name}")
     return local_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Packed datasets in S3 -> a node-local cache
-
-
-def check_dataset(uri: str, endpoint: str = "") -> dict:
-    """The manifest of the packed dataset at an s3:// `uri`; StorageError when it has none (incomplete)."""
-    return json.loads(_manifest_bytes(uri, endpoint))
-
-
-def _manifest_bytes(uri: str, endpoint: str) -> bytes:
-    raw = read_bytes(join(uri, MANIFEST), endpoint)
-    if raw is None:
-        raise StorageError(
-            f"{uri} has no {MANIFEST}: the dataset version is missing or its upload did not finish; "
-            "run jobs/prepare_data.py for it (again) or fix data.uri."
-        )
-    return raw
-
-
-def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: str = "") -> Path:
-    """A local folder holding the packed dataset at `uri` (local folders are used in place).
-
-    For s3:// the packed arrays are downloaded once per node into `cache_dir/datasets/<key>/`,
-    key = sha256 of the dataset's manifest.json, so a new version of the data gets a new folder.
-    A file lock makes the workers of one node share one download: the first takes the lock and
-    downloads, the others wait for it and then find the folder complete. Every file is checked
-    against the manifest's sha256 before the manifest is written, last.
-    """
-    if not is_s3(uri):
-        return Path(uri).expanduser()
-    from filelock import FileLock
-
-    raw = _manifest_bytes(uri, endpoint)
-    manifest = json.loads(raw)
-    key = hashlib.sha256(raw).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() / "datasets"
-    target = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if (target / MANIFEST).is_file():
-            return target
-        partial = _partial_dir(root, key)
-        print(f"Downloading the packed dataset {uri} into {target}", flush=True)
-        wanted = sorted(manifest["files"])  # the packed arrays and report.json, not the originals
-        have = {name for name in wanted if (partial / name).is_file()
-                and _sha256(partial / name) == manifest["files"].get(name)}  # resume: keep verified files
-        download_files({name: partial / name for name in wanted if name not in have}, uri, endpoint,
-                       desc=f"dataset {key}")
-        for name in wanted:
-            if _sha256(partial / name) != manifest["files"].get(name):
-                (partial / name).unlink()
-                raise StorageError(f"{join(uri, name)} does not match the sha256 in its manifest; the dataset is damaged, prepare it again.")
-        (partial / MANIFEST).write_bytes(raw)  # last: a folder with a manifest is complete
-        try:
-            os.replace(partial, target)
-        except OSError:
-            # Another host sharing this cache folder (a file lock does not hold across NFS
-            # clients) finished first; its complete copy is as good as ours.
-            if not (target / MANIFEST).is_file():
-                raise
-            shutil.rmtree(partial, ignore_errors=True)
-    return target
-
-
-def _partial_dir(root: Path, key: str) -> Path:
-    """This host's and process's download folder for dataset `key`, taking over one left behind.
-
-    Per host and process so that two downloads never write into one folder, even when the cache
-    is shared between nodes; a folder left by a dead process of this host is renamed to ours, so
-    its verified files are not fetched again.
-    """
-    host = socket.gethostname()
-    partial = root / f"{key}.partial.{host}.{os.getpid()}"
-    if not partial.exists():
-        for stale in root.glob(f"{key}.partial.{host}.*"):
-            pid = stale.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not _process_alive(int(pid)):
-                try:
-                    os.replace(stale, partial)
-                    break
-                except OSError:  # taken over by another process first
-                    continue
-    return partial
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def sha256_files(paths: Iterable[Path], workers: int = 4) -> list[str]:
-    """sha256 of each file, a few at a time (hashlib releases the GIL on large blocks)."""
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(_sha256, paths))

@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from simpsons import checkpoint, storage
-from simpsons.augment import eval_transform, train_transform
+from simpsons.augment import create_eval_preset, create_train_preset
 from simpsons.cli import configure_logging
 from simpsons.cluster import absolute_dataset_uri, prepare_run, worker_resources
 from simpsons.config import Config, config_text, from_dict, to_dict
-from simpsons.data import ResidentSplit, data_placement, load_packed, read_manifest
+from simpsons.data import ResidentSplit, data_placement
+from simpsons.dataset import check_dataset, load_packed, local_dataset_dir, read_manifest
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model, is_head
@@ -89,6 +90,7 @@ class TrainStep:
         self.dtype = amp_dtype(cfg.train.precision, device)
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.preset = create_train_preset(cfg)
         self.per_step_schedule = cfg.optim.schedule == "cosine"
         # Under DDP with gradient_as_bucket_view the gradients are views into the all-reduce buckets;
         # setting them to None would make autograd allocate fresh ones that DDP copies back every step.
@@ -103,10 +105,7 @@ class TrainStep:
 
     def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
-        d = self.cfg.data
-        if not d.augment:
-            return eval_transform(images, d.train_size)
-        return train_transform(images, d.train_size, d.crop_scale, d.rotate, d.hflip, generator)
+        return self.preset(images, generator)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.inputs(images, generator)
@@ -220,13 +219,14 @@ def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
     model.eval()
+    preset = create_eval_preset(cfg)
     dtype = amp_dtype(cfg.train.precision, device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     batch = max(1, cfg.optim.batch_size // world) * 2
     for images, labels in split.eval_batches(batch, rank, world):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = classify(model, eval_transform(images, cfg.data.train_size), cfg.model.tta_flip)
+            logits = classify(model, preset(images), cfg.model.tta_flip)
         loss_sum += criterion(logits, labels).double() * len(labels)
         cm += confusion_matrix(labels, logits.argmax(1), num_classes)
     if world > 1:
@@ -252,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    dataset_dir = storage.local_dataset_dir(dataset_uri, cfg.data.cache_dir, cfg.run.s3_endpoint)
+    dataset_dir = local_dataset_dir(dataset_uri, cfg.data.cache_dir, cfg.run.s3_endpoint)
     manifest = read_manifest(dataset_dir)
     class_names = manifest["class_names"]
     origin = checkpoint.provenance(dataset_uri, dataset_dir, code)
@@ -450,7 +450,7 @@ def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
     if not storage.is_s3(dataset_uri):
         read_manifest(dataset_uri)  # a missing dataset is the user's to fix, not a worker failure to retry
     else:
-        storage.check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
+        check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
     run_uri = storage.join(cfg.run.storage, cfg.run.name)
     # The resolved config beside the run from its start: a run stopped early still says how it was set.
     storage.write_bytes(config_text(cfg).encode(), storage.join(run_uri, "config.yaml"), cfg.run.s3_endpoint)

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from asserts import one_sentence
 from simpsons.archive import UNREAD_LIST, ArchiveError, safe_extract
 from synthetic import write_zero_member_tar_xz
-
-
-def one_sentence(message: str) -> bool:
-    return "\n" not in message and message.endswith(".") and message.count(". ") == 0
 
 
 def write_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:xz") -> Path:

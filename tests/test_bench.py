@@ -99,8 +99,10 @@ def test_gpu_code_path_runs_on_the_cpu_from_an_archive(image_tree, tmp_path):
         assert got[name] > 0, name
     assert_ratio(got["data_path_fraction"], got["train_step_img_per_s"], got["model_step_img_per_s"])
     assert (got["image_size"], got["batch_size"]) == (32, 16)
-    assert (tmp_path / "cache" / "real" / "dataset" / "train" / "bart_simpson").is_dir()
-    assert f"{tmp_path / 'cache' / 'real'}," in proc.stderr  # trained on the archive's images, not random ones
+    # Unpacked as training unpacks a source (sources.fetch_source -> archive.safe_extract), keyed by its sha256.
+    [unpacked] = (tmp_path / "cache" / "unpacked").iterdir()
+    assert (unpacked / "dataset" / "train" / "bart_simpson").is_dir()
+    assert f"{unpacked}," in proc.stderr  # trained on the archive's images, not random ones
 
 
 @pytest.mark.slow

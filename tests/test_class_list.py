@@ -12,7 +12,7 @@ import torch
 
 from simpsons.cli import resolve_dataset
 from simpsons.config import load_config
-from simpsons.data import read_manifest
+from simpsons.dataset import read_manifest
 from synthetic import make_image_tree
 
 pytestmark = pytest.mark.slow

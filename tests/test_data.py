@@ -5,15 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from simpsons.augment import MEAN, STD, eval_transform, train_transform
-from simpsons.data import (CLASS_NAMES, DataError, ResidentSplit, data_placement, find_splits, load_packed, pack_split,
-                           read_manifest, scan_split)
+from simpsons.augment import MEAN, STD, create_eval_preset, create_train_preset, eval_transform, train_transform
+from simpsons.config import load_config
+from simpsons.data import CLASS_NAMES, DataError, ResidentSplit, data_placement, find_layout, pack_split, scan_split
+from simpsons.dataset import load_packed, read_manifest
 from simpsons.prepare import pack_tree
 from synthetic import make_image_tree
 
 
 def test_labels_come_from_the_fixed_class_list(image_tree):
-    records = scan_split(find_splits(image_tree)["train"])
+    records = scan_split(find_layout(image_tree).splits["train"])
     labels = {r.relpath.split("/")[1]: r.label for r in records}
     assert labels == {name: CLASS_NAMES.index(name) for name in labels}
     assert any(r.path.suffix == ".png" for r in records) and any(r.path.suffix == ".jpg" for r in records)
@@ -143,3 +144,23 @@ def test_flip_mirrors_the_image():
             for _ in range(16)]
     left_bright = {bool(o[0, 0, 16, :8].mean() > o[0, 0, 16, 24:].mean()) for o in outs}
     assert left_bright == {True, False}  # both orientations occur
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_presets_give_the_memory_layout_the_config_asks_for(channels_last):
+    # train.channels_last=false must feed contiguous NCHW: a channels_last input makes the
+    # convolutions run channels_last even with NCHW weights, whatever the setting says.
+    images = torch.as_tensor(np.random.default_rng(2).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8))
+    made = {}
+    for augment in (True, False):
+        cfg = load_config(None, [f"train.channels_last={str(channels_last).lower()}", "data.train_size=32",
+                                 "data.stored_size=40", f"data.augment={str(augment).lower()}"])
+        made[f"train, augment {augment}"] = create_train_preset(cfg)(images, torch.Generator().manual_seed(0))
+        made[f"eval, augment {augment}"] = create_eval_preset(cfg)(images)
+    for name, x in made.items():
+        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32, name
+        assert x.is_contiguous() is not channels_last, name
+        assert x.is_contiguous(memory_format=torch.channels_last) is channels_last, name
+    # The layout is all that changes: the same numbers either way.
+    torch.testing.assert_close(made["eval, augment True"], eval_transform(images, 32))
+    torch.testing.assert_close(made["train, augment False"], made["eval, augment False"])

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from simpsons.config import load_config
-from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement, load_packed
 from simpsons.checkpoint import restore, training_state
+from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
+from simpsons.dataset import load_packed
 from simpsons.train import TrainStep, amp_dtype, build_components, create_scheduler, train_one_epoch
 
 pytestmark = [pytest.mark.gpu,

@@ -116,6 +116,7 @@ def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_clust
 
 def test_prepare_interrupted_by_an_outage_completes_on_rerun_and_is_never_marked_complete_early(flaky_s3, tmp_path):
     from simpsons.prepare import prepare_dataset
+    from asserts import one_sentence
     from simpsons.storage import StorageError
     from synthetic import make_image_tree
 
@@ -141,7 +142,7 @@ def test_prepare_interrupted_by_an_outage_completes_on_rerun_and_is_never_marked
     try:
         first = prepare_dataset(**args)
     except StorageError as exc:  # gave up during the outage: said in one sentence, finished by the re-run
-        assert "\n" not in str(exc) and str(exc).endswith("."), str(exc)
+        assert one_sentence(str(exc)), str(exc)
         first = None
     finally:
         outage.join(timeout=OUTAGE_S + 60)

@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asserts import one_sentence
 from simpsons import storage
-from simpsons.data import CLASS_NAMES, DataError, load_image, read_manifest
+from simpsons.data import CLASS_NAMES, DataError, load_image
+from simpsons.dataset import local_dataset_dir, read_manifest
+from simpsons.files import sha256_hex
 from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree, thumbnails
 from simpsons.storage import StorageError
 from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
@@ -38,10 +41,6 @@ def objects(bucket: str) -> dict[str, dict]:
 
 def get(bucket: str, key: str) -> bytes:
     return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def one_sentence(message: str) -> bool:
-    return "\n" not in message and message.endswith(".")
 
 
 def unsplit_tree(root: Path, per_class: int = 30, seed: int = 0) -> Path:
@@ -142,7 +141,7 @@ def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_pa
     # Every object is listed with its sha256, and matches it; the manifest names classes and counts.
     assert set(stored) == set(manifest["objects"]) | {"manifest.json"}
     for key, sha in manifest["objects"].items():
-        assert storage.hashlib.sha256(get(bucket, prefix + key)).hexdigest() == sha
+        assert sha256_hex(get(bucket, prefix + key)) == sha
     assert manifest["class_names"] == list(CLASS_NAMES) and manifest["splits"]["train"]["images"] == 20
     assert {"train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy", "report.json"} <= set(stored)
     assert "originals/dataset/train/bart_simpson/pic_0000.jpg" in stored
@@ -344,7 +343,7 @@ def test_upload_cut_in_the_middle_completes_on_rerun(bucket, s3_server, tmp_path
     partial = objects(bucket)
     assert "p/datasets/simpsons/v1/manifest.json" not in partial  # incomplete, and marked so
     with pytest.raises(StorageError, match="has no manifest.json"):
-        storage.local_dataset_dir(f"s3://{bucket}/p/datasets/simpsons/v1", str(tmp_path / "train_cache"))
+        local_dataset_dir(f"s3://{bucket}/p/datasets/simpsons/v1", str(tmp_path / "train_cache"))
 
     result = prepare_dataset(**args)
     complete = objects(bucket)
@@ -352,4 +351,4 @@ def test_upload_cut_in_the_middle_completes_on_rerun(bucket, s3_server, tmp_path
     assert 0 < len(partial) < len(manifest["objects"])  # the cut really came in the middle
     assert len(complete) == len(manifest["objects"]) + 1
     assert result.files_sent == len(manifest["objects"]) - len(partial) + 1  # only what was missing, then the manifest
-    assert read_manifest(storage.local_dataset_dir(result.uri, str(tmp_path / "train_cache")))["fingerprint"]
+    assert read_manifest(local_dataset_dir(result.uri, str(tmp_path / "train_cache")))["fingerprint"]

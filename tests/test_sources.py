@@ -6,6 +6,7 @@ file); everything else runs for real.
 
 import hashlib
 import http.server
+import logging
 import shutil
 import tarfile
 import threading
@@ -30,7 +31,8 @@ def drive_like_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def test_folder_holding_the_archive_is_unpacked_once(drive_like_folder, tmp_path, capsys):
+def test_folder_holding_the_archive_is_unpacked_once(drive_like_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     tree = fetch_source(str(drive_like_folder), tmp_path / "cache")
     assert tree.parent == tmp_path / "cache" / "unpacked"
     assert len(list((tree / "dataset" / "train" / "bart_simpson").glob("*"))) == 3
@@ -38,7 +40,7 @@ def test_folder_holding_the_archive_is_unpacked_once(drive_like_folder, tmp_path
     marker = tree / "dataset" / "train" / "bart_simpson" / "pic_0000.jpg"
     mtime = marker.stat().st_mtime_ns
     assert fetch_source(drive_like_folder, tmp_path / "cache") == tree
-    assert marker.stat().st_mtime_ns == mtime and "unpacked before" in capsys.readouterr().out
+    assert marker.stat().st_mtime_ns == mtime and "unpacked before" in caplog.text
 
 
 def test_local_archive_and_file_url(drive_like_folder, tmp_path):

@@ -9,9 +9,11 @@ import boto3
 import numpy as np
 import pytest
 
+from asserts import one_sentence
 from simpsons.cluster import free_port
 from simpsons import storage
-from simpsons.data import load_packed, read_manifest
+from simpsons.dataset import load_packed, local_dataset_dir, manifest_sha256, read_manifest
+from simpsons.files import file_sha256
 from simpsons.storage import StorageError
 
 SECRET = "testing-secret-key"  # the conftest's; it must never show up in a message
@@ -29,10 +31,6 @@ def objects(bucket: str, prefix: str = "") -> dict[str, dict]:
     return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
 
 
-def one_sentence(message: str) -> bool:
-    return "\n" not in message and message.endswith(".") and SECRET not in message
-
-
 def test_sync_sends_multipart_and_small_files_once(bucket, tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 << 20)  # S3's smallest part size
     monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 << 20)
@@ -41,7 +39,7 @@ def test_sync_sends_multipart_and_small_files_once(bucket, tmp_path, monkeypatch
     files["big.npy"].write_bytes(rng.bytes(12 << 20))  # 3 parts
     files["a/one.jpg"].write_bytes(b"one")
     files["a/two.jpg"].write_bytes(b"two" * 1000)
-    sha = {k: storage._sha256(p) for k, p in files.items()}
+    sha = {k: file_sha256(p) for k, p in files.items()}
     uri = f"s3://{bucket}/data/v1"
 
     assert storage.sync_files(files, uri, sha) == (3, sum(p.stat().st_size for p in files.values()))
@@ -51,7 +49,7 @@ def test_sync_sends_multipart_and_small_files_once(bucket, tmp_path, monkeypatch
     assert storage.sync_files(files, uri, sha) == (0, 0)  # same bytes: nothing sent, big one known by its sha256
 
     files["a/two.jpg"].write_bytes(b"TWO" * 1000)  # same size, other bytes
-    sha["a/two.jpg"] = storage._sha256(files["a/two.jpg"])
+    sha["a/two.jpg"] = file_sha256(files["a/two.jpg"])
     assert storage.sync_files(files, uri, sha) == (1, 3000)
 
     back = storage.download_dir(uri, tmp_path / "back")
@@ -76,7 +74,7 @@ def test_missing_bucket_is_one_sentence(s3_server, tmp_path):
     with pytest.raises(StorageError) as err:
         storage.check_bucket("s3://no-such-bucket-here/prefix")
     assert str(err.value).startswith("Bucket 'no-such-bucket-here' does not exist at http://127.0.0.1:")
-    assert "aws s3 mb s3://no-such-bucket-here" in str(err.value) and one_sentence(str(err.value))
+    assert "aws s3 mb s3://no-such-bucket-here" in str(err.value) and one_sentence(str(err.value), SECRET)
     (tmp_path / "f").write_text("x")
     with pytest.raises(StorageError, match="Bucket 'no-such-bucket-here' does not exist"):
         storage.upload_files({"f": tmp_path / "f"}, "s3://no-such-bucket-here/p")
@@ -87,7 +85,7 @@ def test_wrong_endpoint_is_one_sentence(s3_server):
     with pytest.raises(StorageError) as err:
         storage.check_bucket("s3://any-bucket/x", endpoint=nobody)
     assert str(err.value).startswith(f"Cannot reach the S3 endpoint {nobody} for s3://any-bucket/x")
-    assert "AWS_ENDPOINT_URL" in str(err.value) and one_sentence(str(err.value))
+    assert "AWS_ENDPOINT_URL" in str(err.value) and one_sentence(str(err.value), SECRET)
 
 
 def test_no_credentials_is_one_sentence(bucket, tmp_path, monkeypatch):
@@ -100,7 +98,7 @@ def test_no_credentials_is_one_sentence(bucket, tmp_path, monkeypatch):
     with pytest.raises(StorageError) as err:
         storage.check_bucket(f"s3://{bucket}/p")
     assert str(err.value).startswith(f"No AWS credentials found for s3://{bucket}/p: set AWS_PROFILE")
-    assert one_sentence(str(err.value))
+    assert one_sentence(str(err.value), SECRET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,13 +114,13 @@ def _fetch_in_child(uri: str, cache: str, barrier, calls) -> str:
 
     storage.download_files = counting
     barrier.wait()  # all start together, so they really race for the lock
-    return str(storage.local_dataset_dir(uri, cache))
+    return str(local_dataset_dir(uri, cache))
 
 
 def test_dataset_is_downloaded_once_per_node_and_verified(bucket, packed_dataset, tmp_path):
     uri = f"s3://{bucket}/datasets/tiny/v1"
     with pytest.raises(StorageError, match=f"{uri} has no manifest.json: the dataset version is missing"):
-        storage.local_dataset_dir(uri, str(tmp_path / "cache"))
+        local_dataset_dir(uri, str(tmp_path / "cache"))
     storage.upload_dir(packed_dataset, uri)
 
     ctx = multiprocessing.get_context("fork")
@@ -136,13 +134,17 @@ def test_dataset_is_downloaded_once_per_node_and_verified(bucket, packed_dataset
     assert read_manifest(local) == read_manifest(packed_dataset)
     images, labels = load_packed(local, "train")
     assert np.array_equal(images, load_packed(packed_dataset, "train")[0])
+    # Provenance: the node's copy names the same data as the folder that was uploaded, and the
+    # cache folder is named by that digest.
+    assert manifest_sha256(local) == manifest_sha256(packed_dataset) == file_sha256(packed_dataset / "manifest.json")
+    assert manifest_sha256(packed_dataset).startswith(local.name)
 
     # A damaged object is caught against the manifest's sha256, and nothing is marked complete.
     damaged = np.load(packed_dataset / "val_labels.npy")[::-1].copy()
     np.save(tmp_path / "val_labels.npy", damaged)
     boto3.client("s3").upload_file(str(tmp_path / "val_labels.npy"), bucket, "datasets/tiny/v1/val_labels.npy")
     with pytest.raises(StorageError, match="val_labels.npy does not match the sha256 in its manifest"):
-        storage.local_dataset_dir(uri, str(tmp_path / "other_cache"))
+        local_dataset_dir(uri, str(tmp_path / "other_cache"))
     assert not list((tmp_path / "other_cache" / "datasets").glob("*/manifest.json"))
 
 
@@ -170,7 +172,7 @@ def test_a_complete_copy_from_another_host_after_a_lost_race_counts_as_success(b
         os.replace(other, partial.parent / partial.name.split(".partial.")[0])
 
     monkeypatch.setattr(storage, "download_files", other_host_finishes_first)
-    local = storage.local_dataset_dir(uri, str(cache))
+    local = local_dataset_dir(uri, str(cache))
     assert partials == [f"{local.name}.partial.{socket.gethostname()}.{os.getpid()}"]
     assert read_manifest(local) == read_manifest(packed_dataset)
     assert sorted(p.name for p in local.parent.iterdir()) == sorted([local.name, f"{local.name}.lock"])  # ours removed
@@ -184,7 +186,7 @@ def test_a_download_left_by_a_dead_process_is_taken_over_not_repeated(bucket, pa
     uri = f"s3://{bucket}/datasets/tiny/v1"
     storage.upload_dir(packed_dataset, uri)
     cache = tmp_path / "cache"
-    first = storage.local_dataset_dir(uri, str(cache))  # learn the key, then make it a half-done download
+    first = local_dataset_dir(uri, str(cache))  # learn the key, then make it a half-done download
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left = first.with_name(f"{first.name}.partial.{socket.gethostname()}.{int(dead.stdout)}")
     first.rename(left)
@@ -193,6 +195,6 @@ def test_a_download_left_by_a_dead_process_is_taken_over_not_repeated(bucket, pa
     fetched = []
     real = storage.download_files
     monkeypatch.setattr(storage, "download_files", lambda files, *a, **k: (fetched.extend(files), real(files, *a, **k)))
-    assert storage.local_dataset_dir(uri, str(cache)) == first
+    assert local_dataset_dir(uri, str(cache)) == first
     assert fetched == ["val_images.npy"]  # the verified files of the dead process's folder were kept
     assert not list(cache.glob("datasets/*.partial.*"))

@@ -23,7 +23,6 @@ workers sharing memory bandwidth and caches and for Ray's own processes on the s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import random
@@ -42,13 +41,14 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 from simpsons.config import load_config  # noqa: E402
 from simpsons.data import find_layout, pack_split, scan_split  # noqa: E402
 from simpsons.dataset import read_manifest, write_packed  # noqa: E402
+from simpsons.files import cache_key  # noqa: E402
 
 
 def subset_dataset(tree: Path, cache: Path, stored: int, train_images: int, val_images: int, seed: int = 0) -> Path:
     """Pack a seeded random subset of the tree's train and val splits once (small epochs, same images)."""
     splits = find_layout(tree).splits
     base = splits["train"].parent
-    key = hashlib.sha256(f"{tree.resolve()}|{stored}|{train_images}|{val_images}|{seed}".encode()).hexdigest()[:16]
+    key = cache_key(f"{tree.resolve()}|{stored}|{train_images}|{val_images}|{seed}")
     out = cache / "subsets" / key
     try:
         read_manifest(out)

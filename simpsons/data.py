@@ -398,6 +398,14 @@ def data_placement(nbytes: int, device: torch.device | str, share: float) -> tup
     return False, f"in pinned host memory, copied per batch ({size} is more than {budget})"
 
 
+def mix_seed(seed: int, *parts: int) -> int:
+    """One seed for one random stream, from the run's seed and what tells the streams apart
+    (epoch, rank, stream number), so that no two streams repeat each other."""
+    for part in parts:
+        seed = seed * 1_000_003 + part  # a prime larger than any part (epochs, ranks, streams)
+    return seed % (1 << 63)  # torch.manual_seed takes 64 bits
+
+
 class ResidentSplit:
     """A packed split held in memory as uint8: on the training device, or in host memory for a GPU it does not fit.
 
@@ -439,7 +447,7 @@ class ResidentSplit:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches(self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
         order = torch.randperm(len(self), generator=generator)
         per_rank = len(self) // world
         mine = order[rank::world][:per_rank].to(self.images.device)

@@ -27,7 +27,7 @@ from simpsons.augment import create_eval_preset, create_train_preset
 from simpsons.cli import configure_logging
 from simpsons.cluster import absolute_dataset_uri, prepare_run, worker_resources
 from simpsons.config import Config, config_text, from_dict, to_dict
-from simpsons.data import ResidentSplit, data_placement
+from simpsons.data import ResidentSplit, data_placement, mix_seed
 from simpsons.dataset import check_dataset, load_packed, local_dataset_dir, read_manifest
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
@@ -55,11 +55,6 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.bfloat16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def worker_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
-    """The seed of one random stream of one rank in one epoch (0: augmentation, 1: dropout)."""
-    return ((seed * 1_000_003 + epoch) * 997 + rank) * 2 + stream
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
@@ -176,8 +171,8 @@ def train_one_epoch(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch
     device = next(step.model.parameters()).device
     # Every rank draws its own augmentations and dropout masks: with one seed on all ranks, DDP
     # would average gradients of identically masked networks and waste the workers' diversity.
-    generator = torch.Generator(device=device).manual_seed(worker_seed(cfg.train.seed, epoch, rank, 0))
-    torch.manual_seed(worker_seed(cfg.train.seed, epoch, rank, 1))  # dropout masks
+    generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.train.seed, epoch, rank, 0))
+    torch.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 1))  # dropout masks
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct
     images = 0  # on the host, where it is known: a per-step torch.tensor(n, device="cuda") would block
     log_every = cfg.train.log_every if rank == 0 else 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from simpsons.checkpoint import FORMAT, save
 from simpsons.config import load_config, to_dict
 from simpsons.data import CLASS_NAMES, DataError
 from simpsons.inference import evaluate_folder
@@ -34,10 +35,8 @@ def write_checkpoint(path: Path) -> Path:
     cfg = load_config(None, ["data.stored_size=40", "data.train_size=32"])
     torch.manual_seed(0)
     model = create_model(len(CLASS_NAMES))
-    state = {"model": model.state_dict(), "config": to_dict(cfg), "class_names": list(CLASS_NAMES)}
-    path.mkdir(parents=True)
-    torch.save(state, path / "checkpoint.pt")
-    return path
+    state = {"model": model.state_dict(), "config": to_dict(cfg), "class_names": list(CLASS_NAMES), "format": FORMAT}
+    return save(path, state, metrics={})
 
 
 def kaggle_tree(root: Path, testset: bool = True) -> Path:

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from asserts import one_sentence
+from s3_objects import objects
 from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, load_image
 from simpsons.dataset import local_dataset_dir, read_manifest
@@ -25,18 +25,6 @@ from simpsons.storage import StorageError
 from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def bucket(s3_server) -> str:
-    name = f"prep-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-def objects(bucket: str) -> dict[str, dict]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
 
 
 def get(bucket: str, key: str) -> bytes:

@@ -12,6 +12,7 @@ import uuid
 import boto3
 import pytest
 
+from s3_objects import objects
 from simpsons.config import load_config
 from simpsons.report import OUTPUT_FILES
 from simpsons.prepare import prepare_dataset
@@ -19,11 +20,6 @@ from synthetic import CLASSES, make_image_tree
 
 pytestmark = pytest.mark.slow
 SECRET = "testing-secret-key"  # the conftest's; no object may contain it
-
-
-def objects(bucket: str, prefix: str) -> dict[str, dict]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"][len(prefix):]: o for page in pages for o in page.get("Contents", [])}
 
 
 def get(bucket: str, key: str) -> bytes:
@@ -52,7 +48,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
     # Two workers on one node shared one download into the node-local cache.
     assert len(list((tmp_path / "node_cache" / "datasets").glob("*/manifest.json"))) == 1
     # best/ is in S3, with per-class metrics for every class of the data.
-    run = objects(bucket, "runs/e2e/")
+    run = {key.removeprefix("runs/e2e/"): entry for key, entry in objects(bucket, "runs/e2e/").items()}
     assert set(OUTPUT_FILES) <= {k[len("best/"):] for k in run if k.startswith("best/")}
     metrics = json.loads(get(bucket, "runs/e2e/best/metrics.json"))
     scored = {row["class"]: row for row in metrics["per_class"] if row["support"] > 0}

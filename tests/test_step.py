@@ -15,10 +15,10 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simpsons.config import Config, load_config
-from simpsons.data import CLASS_NAMES, ResidentSplit
+from simpsons.data import CLASS_NAMES, ResidentSplit, mix_seed
 from simpsons.model import classify, create_model
 from simpsons.checkpoint import restore, served_weights, training_state
-from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch, worker_seed
+from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch
 
 CPU = torch.device("cpu")
 
@@ -109,7 +109,7 @@ def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
 
     def masks(rank: int, epoch: int = 0) -> torch.Tensor:
         model = create_model(len(CLASS_NAMES), cfg.model.head, cfg.model.dropout).train()
-        torch.manual_seed(worker_seed(cfg.train.seed, epoch, rank, 1))  # what the worker loop does per epoch
+        torch.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 1))  # what the worker loop does per epoch
         dropout = next(m for m in model.fc if isinstance(m, torch.nn.Dropout))
         return dropout(torch.ones(64, 512)) == 0
 
@@ -118,7 +118,7 @@ def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
     assert torch.equal(rank0, masks(0))  # seeded: a restarted worker draws the same
     assert not torch.equal(rank0, rank1) and not torch.equal(rank0, masks(0, epoch=1))
     # The augmentation stream (0) and the dropout stream (1) never share a seed.
-    seeds = {worker_seed(0, e, r, s) for e in range(3) for r in range(8) for s in range(2)}
+    seeds = {mix_seed(0, e, r, s) for e in range(3) for r in range(8) for s in range(2)}
     assert len(seeds) == 3 * 8 * 2
 
 

@@ -2,7 +2,6 @@
 
 import multiprocessing
 import os
-import uuid
 from pathlib import Path
 
 import boto3
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from asserts import one_sentence
+from s3_objects import objects
 from simpsons.cluster import free_port
 from simpsons import storage
 from simpsons.dataset import load_packed, local_dataset_dir, manifest_sha256, read_manifest
@@ -17,18 +17,6 @@ from simpsons.files import file_sha256
 from simpsons.storage import StorageError
 
 SECRET = "testing-secret-key"  # the conftest's; it must never show up in a message
-
-
-@pytest.fixture
-def bucket(s3_server) -> str:
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-def objects(bucket: str, prefix: str = "") -> dict[str, dict]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
 
 
 def test_sync_sends_multipart_and_small_files_once(bucket, tmp_path, monkeypatch):

@@ -27,7 +27,13 @@ PROFILES = {
     "cpu": ["data.stored_size=72", "data.train_size=64", "optim.epochs=6", "train.use_gpu=false"],
     "gpu": ["data.stored_size=144", "data.train_size=128", "optim.epochs=30", "train.use_gpu=true"],
     # Seconds, for tests: pass --data with a small tree.
-    "quick": ["data.stored_size=40", "data.train_size=32", "optim.epochs=2", "train.use_gpu=false", "optim.batch_size=32"],
+    "quick": [
+        "data.stored_size=40",
+        "data.train_size=32",
+        "optim.epochs=2",
+        "train.use_gpu=false",
+        "optim.batch_size=32",
+    ],
 }
 RECIPES = {"original": REPO / "configs" / "original.yaml", "default": None}
 
@@ -48,10 +54,18 @@ def main() -> None:
 
     results = {}
     for recipe in args.recipes.split(","):
-        cfg = load_config(RECIPES[recipe], PROFILES[args.profile] + args.set + [
-            f"data.source={args.data}", f"data.cache_dir={REPO / 'cache'}", "train.workers=1",
-            f"run.storage={args.out}", f"run.name={args.profile}-{recipe}-{int(time.time())}",
-        ])
+        cfg = load_config(
+            RECIPES[recipe],
+            PROFILES[args.profile]
+            + args.set
+            + [
+                f"data.source={args.data}",
+                f"data.cache_dir={REPO / 'cache'}",
+                "train.workers=1",
+                f"run.storage={args.out}",
+                f"run.name={args.profile}-{recipe}-{int(time.time())}",
+            ],
+        )
         started = time.perf_counter()
         report = fit(cfg)  # joins (or starts) Ray as the jobs do
         wall = time.perf_counter() - started

@@ -102,10 +102,26 @@ def bare_step_class():
 
 
 def add_common_args(parser, quick_help: str) -> None:
-    parser.add_argument("--images", help="image tree to use instead of the real sample (<root>/dataset/{train,val}/<class>/*.jpg)")
-    parser.add_argument("--archive", type=Path, default=REAL_ARCHIVE,
-                        help="the real sample's dataset.tar.xz, unpacked once into the cache (default: %(default)s)")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the unpacked and packed sample are kept (default: %(default)s)")
+    parser.add_argument(
+        "--images", help="image tree to use instead of the real sample (<root>/dataset/{train,val}/<class>/*.jpg)"
+    )
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=REAL_ARCHIVE,
+        help="the real sample's dataset.tar.xz, unpacked once into the cache (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache",
+        default=str(DEFAULT_CACHE),
+        help="where the unpacked and packed sample are kept (default: %(default)s)",
+    )
     parser.add_argument("--config", help="YAML config for this project's pipeline (default: the built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. --set train.precision=fp32")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set train.precision=fp32",
+    )
     parser.add_argument("--quick", action="store_true", help=quick_help)

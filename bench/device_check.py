@@ -17,9 +17,8 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-from common import REPO, emit, note, skip
-
 import torch  # noqa: E402
+from common import REPO, emit, note, skip
 
 TESTS_LIMIT_S = 300
 BENCH_LIMIT_S = 180
@@ -29,8 +28,19 @@ def run_tests() -> tuple[int, int]:
     """(passed, failed) of tests/test_gpu.py; errors and timeouts count as failed."""
     with tempfile.TemporaryDirectory() as tmp:
         report = f"{tmp}/junit.xml"
-        command = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                   f"--junitxml={report}", f"--timeout={TESTS_LIMIT_S}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_gpu.py",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            f"--timeout={TESTS_LIMIT_S}",
+        ]
         try:
             subprocess.run(command, cwd=REPO, stdout=sys.stderr, timeout=TESTS_LIMIT_S + 30)
             suite = ET.parse(report).getroot()
@@ -44,15 +54,18 @@ def run_tests() -> tuple[int, int]:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        skip("device check: CUDA is not available on this machine (torch.cuda.is_available() is False); "
-             "run `make device-check` on a machine with an NVIDIA GPU.")
+        skip(
+            "device check: CUDA is not available on this machine (torch.cuda.is_available() is False); "
+            "run `make device-check` on a machine with an NVIDIA GPU."
+        )
     note(f"device check on {torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda})")
     passed, failed = run_tests()
     emit("gpu_tests_passed", passed, 0)
     emit("gpu_tests_failed", failed, 0)
     try:  # its figures go straight to our stdout, one a line
-        bench = subprocess.run([sys.executable, "bench/gpu.py", "--steps", "60", "--epochs", "1"], cwd=REPO,
-                               timeout=BENCH_LIMIT_S)
+        bench = subprocess.run(
+            [sys.executable, "bench/gpu.py", "--steps", "60", "--epochs", "1"], cwd=REPO, timeout=BENCH_LIMIT_S
+        )
         bench_ok = bench.returncode == 0
     except subprocess.TimeoutExpired:
         note(f"bench/gpu.py did not finish within {BENCH_LIMIT_S} s")

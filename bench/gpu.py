@@ -30,18 +30,25 @@ import sys
 import time
 from pathlib import Path
 
-from common import (add_common_args, bare_step_class, emit, forever, note, packed, real_sample_tree, skip,
-                    stored_size_for)
+import numpy as np
+import torch
+from common import (
+    add_common_args,
+    bare_step_class,
+    emit,
+    forever,
+    note,
+    packed,
+    real_sample_tree,
+    skip,
+    stored_size_for,
+)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from simpsons.config import load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement  # noqa: E402
-from simpsons.dataset import load_packed, read_manifest  # noqa: E402
-from simpsons.metrics import classification_report  # noqa: E402
-from simpsons.train import (TrainStep, build_components, create_scheduler, evaluate, synchronize,  # noqa: E402
-                            train_one_epoch)
+from simpsons.config import load_config
+from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
+from simpsons.dataset import load_packed, read_manifest
+from simpsons.metrics import classification_report
+from simpsons.train import TrainStep, build_components, create_scheduler, evaluate, synchronize, train_one_epoch
 
 # The real sample's split sizes, used for random data when no images are at hand.
 RANDOM_TRAIN, RANDOM_VAL = 11903, 2337
@@ -59,8 +66,10 @@ def load_splits(args, stored: int, device: torch.device, share: float):
         # Throughput does not depend on the pixels: random uint8 images of the real sample's shape.
         n_train, n_val = (256, 64) if args.quick else (RANDOM_TRAIN, RANDOM_VAL)
         rng = np.random.default_rng(0)
-        arrays = [(rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n))
-                  for n in (n_train, n_val)]
+        arrays = [
+            (rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n))
+            for n in (n_train, n_val)
+        ]
         counts = np.bincount(arrays[0][1], minlength=len(CLASS_NAMES)).tolist()
         source = f"random uint8 images ({n_train} train, {n_val} val)"
     on_device, placement = data_placement(sum(a.nbytes for pair in arrays for a in pair), device, share)
@@ -81,7 +90,13 @@ def run_epoch(step, train, val, cfg, device, epoch: int) -> tuple[float, float]:
     synchronize(device)
     started = time.perf_counter()
     batch = cfg.optim.batch_size
-    train_one_epoch(step, train.train_batches(epoch, batch, cfg.train.seed), epoch, cfg, steps_per_epoch=train.steps_per_epoch(batch))
+    train_one_epoch(
+        step,
+        train.train_batches(epoch, batch, cfg.train.seed),
+        epoch,
+        cfg,
+        steps_per_epoch=train.steps_per_epoch(batch),
+    )
     eval_started = time.perf_counter()
     cm, _ = evaluate(step.model, step.criterion, val, cfg, device, len(CLASS_NAMES))
     classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
@@ -92,22 +107,36 @@ def run_epoch(step, train, val, cfg, device, epoch: int) -> tuple[float, float]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, "tiny run for tests: 32 px, batch 16, few steps, 256 random images unless --images")
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the code path without a GPU")
-    parser.add_argument("--size", type=int, default=128, help="side of the training images in px (default: %(default)s)")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the code path without a GPU"
+    )
+    parser.add_argument(
+        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
+    )
     parser.add_argument("--batch", type=int, default=512, help="per-GPU batch (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (cudnn.benchmark tuning; default: %(default)s)")
+    parser.add_argument(
+        "--warmup", type=int, default=30, help="untimed steps first (cudnn.benchmark tuning; default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=100, help="timed steps (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed whole epochs, after one untimed (default: %(default)s)")
-    parser.add_argument("--random", action="store_true", help="random images of the real sample's shape, even if the sample is here")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (its compile time is not timed)")
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="timed whole epochs, after one untimed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--random", action="store_true", help="random images of the real sample's shape, even if the sample is here"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (its compile time is not timed)"
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        skip("CUDA is not available on this machine (torch.cuda.is_available() is False); run bench/gpu.py on a machine "
-             "with an NVIDIA GPU, or pass --device cpu to check the code path.")
+        skip(
+            "CUDA is not available on this machine (torch.cuda.is_available() is False); run bench/gpu.py on a machine "
+            "with an NVIDIA GPU, or pass --device cpu to check the code path."
+        )
     if args.quick:
         args.size, args.batch, args.warmup, args.steps, args.epochs = 32, 16, 2, 4, 1
         if device.type == "cpu":
@@ -122,7 +151,9 @@ def main(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, base + args.set)
     train, val, counts, source = load_splits(args, cfg.data.stored_size, device, cfg.data.resident_share)
     if len(train) < args.batch:
-        raise SystemExit(f"error: the train split has {len(train)} images, fewer than one batch of {args.batch}; use a smaller --batch.")
+        raise SystemExit(
+            f"error: the train split has {len(train)} images, fewer than one batch of {args.batch}; use a smaller --batch."
+        )
 
     def make_step(step_class):
         model, criterion, optimizer = build_components(cfg, counts, device)
@@ -132,9 +163,11 @@ def main(args: argparse.Namespace) -> None:
         return step_class(model, criterion, optimizer, scheduler, cfg, device)
 
     step, bare = make_step(TrainStep), make_step(bare_step_class())
-    note(f"bench/gpu.py on {name}, torch {torch.__version__}: {source}, {args.size} px, batch {args.batch}, "
-         f"precision {cfg.train.precision} ({step.dtype}), channels_last {cfg.train.channels_last}, "
-         f"fused AdamW {device.type == 'cuda'}, compile {args.compile}")
+    note(
+        f"bench/gpu.py on {name}, torch {torch.__version__}: {source}, {args.size} px, batch {args.batch}, "
+        f"precision {cfg.train.precision} ({step.dtype}), channels_last {cfg.train.channels_last}, "
+        f"fused AdamW {device.type == 'cuda'}, compile {args.compile}"
+    )
 
     epoch_counter = iter(range(1 << 30))
     batches = forever(lambda: train.train_batches(next(epoch_counter), args.batch, cfg.train.seed))

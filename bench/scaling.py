@@ -38,10 +38,10 @@ from common import add_common_args, emit, image_tree, load_average, note, stored
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from simpsons.config import load_config  # noqa: E402
-from simpsons.data import find_layout, pack_split, scan_split  # noqa: E402
-from simpsons.dataset import read_manifest, write_packed  # noqa: E402
-from simpsons.files import cache_key  # noqa: E402
+from simpsons.config import load_config
+from simpsons.data import find_layout, pack_split, scan_split
+from simpsons.dataset import read_manifest, write_packed
+from simpsons.files import cache_key
 
 
 def subset_dataset(tree: Path, cache: Path, stored: int, train_images: int, val_images: int, seed: int = 0) -> Path:
@@ -70,8 +70,10 @@ def run_job(cfg, dataset: str, workers: int) -> tuple[float, float]:
     from simpsons.train import build_trainer
 
     cfg = resolve_resources(cfg)
-    note(f"fit with {workers} worker(s): {'GPU' if cfg.train.use_gpu else 'CPU'}, {cfg.train.cpus_per_worker:g} CPU(s) "
-         f"each, global batch {cfg.optim.batch_size}, {cfg.optim.epochs} epochs")
+    note(
+        f"fit with {workers} worker(s): {'GPU' if cfg.train.use_gpu else 'CPU'}, {cfg.train.cpus_per_worker:g} CPU(s) "
+        f"each, global batch {cfg.optim.batch_size}, {cfg.optim.epochs} epochs"
+    )
     started = time.perf_counter()
     result = build_trainer(cfg, dataset, name=f"scaling-w{workers}").fit()
     elapsed = time.perf_counter() - started
@@ -84,15 +86,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, "tiny run for tests: 32 px, batch 8 per worker, 64 train / 16 val images")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run (default: 1 2)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default: %(default)s)")
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default: %(default)s)"
+    )
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (needs a cluster with GPUs)")
-    parser.add_argument("--address", help="a running Ray cluster (e.g. auto); default: start a local one on 127.0.0.1 and stop it after")
-    parser.add_argument("--size", type=int, default=128, help="side of the training images in px (default: %(default)s)")
+    parser.add_argument(
+        "--address", help="a running Ray cluster (e.g. auto); default: start a local one on 127.0.0.1 and stop it after"
+    )
+    parser.add_argument(
+        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="per-worker batch (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per fit; the last one is measured (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=0,
-                        help="training images in the subset (default: 8 steps per worker at the largest worker count)")
-    parser.add_argument("--val-images", type=int, default=128, help="validation images in the subset (default: %(default)s)")
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="epochs per fit; the last one is measured (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=0,
+        help="training images in the subset (default: 8 steps per worker at the largest worker count)",
+    )
+    parser.add_argument(
+        "--val-images", type=int, default=128, help="validation images in the subset (default: %(default)s)"
+    )
     return parser
 
 
@@ -118,19 +134,28 @@ def main(args: argparse.Namespace) -> None:
         if not args.address:
             os.environ.pop("RAY_ADDRESS", None)  # without --address: our own cluster, never someone else's
         # Workers' lines stay in their logs (stdout holds the figures); a failed fit raises with its error.
-        init_ray(args.address, num_cpus=max(1, math.ceil(max(args.workers) * args.cpus_per_worker)), log_to_driver=False)
+        init_ray(
+            args.address, num_cpus=max(1, math.ceil(max(args.workers) * args.cpus_per_worker)), log_to_driver=False
+        )
         for workers in args.workers:
             overrides = [
-                f"data.train_size={args.size}", f"data.stored_size={stored}",
-                f"optim.batch_size={args.batch * workers}", f"optim.epochs={args.epochs}",
-                f"train.workers={workers}", f"train.cpus_per_worker={args.cpus_per_worker}",
+                f"data.train_size={args.size}",
+                f"data.stored_size={stored}",
+                f"optim.batch_size={args.batch * workers}",
+                f"optim.epochs={args.epochs}",
+                f"train.workers={workers}",
+                f"train.cpus_per_worker={args.cpus_per_worker}",
                 f"train.use_gpu={'true' if args.gpu else 'false'}",
-                f"run.storage={storage}", f"run.name=scaling-w{workers}", "train.histogram_every=0",
+                f"run.storage={storage}",
+                f"run.name=scaling-w{workers}",
+                "train.histogram_every=0",
             ]
             cfg = load_config(args.config, overrides + args.set)
             rates[workers], fit_seconds[workers] = run_job(cfg, str(dataset), workers)
-            note(f"{workers} worker(s): {rates[workers]:.1f} img/s in all, {rates[workers] / workers:.1f} per worker "
-                 f"(load {load_average():.2f})")
+            note(
+                f"{workers} worker(s): {rates[workers]:.1f} img/s in all, {rates[workers] / workers:.1f} per worker "
+                f"(load {load_average():.2f})"
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)

@@ -36,19 +36,28 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_common_args, bare_step_class, emit, forever, image_tree, load_average, note, packed, stored_size_for
+import torch
+import torch.nn.functional as F
+from common import (
+    add_common_args,
+    bare_step_class,
+    emit,
+    forever,
+    image_tree,
+    load_average,
+    note,
+    packed,
+    stored_size_for,
+)
+from PIL import Image
+from torchvision import transforms
 
-import torch  # noqa: E402  (after common, which puts the repo on sys.path)
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision import transforms  # noqa: E402
-
-from simpsons.augment import MEAN, STD  # noqa: E402
-from simpsons.config import Config, load_config  # noqa: E402
-from simpsons.data import CLASS_NAMES, ResidentSplit, find_layout  # noqa: E402
-from simpsons.dataset import load_packed, read_manifest  # noqa: E402
-from simpsons.model import create_model  # noqa: E402
-from simpsons.train import TrainStep, build_components, create_scheduler, train_one_epoch  # noqa: E402
+from simpsons.augment import MEAN, STD
+from simpsons.config import Config, load_config
+from simpsons.data import CLASS_NAMES, ResidentSplit, find_layout
+from simpsons.dataset import load_packed, read_manifest
+from simpsons.model import create_model
+from simpsons.train import TrainStep, build_components, create_scheduler, train_one_epoch
 
 # Extra pipelines that show what each choice is worth: name -> config overrides.
 VARIANTS = {
@@ -83,11 +92,13 @@ class OriginalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image = Image.open(self.files[i])
         image.load()
-        transform = transforms.Compose([
-            transforms.Resize((self.size, self.size)),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ])
+        transform = transforms.Compose(
+            [
+                transforms.Resize((self.size, self.size)),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        )
         return transform(image), self.index[self.labels[i]]
 
 
@@ -109,7 +120,9 @@ class OriginalPipeline:
 
     def __init__(self, split_dir: Path, size: int, batch: int, data_only: bool = False):
         torch.manual_seed(0)
-        loader = torch.utils.data.DataLoader(OriginalDataset(split_dir, size), batch_size=batch, shuffle=True, num_workers=0)
+        loader = torch.utils.data.DataLoader(
+            OriginalDataset(split_dir, size), batch_size=batch, shuffle=True, num_workers=0
+        )
         self.batches = forever(lambda: loader)
         self.data_only = data_only
         if not data_only:
@@ -139,7 +152,9 @@ class OriginalPipeline:
 class ProjectPipeline:
     """One training step of simpsons.train's loop: next resident batch -> TrainStep -> running sums."""
 
-    def __init__(self, cfg: Config, split: ResidentSplit, class_counts: list[int], bare: bool = False, data_only: bool = False):
+    def __init__(
+        self, cfg: Config, split: ResidentSplit, class_counts: list[int], bare: bool = False, data_only: bool = False
+    ):
         device = torch.device("cpu")
         self.cfg, self.split, self.data_only = cfg, split, data_only
         batch = cfg.optim.batch_size
@@ -187,27 +202,39 @@ def measure(pipelines: dict, warmup: int, rounds: int, steps: int) -> dict[str, 
         note(f"warm-up {name}: {warmup} step(s) in {time.perf_counter() - started:.1f} s")
     rates = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             for _ in range(steps):
                 started = time.perf_counter()
                 images = pipelines[name].step()
                 rates[name].append(images / (time.perf_counter() - started))
-        note(f"round {r + 1}/{rounds} (load {load_average():.2f}): "
-             + ", ".join(f"{name} {statistics.median(rates[name][-steps:]):.1f}" for name in names) + " img/s")
+        note(
+            f"round {r + 1}/{rounds} (load {load_average():.2f}): "
+            + ", ".join(f"{name} {statistics.median(rates[name][-steps:]):.1f}" for name in names)
+            + " img/s"
+        )
     return rates
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, "tiny run for tests: 32 px, batch 8, 1 thread, 1 warm-up step, 2 timed steps per pipeline")
-    parser.add_argument("--size", type=int, default=128, help="side of the training images in px (default: %(default)s)")
+    parser.add_argument(
+        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
+    )
     parser.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per pipeline first (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=12, help="timing rounds (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per pipeline per round (default: %(default)s)")
-    parser.add_argument("--variants", nargs="*", default=[], metavar="NAME",
-                        help=f"extra pipelines (train and model step) with other precision/layout: {', '.join(VARIANTS)} or all")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="timed steps per pipeline per round (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help=f"extra pipelines (train and model step) with other precision/layout: {', '.join(VARIANTS)} or all",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the original pipeline (it is the slowest)")
     return parser
 
@@ -231,9 +258,13 @@ def main(args: argparse.Namespace) -> None:
     split = ResidentSplit(images, labels)
     counts = read_manifest(dataset_dir)["splits"]["train"]["class_counts"]
     if len(split) < args.batch:
-        raise SystemExit(f"error: the train split has {len(split)} images, fewer than one batch of {args.batch}; use --batch {len(split)} or more images.")
-    note(f"{len(split)} training images from {tree}; {args.size} px, batch {args.batch}, {args.threads} threads, "
-         f"precision {cfg.train.precision}, channels_last {cfg.train.channels_last}")
+        raise SystemExit(
+            f"error: the train split has {len(split)} images, fewer than one batch of {args.batch}; use --batch {len(split)} or more images."
+        )
+    note(
+        f"{len(split)} training images from {tree}; {args.size} px, batch {args.batch}, {args.threads} threads, "
+        f"precision {cfg.train.precision}, channels_last {cfg.train.channels_last}"
+    )
 
     pipelines = {}
     if not args.no_baseline:

@@ -22,27 +22,34 @@ from simpsons.cli import run_job  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run's best/ folder or a checkpoint.pt")
-    parser.add_argument("--data", required=True,
-                        help="<folder>/<class>/*.jpg, or any image tree, archive or URL that train.py takes")
+    parser.add_argument(
+        "--data", required=True, help="<folder>/<class>/*.jpg, or any image tree, archive or URL that train.py takes"
+    )
     parser.add_argument("--split", help="split to evaluate when --data has splits (default: testset, else val)")
     parser.add_argument("--out", required=True, help="folder for metrics.json, per_class.csv, confusion.png")
-    parser.add_argument("--cache-dir", default="~/.cache/simpsons",
-                        help="where an archive or URL is fetched and unpacked (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        default="~/.cache/simpsons",
+        help="where an archive or URL is fetched and unpacked (default: %(default)s)",
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one, else the CPU)")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    from simpsons.report import write_report
     from simpsons.inference import evaluate_folder
+    from simpsons.report import write_report
 
-    report, cm, bad_files = evaluate_folder(args.checkpoint, args.data, args.split, device=args.device,
-                                          cache_dir=args.cache_dir)
+    report, cm, bad_files = evaluate_folder(
+        args.checkpoint, args.data, args.split, device=args.device, cache_dir=args.cache_dir
+    )
     report["files_left_out"] = bad_files
     names = [row["class"] for row in report["per_class"]]
     write_report(args.out, report, cm, names, title=f"{args.data}: macro-F1 {report['macro_f1']:.3f}")
-    print(f"{report['images']} images: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} "
-          f"({report['classes_scored']} classes scored, {len(bad_files)} files left out) -> {args.out}")
+    print(
+        f"{report['images']} images: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} "
+        f"({report['classes_scored']} classes scored, {len(bad_files)} files left out) -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

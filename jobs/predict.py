@@ -1,6 +1,6 @@
 """Top-k character predictions for images.
 
-    python jobs/predict.py --checkpoint runs/local/best some.jpg other.png folder_of_images/ --top-k 3
+python jobs/predict.py --checkpoint runs/local/best some.jpg other.png folder_of_images/ --top-k 3
 """
 
 from __future__ import annotations

@@ -23,16 +23,32 @@ from simpsons.cli import run_job  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="Drive folder/file link, http(s) URL, local folder or archive (default: data.source)")
-    parser.add_argument("--dest", required=True, help="s3://bucket/prefix (or a local folder) that receives datasets/<name>/<version>/")
+    parser.add_argument(
+        "--source", help="Drive folder/file link, http(s) URL, local folder or archive (default: data.source)"
+    )
+    parser.add_argument(
+        "--dest", required=True, help="s3://bucket/prefix (or a local folder) that receives datasets/<name>/<version>/"
+    )
     parser.add_argument("--name", default="simpsons", help="dataset name (default: simpsons)")
-    parser.add_argument("--version", default="v1", help="dataset version; a complete version is never changed (default: v1)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="val share per class when the source has no split")
+    parser.add_argument(
+        "--version", default="v1", help="dataset version; a complete version is never changed (default: v1)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.15, help="val share per class when the source has no split"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of that split")
-    parser.add_argument("--config", help="YAML config; data.stored_size, data.pack_workers, data.cache_dir, data.classes, "
-                             "data.max_image_bytes and run.s3_endpoint are used")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.stored_size=128 (repeatable)")
+    parser.add_argument(
+        "--config",
+        help="YAML config; data.stored_size, data.pack_workers, data.cache_dir, data.classes, "
+        "data.max_image_bytes and run.s3_endpoint are used",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set data.stored_size=128 (repeatable)",
+    )
     return parser
 
 
@@ -41,9 +57,20 @@ def main(args: argparse.Namespace) -> None:
     from simpsons.prepare import prepare_dataset
 
     cfg = load_config(args.config, args.set)
-    prepare_dataset(args.source or cfg.data.source, args.dest, args.name, args.version, cfg.data.stored_size,
-                    cfg.data.pack_workers, cfg.data.cache_dir, cfg.run.s3_endpoint, args.val_fraction, args.seed,
-                    class_names=cfg.data.classes, max_image_bytes=cfg.data.max_image_bytes)
+    prepare_dataset(
+        args.source or cfg.data.source,
+        args.dest,
+        args.name,
+        args.version,
+        cfg.data.stored_size,
+        cfg.data.pack_workers,
+        cfg.data.cache_dir,
+        cfg.run.s3_endpoint,
+        args.val_fraction,
+        args.seed,
+        class_names=cfg.data.classes,
+        max_image_bytes=cfg.data.max_image_bytes,
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Train the Simpsons classifier with Ray Train.
 
-    python jobs/train.py --config configs/local.yaml --set optim.epochs=2
-    python jobs/train.py --data ../shared/data/simpsons_dataset --workers 2
-    ray job submit --working-dir . -- python jobs/train.py --config configs/cluster.yaml
+python jobs/train.py --config configs/local.yaml --set optim.epochs=2
+python jobs/train.py --data ../shared/data/simpsons_dataset --workers 2
+ray job submit --working-dir . -- python jobs/train.py --config configs/cluster.yaml
 """
 
 from __future__ import annotations
@@ -19,9 +19,16 @@ from simpsons.cli import load_job_config, run_job  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/); defaults are in simpsons/config.py")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=0.001 (repeatable)")
-    parser.add_argument("--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=...")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.001 (repeatable)",
+    )
+    parser.add_argument(
+        "--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=..."
+    )
     parser.add_argument("--workers", type=int, help="Ray Train workers (same as --set train.workers=N)")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs, one per worker")
     parser.add_argument("--smoke-test", action="store_true", help="one short epoch on little data, to check the wiring")

@@ -1,9 +1,9 @@
 """Sweep focal alpha/gamma and the learning rate with Ray Tune; every trial is a Ray Train run.
 
-    python jobs/tune.py --config configs/tune.yaml --data ../shared/data/simpsons_dataset
-    python jobs/tune.py --config configs/tune.yaml --set tune.num_samples=16 --set run.storage=s3://bucket/simpsons
-    python jobs/tune.py --config configs/tune.yaml --resume          # continue an interrupted sweep
-    ray job submit --working-dir . -- python jobs/tune.py --config configs/tune.yaml --set run.storage=s3://...
+python jobs/tune.py --config configs/tune.yaml --data ../shared/data/simpsons_dataset
+python jobs/tune.py --config configs/tune.yaml --set tune.num_samples=16 --set run.storage=s3://bucket/simpsons
+python jobs/tune.py --config configs/tune.yaml --resume          # continue an interrupted sweep
+ray job submit --working-dir . -- python jobs/tune.py --config configs/tune.yaml --set run.storage=s3://...
 """
 
 from __future__ import annotations
@@ -19,17 +19,32 @@ from simpsons.cli import job_overrides, run_job  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tune.yaml",
-                        help="YAML config: training sections plus a tune: section (default configs/tune.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value, e.g. --set optim.epochs=6, --set tune.num_samples=16, "
-                             "--set 'tune.space.optim.lr={loguniform: [1.0e-4, 1.0e-2]}' (repeatable)")
-    parser.add_argument("--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=...")
+    parser.add_argument(
+        "--config",
+        default="configs/tune.yaml",
+        help="YAML config: training sections plus a tune: section (default configs/tune.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value, e.g. --set optim.epochs=6, --set tune.num_samples=16, "
+        "--set 'tune.space.optim.lr={loguniform: [1.0e-4, 1.0e-2]}' (repeatable)",
+    )
+    parser.add_argument(
+        "--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=..."
+    )
     parser.add_argument("--workers", type=int, help="Ray Train workers per trial (same as --set train.workers=N)")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs, one per worker")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep of the same name and storage; finished trials are kept")
-    parser.add_argument("--smoke-test", action="store_true", help="two short trials on little data, to check the wiring")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep of the same name and storage; finished trials are kept",
+    )
+    parser.add_argument(
+        "--smoke-test", action="store_true", help="two short trials on little data, to check the wiring"
+    )
     return parser
 
 

@@ -51,8 +51,13 @@ def is_archive(path: str | Path) -> bool:
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def safe_extract(archive: str | Path, target: str | Path, max_members: int = MAX_MEMBERS,
-                 max_bytes: int = MAX_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> Path:
+def safe_extract(
+    archive: str | Path,
+    target: str | Path,
+    max_members: int = MAX_MEMBERS,
+    max_bytes: int = MAX_BYTES,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> Path:
     """Unpack `archive` into the folder `target` (which must not exist yet) and return it."""
     archive, target = Path(archive), Path(target)
     if target.exists():
@@ -80,7 +85,7 @@ def remove_dead_partials(target: Path) -> None:
     """Remove the partial folders of `target` left by killed unpacks on this host (live ones stay)."""
     prefix = f".{target.name}.partial-{socket.gethostname()}-"
     for partial in target.parent.glob(f"{glob_escape(prefix)}*"):
-        pid = partial.name[len(prefix):].split("-")[0]
+        pid = partial.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -96,10 +101,14 @@ def glob_escape(text: str) -> str:
 def _safe_relpath(archive: Path, name: str) -> PurePosixPath | None:
     """The member's path inside the target, or None for the archive's own root ('./')."""
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise ArchiveError(f"Refusing {archive.name}: member '{name}' has an absolute path and would be written outside the target folder.")
+        raise ArchiveError(
+            f"Refusing {archive.name}: member '{name}' has an absolute path and would be written outside the target folder."
+        )
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise ArchiveError(f"Refusing {archive.name}: member '{name}' contains '..' and would be written outside the target folder.")
+        raise ArchiveError(
+            f"Refusing {archive.name}: member '{name}' contains '..' and would be written outside the target folder."
+        )
     return PurePosixPath(*parts) if parts else None
 
 
@@ -107,7 +116,12 @@ class _Budget:
     """Counts members and unpacked bytes against the limits; lists members too large to write."""
 
     def __init__(self, archive: Path, max_members: int, max_bytes: int, max_file_bytes: int):
-        self.archive, self.max_members, self.max_bytes, self.max_file_bytes = archive, max_members, max_bytes, max_file_bytes
+        self.archive, self.max_members, self.max_bytes, self.max_file_bytes = (
+            archive,
+            max_members,
+            max_bytes,
+            max_file_bytes,
+        )
         self.members = 0
         self.bytes = 0
         self.unread: list[dict] = []
@@ -116,9 +130,16 @@ class _Budget:
         """True (and listed) when a file member is over max_file_bytes: then it is not written."""
         if rel is None or size <= self.max_file_bytes:
             return False
-        self.unread.append({"path": rel.as_posix(), "size": size, "reason": (
-            f"{size / 2**20:,.1f} MiB in the archive, over the per-image limit of {self.max_file_bytes / 2**20:,.1f} MiB "
-            "(data.max_image_bytes); not unpacked")})
+        self.unread.append(
+            {
+                "path": rel.as_posix(),
+                "size": size,
+                "reason": (
+                    f"{size / 2**20:,.1f} MiB in the archive, over the per-image limit of {self.max_file_bytes / 2**20:,.1f} MiB "
+                    "(data.max_image_bytes); not unpacked"
+                ),
+            }
+        )
         return True
 
     def add_member(self, name: str, size: int) -> None:
@@ -145,7 +166,9 @@ def _write_member(source: BinaryIO, dest: Path, size: int) -> None:
             out.write(block)
             remaining -= len(block)
     if remaining:
-        raise ArchiveError(f"Archive member {dest.name} is truncated ({size - remaining} of {size} bytes); download the archive again.")
+        raise ArchiveError(
+            f"Archive member {dest.name} is truncated ({size - remaining} of {size} bytes); download the archive again."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +208,12 @@ def _decompressed(compressed: io.BufferedReader) -> BinaryIO:
 
 
 def _extract_tar(archive: Path, out: Path, budget: _Budget) -> None:
-    with open(archive, "rb") as raw, tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
-                                          desc=f"unpack {archive.name}", mininterval=1.0) as bar:
+    with (
+        open(archive, "rb") as raw,
+        tqdm(
+            total=archive.stat().st_size, unit="B", unit_scale=True, desc=f"unpack {archive.name}", mininterval=1.0
+        ) as bar,
+    ):
         try:
             # Stream mode ("r|"): one sequential pass, each member checked before it is written.
             tar_bytes = _decompressed(io.BufferedReader(_ProgressReader(raw, bar), _CHUNK))
@@ -196,15 +223,21 @@ def _extract_tar(archive: Path, out: Path, budget: _Budget) -> None:
         except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as exc:
             if isinstance(exc, ArchiveError):
                 raise
-            raise ArchiveError(f"Cannot read {archive.name} as a tar or zip archive ({exc}); download it again or check the file.") from None
+            raise ArchiveError(
+                f"Cannot read {archive.name} as a tar or zip archive ({exc}); download it again or check the file."
+            ) from None
 
 
-def _extract_tar_member(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, budget: _Budget) -> None:
+def _extract_tar_member(
+    archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, budget: _Budget
+) -> None:
     rel = _safe_relpath(archive, member.name)
     if member.issym() or member.islnk():
         raise ArchiveError(f"Refusing {archive.name}: member '{member.name}' is a link, and links are not allowed.")
     if not (member.isreg() or member.isdir()):
-        raise ArchiveError(f"Refusing {archive.name}: member '{member.name}' is a device or special file, which is not allowed.")
+        raise ArchiveError(
+            f"Refusing {archive.name}: member '{member.name}' is a device or special file, which is not allowed."
+        )
     budget.add_member(member.name, member.size if member.isreg() else 0)
     if rel is None:
         return
@@ -227,9 +260,13 @@ def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
                 _safe_relpath(archive, info.filename)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
-                    raise ArchiveError(f"Refusing {archive.name}: member '{info.filename}' is a link, and links are not allowed.")
+                    raise ArchiveError(
+                        f"Refusing {archive.name}: member '{info.filename}' is a link, and links are not allowed."
+                    )
                 if mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    raise ArchiveError(f"Refusing {archive.name}: member '{info.filename}' is a device or special file, which is not allowed.")
+                    raise ArchiveError(
+                        f"Refusing {archive.name}: member '{info.filename}' is a device or special file, which is not allowed."
+                    )
                 budget.add_member(info.filename, info.file_size)
             for info in tqdm(infos, desc=f"unpack {archive.name}", unit="file", mininterval=1.0):
                 rel = _safe_relpath(archive, info.filename)
@@ -243,5 +280,6 @@ def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
                 with zf.open(info) as source:
                     _write_member(source, out / rel, info.file_size)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
-        raise ArchiveError(f"Cannot read {archive.name} as a zip archive ({exc}); download it again or check the file.") from None
-
+        raise ArchiveError(
+            f"Cannot read {archive.name} as a zip archive ({exc}); download it again or check the file."
+        ) from None

@@ -50,9 +50,15 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def random_affine(batch: int, scale: tuple[float, float], rotate_deg: float, hflip: bool,
-                  generator: torch.Generator, device: torch.device | str = "cpu",
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def random_affine(
+    batch: int,
+    scale: tuple[float, float],
+    rotate_deg: float,
+    hflip: bool,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
     """(B, 2, 3) matrices mapping output coords in [-1, 1] to input coords (affine_grid's convention)."""
     u = torch.rand(batch, 6, generator=generator, device=device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -80,9 +86,16 @@ def _layout(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def train_transform(images: torch.Tensor, out_size: int, scale=(0.6, 1.0), rotate_deg: float = 15.0,
-                    hflip: bool = True, generator: torch.Generator | None = None,
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3), channels_last: bool = True) -> torch.Tensor:
+def train_transform(
+    images: torch.Tensor,
+    out_size: int,
+    scale=(0.6, 1.0),
+    rotate_deg: float = 15.0,
+    hflip: bool = True,
+    generator: torch.Generator | None = None,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    channels_last: bool = True,
+) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, out, out) float32 normalised, randomly cropped/flipped/rotated."""
     x = _to_float(images)
     theta = random_affine(len(x), tuple(scale), rotate_deg, hflip, generator, device=x.device, ratio=ratio)
@@ -129,8 +142,15 @@ class TrainPreset:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if not self.augment:
             return eval_transform(images, self.train_size, self.channels_last)
-        return train_transform(images, self.train_size, self.crop_scale, self.rotate_deg, self.hflip, generator,
-                               channels_last=self.channels_last)
+        return train_transform(
+            images,
+            self.train_size,
+            self.crop_scale,
+            self.rotate_deg,
+            self.hflip,
+            generator,
+            channels_last=self.channels_last,
+        )
 
 
 def create_train_preset(cfg: Config) -> TrainPreset:

@@ -41,15 +41,17 @@ def training_state(model, optimizer, scheduler, scaler, ema=None, **extra) -> di
     CUDA tensors in it would make a plain `torch.load` fail on a machine without that GPU; the
     loader moves them to its own device (`restore`, `inference.load_checkpoint`).
     """
-    return _to_cpu({
-        "model": getattr(model, "module", model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        **({"served": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)} if ema is not None else {}),
-        "format": FORMAT,
-        **extra,
-    })
+    return _to_cpu(
+        {
+            "model": getattr(model, "module", model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            **({"served": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)} if ema is not None else {}),
+            "format": FORMAT,
+            **extra,
+        }
+    )
 
 
 def save(folder: str | Path, state: dict, metrics: dict) -> Path:
@@ -75,8 +77,14 @@ def code_version() -> str:
     except metadata.PackageNotFoundError:
         version = "unknown"
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return version
     return f"{version}+git.{commit}" if commit else version
@@ -101,11 +109,15 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict:
         raise DataError(f"{path} is not a checkpoint of this project (torch cannot read it); {fix}.") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise DataError(f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}.")
+        raise DataError(
+            f"{path} is a PyTorch file but not a checkpoint of this project (it has no {', '.join(missing)}); {fix}."
+        )
     version = state.get("format", 1)  # checkpoints written before the version was recorded are version 1
     if version != FORMAT:
-        raise DataError(f"{path} is a checkpoint of format version {version!r} and this code reads version "
-                        f"{FORMAT}; use the code version that wrote it.")
+        raise DataError(
+            f"{path} is a checkpoint of format version {version!r} and this code reads version "
+            f"{FORMAT}; use the code version that wrote it."
+        )
     return state
 
 

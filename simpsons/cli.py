@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from simpsons.config import Config, ConfigError, load_config
 
@@ -78,8 +79,9 @@ def configure_logging(stream: TextIO | None = None) -> None:
     logger.propagate = False
 
 
-def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
-            log_stream: TextIO | None = None) -> None:
+def run_job(
+    main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, log_stream: TextIO | None = None
+) -> None:
     """Parse arguments and run `main`; a user error becomes one line on stderr and exit status 2.
     The library's log lines go to `log_stream` (default stdout; benchmarks keep it for figures)."""
     configure_logging(log_stream)
@@ -89,4 +91,3 @@ def run_job(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-

@@ -42,11 +42,13 @@ class ClusterCapacity:
     def has(self, resource: str) -> bool:
         """Whether some node has, or some node type the autoscaler may start would have, `resource`."""
         return any(node.get(resource, 0) > 0 for node in self.nodes) or any(
-            res.get(resource, 0) > 0 for _, res, count in self.node_types if count > 0 and self.max_added != 0)
+            res.get(resource, 0) > 0 for _, res, count in self.node_types if count > 0 and self.max_added != 0
+        )
 
     def bundles_that_fit(self, bundle: dict[str, float]) -> int:
         """How many copies of `bundle` (one worker's resources) the cluster holds at most, counting
         the nodes its autoscaler may add, so a PACK or SPREAD placement of that many can succeed."""
+
         def per_node(resources: dict[str, float]) -> int:
             needed = [(k, v) for k, v in bundle.items() if v > 0]
             if not needed:
@@ -63,7 +65,11 @@ class ClusterCapacity:
 
     def describe(self) -> str:
         def fmt(resources: dict[str, float]) -> str:
-            shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store"))}
+            shown = {
+                k: v
+                for k, v in resources.items()
+                if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store"))
+            }
             return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
         text = f"{len(self.nodes)} node(s) {', '.join(fmt(n) for n in self.nodes) or ''}".rstrip()
@@ -93,9 +99,14 @@ def _autoscaler_node_types() -> tuple[list[tuple[str, dict[str, float], int]], i
     config = state.get_cluster_config()  # reported to the GCS by autoscalers that do (KubeRay's v2)
     if config is not None and config.node_group_configs:
         unlimited = 1 << 30
-        return [(group.name, {k: float(v) for k, v in group.resources.items()},
-                 unlimited if group.max_count < 0 else int(group.max_count))
-                for group in config.node_group_configs], None
+        return [
+            (
+                group.name,
+                {k: float(v) for k, v in group.resources.items()},
+                unlimited if group.max_count < 0 else int(group.max_count),
+            )
+            for group in config.node_group_configs
+        ], None
     # The VM launcher (`ray up`) reports nothing; it leaves its config where Tune also looks for it
     # (ray.tune.execution.cluster_info): on the head, where `ray job submit` runs the driver.
     path = Path(LAUNCHER_CONFIG).expanduser()
@@ -109,8 +120,11 @@ def _autoscaler_node_types() -> tuple[list[tuple[str, dict[str, float], int]], i
 def launcher_node_types(config: dict) -> tuple[list[tuple[str, dict[str, float], int]], int | None]:
     """(worker node types, global max_workers) of a cluster launcher config such as cluster.yaml."""
     head = config.get("head_node_type")
-    types = [(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()}, int(spec.get("max_workers", 0)))
-             for name, spec in (config.get("available_node_types") or {}).items() if name != head]
+    types = [
+        (name, {k: float(v) for k, v in (spec.get("resources") or {}).items()}, int(spec.get("max_workers", 0)))
+        for name, spec in (config.get("available_node_types") or {}).items()
+        if name != head
+    ]
     limit = config.get("max_workers")
     return types, None if limit is None else int(limit)
 
@@ -193,8 +207,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **options)
         return
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-             dashboard_port=port, **options)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        **options,
+    )
 
 
 def free_port() -> int:

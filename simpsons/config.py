@@ -208,13 +208,15 @@ class SweepConfig:
     # Config key -> {uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]}
     # (inclusive), {choice: [values]} or {grid: [values]} (every value, num_samples times each).
     # `--set tune.space.optim.lr={...}` sets one entry, `--set tune.space.optim.lr=null` removes it.
-    space: Any = field(default_factory=lambda: {
-        "optim.lr": {"loguniform": [3e-4, 1e-2]},
-        "loss.gamma": {"uniform": [0.0, 3.0]},
-        "loss.alpha": {"choice": ["auto", 1.0]},
-    })
+    space: Any = field(
+        default_factory=lambda: {
+            "optim.lr": {"loguniform": [3e-4, 1e-2]},
+            "loss.gamma": {"uniform": [0.0, 3.0]},
+            "loss.alpha": {"choice": ["auto", 1.0]},
+        }
+    )
 
-    def validate(self) -> "SweepConfig":
+    def validate(self) -> SweepConfig:
         if self.scheduler not in ("asha", "fifo"):
             raise ConfigError(f"tune.scheduler must be one of asha, fifo; got {self.scheduler!r}.")
         if self.search not in ("random", "optuna", "hyperopt"):
@@ -278,7 +280,7 @@ class Config:
     # The sweep settings (jobs/tune.py); a config file's `tune:` section.
     tune: SweepConfig = field(default_factory=SweepConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         _choice("model.head", self.model.head, ("original", "standard"))
         from simpsons.model import ARCHS  # torch and torchvision: imported only when a config is checked
 
@@ -294,9 +296,17 @@ class Config:
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights):
             raise ConfigError(f"loss.alpha weights must be numbers of 0 or more, not {alpha!r}.")
         extra = self.train.resources_per_worker
-        if not (isinstance(extra, dict) and all(
-                isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float))
-                and not isinstance(v, bool) and v > 0 for k, v in extra.items())):
+        if not (
+            isinstance(extra, dict)
+            and all(
+                isinstance(k, str)
+                and k not in ("CPU", "GPU")
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and v > 0
+                for k, v in extra.items()
+            )
+        ):
             raise ConfigError(
                 f"train.resources_per_worker must map custom Ray resource names to positive amounts, "
                 f"e.g. {{A10G: 1}} (CPU and GPU have their own keys), not {extra!r}."
@@ -357,7 +367,7 @@ _BOUNDS = {
 }
 
 
-def _check_bounds(cfg: "Config") -> None:
+def _check_bounds(cfg: Config) -> None:
     for key, (low, high, low_allowed) in _BOUNDS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -529,7 +539,7 @@ def set_key(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
             continue
         if not last:
             if isinstance(current, dict):
-                entry = ".".join(parts[depth + 1:])
+                entry = ".".join(parts[depth + 1 :])
                 kept = {k: v for k, v in current.items() if k != entry}
                 setattr(target, part, kept if value is None else {**kept, entry: value})
                 return

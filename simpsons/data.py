@@ -15,10 +15,10 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,8 +186,10 @@ def unread_members(root: Path) -> list[dict]:
     for listing in [root / UNREAD_LIST, *sorted(root.glob(f"*/{UNREAD_LIST}"))]:
         if listing.is_file():
             base = listing.parent.relative_to(root)
-            unread += [{"path": (base / item["path"]).as_posix(), "reason": item["reason"]}
-                       for item in json.loads(listing.read_text())]
+            unread += [
+                {"path": (base / item["path"]).as_posix(), "reason": item["reason"]}
+                for item in json.loads(listing.read_text())
+            ]
     return unread
 
 
@@ -208,9 +210,11 @@ class TreeProblems:
         """One DataError naming every problem (counted, the first few by path); empty folders alone pass."""
         if not (self.unknown or self.misnamed):
             return
-        parts = [_counted(self.unknown, f"unknown class folder(s) (not one of the {num_classes} known classes)"),
-                 _counted(self.misnamed, "test-set file(s) not named <class>_<number> with a known class"),
-                 _counted(self.empty, "class folder(s) without images")]
+        parts = [
+            _counted(self.unknown, f"unknown class folder(s) (not one of the {num_classes} known classes)"),
+            _counted(self.misnamed, "test-set file(s) not named <class>_<number> with a known class"),
+            _counted(self.empty, "class folder(s) without images"),
+        ]
         raise DataError(
             f"The image tree has {'; '.join(p for p in parts if p)}; rename or remove them, "
             "or set data.classes=auto to use the tree's own class folders."
@@ -227,8 +231,13 @@ def _counted(paths: list[str], what: str, shown: int = 3) -> str:
     return f"{len(paths)} {what}: {', '.join(paths[:shown])}{more}"
 
 
-def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, root: Path | None = None,
-               max_bytes: int | None = None, problems: TreeProblems | None = None) -> list[ImageRecord]:
+def scan_split(
+    split_dir: str | Path,
+    class_names: Sequence[str] = CLASS_NAMES,
+    root: Path | None = None,
+    max_bytes: int | None = None,
+    problems: TreeProblems | None = None,
+) -> list[ImageRecord]:
     """Every image file under `split_dir/<class>/`, labelled by the class list.
 
     Files over `max_bytes` are listed in `problems.unread` and never opened. With `problems`
@@ -263,8 +272,9 @@ def scan_split(split_dir: str | Path, class_names: Sequence[str] = CLASS_NAMES, 
     return records
 
 
-def scan_flat_testset(folder: Path, class_names: Sequence[str], root: Path, max_bytes: int,
-                      problems: TreeProblems) -> list[ImageRecord]:
+def scan_flat_testset(
+    folder: Path, class_names: Sequence[str], root: Path, max_bytes: int, problems: TreeProblems
+) -> list[ImageRecord]:
     """Kaggle's flat test set: every `<class>_<n>.jpg` in `folder`, labelled by the class in its name.
 
     Files named otherwise (or after an unknown class) go to `problems.misnamed`, files over
@@ -286,8 +296,10 @@ def scan_flat_testset(folder: Path, class_names: Sequence[str], root: Path, max_
 
 def too_large(size: int, max_bytes: int) -> str:
     """The report's reason for a file left out unread because of its size."""
-    return (f"{size / 2**20:,.1f} MiB, over the per-image limit of {max_bytes / 2**20:,.1f} MiB "
-            "(data.max_image_bytes); not read")
+    return (
+        f"{size / 2**20:,.1f} MiB, over the per-image limit of {max_bytes / 2**20:,.1f} MiB "
+        "(data.max_image_bytes); not read"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +354,9 @@ def pack_split(records: Sequence[ImageRecord], size: int, workers: int = 0, desc
     chunksize = max(1, min(64, len(jobs) // (workers * 8) or 1))
     with ProcessPoolExecutor(workers) if workers > 1 else _InlineExecutor() as pool:
         results = pool.map(_decode_one, jobs, chunksize=chunksize)
-        for i, (array, digest, reason) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0)):
+        for i, (array, digest, reason) in enumerate(
+            tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0)
+        ):
             digests[i] = digest
             if array is None:
                 bad.append({"path": records[i].relpath, "reason": reason})
@@ -416,7 +430,9 @@ class ResidentSplit:
     batch is gathered there and copied to `device` without blocking: the same batches, slower.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu", on_device: bool = True):
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu", on_device: bool = True
+    ):
         self.device, self.on_device = torch.device(device), on_device
         home = self.device if on_device else torch.device("cpu")
         # Page-locked host memory lets the per-batch copies to the GPU run asynchronously.
@@ -446,7 +462,9 @@ class ResidentSplit:
         # again before its pending copy has finished.
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def train_batches(self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
         order = torch.randperm(len(self), generator=generator)
         per_rank = len(self) // world
@@ -457,7 +475,9 @@ class ResidentSplit:
     def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         return -(-(len(self) // world) // batch_size)
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, batch_size: int, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Every image exactly once across ranks; counts may differ by one, and a rank may have no
         # batch at all, so callers must not put a collective inside the loop (see train.evaluate).
         mine = torch.arange(rank, len(self), world, device=self.images.device)

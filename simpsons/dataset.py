@@ -18,8 +18,8 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,8 +38,13 @@ REPORT = "report.json"
 # The folder format
 
 
-def write_packed(out_dir: str | Path, splits: dict[str, PackedSplit], stored_size: int,
-                 extra_manifest: dict | None = None, class_names: Sequence[str] = CLASS_NAMES) -> dict:
+def write_packed(
+    out_dir: str | Path,
+    splits: dict[str, PackedSplit],
+    stored_size: int,
+    extra_manifest: dict | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> dict:
     """Write arrays, report.json, then manifest.json last (its presence marks the set complete)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,15 +151,21 @@ def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: 
         partial = _partial_dir(root, key)
         _logger.info("Downloading the packed dataset %s into %s", uri, target)
         wanted = sorted(manifest["files"])  # the packed arrays and report.json, not the originals
-        have = {name for name in wanted if (partial / name).is_file()
-                and file_sha256(partial / name) == manifest["files"].get(name)}  # resume: keep verified files
-        storage.download_files({name: partial / name for name in wanted if name not in have}, uri, endpoint,
-                               desc=f"dataset {key}")
+        have = {
+            name
+            for name in wanted
+            if (partial / name).is_file() and file_sha256(partial / name) == manifest["files"].get(name)
+        }  # resume: keep verified files
+        storage.download_files(
+            {name: partial / name for name in wanted if name not in have}, uri, endpoint, desc=f"dataset {key}"
+        )
         for name in wanted:
             if file_sha256(partial / name) != manifest["files"].get(name):
                 (partial / name).unlink()
-                raise StorageError(f"{storage.join(uri, name)} does not match the sha256 in its manifest; "
-                                   "the dataset is damaged, prepare it again.")
+                raise StorageError(
+                    f"{storage.join(uri, name)} does not match the sha256 in its manifest; "
+                    "the dataset is damaged, prepare it again."
+                )
         (partial / MANIFEST).write_bytes(raw)  # last: a folder with a manifest is complete
         try:
             os.replace(partial, target)

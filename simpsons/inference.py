@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -11,10 +11,19 @@ import torch
 from simpsons import checkpoint
 from simpsons.augment import EvalPreset, create_eval_preset
 from simpsons.config import Config, ConfigError, from_dict
-from simpsons.data import (DataError, IMAGE_SUFFIXES, TreeProblems, decode_failure, find_layout, load_image, pack_split,
-                           too_large)
+from simpsons.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    TreeProblems,
+    decode_failure,
+    find_layout,
+    load_image,
+    pack_split,
+    too_large,
+)
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model
+
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """The device to run a checkpoint on: `name`, or by default the first GPU when there is one."""
@@ -29,7 +38,9 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Config, list[str], dict]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device | None = None
+) -> tuple[torch.nn.Module, Config, list[str], dict]:
     """(model in eval mode on `device` (default: resolve_device()), config, class names, raw state)."""
     device = resolve_device(device)
     path = checkpoint.checkpoint_file(path)
@@ -37,13 +48,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
     try:
         cfg = from_dict(state["config"])
     except ConfigError as exc:
-        raise DataError(f"{path} holds a config this code cannot read ({str(exc).rstrip('.')}); use the code version that wrote it.") from None
+        raise DataError(
+            f"{path} holds a config this code cannot read ({str(exc).rstrip('.')}); use the code version that wrote it."
+        ) from None
     class_names = list(state["class_names"])
     model = create_model(len(class_names), cfg.model.head, cfg.model.dropout, cfg.model.arch)
     try:
         model.load_state_dict(checkpoint.served_weights(state))
     except RuntimeError:  # torch lists every mismatched tensor over many lines
-        raise DataError(f"{path} holds weights that do not fit this code's model; use the code version that wrote it.") from None
+        raise DataError(
+            f"{path} holds weights that do not fit this code's model; use the code version that wrote it."
+        ) from None
     model.to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -51,8 +66,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, preset: EvalPreset,
-                  batch_size: int = 128, flip: bool = False) -> torch.Tensor:
+def predict_proba(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    preset: EvalPreset,
+    batch_size: int = 128,
+    flip: bool = False,
+) -> torch.Tensor:
     """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32, inputs made by `preset`
     (`flip`: model.tta_flip)."""
     images = torch.as_tensor(images)
@@ -64,9 +84,14 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pre
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate_folder(checkpoint: str | Path, data: str | Path, split: str | None = None, workers: int = 0,
-                    device: str | None = None, cache_dir: str = "~/.cache/simpsons",
-                    ) -> tuple[dict, np.ndarray, list[dict]]:
+def evaluate_folder(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str | None = None,
+    workers: int = 0,
+    device: str | None = None,
+    cache_dir: str = "~/.cache/simpsons",
+) -> tuple[dict, np.ndarray, list[dict]]:
     """(report, confusion matrix, files left out) for labelled images.
 
     `data` is a labelled folder `<data>/<class>/*.jpg` (scored whole) or anything training's
@@ -82,15 +107,20 @@ def evaluate_folder(checkpoint: str | Path, data: str | Path, split: str | None 
     if split is None:
         split = next((name for name in ("testset", "val") if name in available), "val" if available else "unsplit")
     if split not in layout.names():
-        found = (f"it has {', '.join(available)}" if available
-                 else "it is not split: leave out --split to score all its images")
+        found = (
+            f"it has {', '.join(available)}"
+            if available
+            else "it is not split: leave out --split to score all its images"
+        )
         raise DataError(f"{data} has no '{split}' split; {found}.")
     folder = layout.folder(split)
     problems = TreeProblems(unread=[u for u in layout.unread if (layout.root / u["path"]).is_relative_to(folder)])
     records = layout.scan(split, class_names, cfg.data.max_image_bytes, problems)
     problems.raise_if_any(len(class_names))
     if not records:
-        raise DataError(f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg.")
+        raise DataError(
+            f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg."
+        )
     packed = pack_split(records, cfg.data.stored_size, workers, desc="decode")
     probs = predict_proba(model, packed.images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
     labels = torch.as_tensor(packed.labels.astype(np.int64))
@@ -98,7 +128,9 @@ def evaluate_folder(checkpoint: str | Path, data: str | Path, split: str | None 
     return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
 
 
-def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3, device: str | None = None) -> list[dict]:
+def predict_files(
+    checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3, device: str | None = None
+) -> list[dict]:
     """Top-k labels with probabilities for each image file (folders are expanded to their images)."""
     model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
     files: list[Path] = []
@@ -124,5 +156,7 @@ def predict_files(checkpoint: str | Path, paths: Sequence[str | Path], top_k: in
         probs = predict_proba(model, np.stack(images), create_eval_preset(cfg), flip=cfg.model.tta_flip)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-            results.append({"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]})
+            results.append(
+                {"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]}
+            )
     return results

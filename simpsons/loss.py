@@ -7,7 +7,7 @@ log-softmax in fp32 whatever the autocast dtype, so bf16/fp16 logits cannot unde
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,7 +70,9 @@ def per_class_csv(report: dict) -> str:
     return out.getvalue()
 
 
-def plot_confusion(cm: np.ndarray | torch.Tensor, class_names: Sequence[str], path: str | Path, title: str = "") -> None:
+def plot_confusion(
+    cm: np.ndarray | torch.Tensor, class_names: Sequence[str], path: str | Path, title: str = ""
+) -> None:
     """A row-normalised confusion matrix as PNG, large enough to read 42 labels."""
     import matplotlib
 
@@ -91,8 +93,15 @@ def plot_confusion(cm: np.ndarray | torch.Tensor, class_names: Sequence[str], pa
     for t in range(n):
         for p in range(n):
             if cm[t, p]:
-                ax.text(p, t, int(cm[t, p]), ha="center", va="center", fontsize=5,
-                        color="white" if norm[t, p] > 0.5 else "black")
+                ax.text(
+                    p,
+                    t,
+                    int(cm[t, p]),
+                    ha="center",
+                    va="center",
+                    fontsize=5,
+                    color="white" if norm[t, p] > 0.5 else "black",
+                )
     ax.set_title(title or "Confusion matrix (row-normalised colour, counts in cells)")
     fig.tight_layout()
     fig.savefig(path)

@@ -28,17 +28,26 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 
 from simpsons import storage
 from simpsons.archive import MAX_FILE_BYTES
-from simpsons.data import (CLASS_NAMES, DataError, ImageRecord, PackedSplit, TreeProblems, class_counts, find_layout,
-                           pack_split, unread_summary)
+from simpsons.data import (
+    CLASS_NAMES,
+    DataError,
+    ImageRecord,
+    PackedSplit,
+    TreeProblems,
+    class_counts,
+    find_layout,
+    pack_split,
+    unread_summary,
+)
 from simpsons.dataset import MANIFEST, REPORT, read_manifest, write_packed
 from simpsons.files import cache_key, file_sha256, sha256_files, sha256_hex
 
@@ -64,8 +73,12 @@ class Tree:
         return [r for records in self.groups.values() for r in records]
 
 
-def scan_tree(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES, max_depth: int = 4,
-              max_bytes: int = MAX_FILE_BYTES) -> Tree:
+def scan_tree(
+    root: str | Path,
+    class_names: Sequence[str] | str = CLASS_NAMES,
+    max_depth: int = 4,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> Tree:
     """Every image under `root`, by split (or "unsplit"), labelled by the class list (see data.find_layout).
 
     `class_names="auto"` takes the tree's own class folders, sorted. Unknown class folders and
@@ -84,8 +97,10 @@ def scan_tree(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES, 
         notes.append("no val folder: train is split into train and val")
     if layout.flat_testset is not None:
         if groups["testset"]:
-            notes.append(f"flat test set ({len(groups['testset'])} images named <class>_<n>) found in "
-                         f"{layout.flat_testset.relative_to(layout.root).as_posix()}")
+            notes.append(
+                f"flat test set ({len(groups['testset'])} images named <class>_<n>) found in "
+                f"{layout.flat_testset.relative_to(layout.root).as_posix()}"
+            )
         else:
             del groups["testset"]
     problems.raise_if_any(len(class_names))
@@ -98,7 +113,9 @@ def scan_tree(root: str | Path, class_names: Sequence[str] | str = CLASS_NAMES, 
 # Splitting
 
 
-NEAR_DUPLICATE = 3.0  # grey levels (0-255): mean |difference| of 16x16 thumbnails below which two images are one picture
+NEAR_DUPLICATE = (
+    3.0  # grey levels (0-255): mean |difference| of 16x16 thumbnails below which two images are one picture
+)
 
 
 def thumbnails(images: np.ndarray, side: int = 16, chunk: int = 512):
@@ -108,10 +125,14 @@ def thumbnails(images: np.ndarray, side: int = 16, chunk: int = 512):
 
     if not len(images):
         return torch.zeros(0, side * side)
-    return torch.cat([
-        F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(images[i : i + chunk])).float().mean(-1)[:, None], side).flatten(1)
-        for i in range(0, len(images), chunk)
-    ])
+    return torch.cat(
+        [
+            F.adaptive_avg_pool2d(
+                torch.from_numpy(np.ascontiguousarray(images[i : i + chunk])).float().mean(-1)[:, None], side
+            ).flatten(1)
+            for i in range(0, len(images), chunk)
+        ]
+    )
 
 
 def near_duplicate_pairs(thumbs, labels: np.ndarray, threshold: float = NEAR_DUPLICATE) -> np.ndarray:
@@ -155,8 +176,9 @@ def duplicate_groups(sha256: list[str], pairs: np.ndarray) -> np.ndarray:
     return np.array([find(i) for i in range(len(sha256))])
 
 
-def stratified_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int,
-                     min_class_size: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def stratified_split(
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int, min_class_size: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(train indices, val indices, classes kept whole in train).
 
     Per class, its duplicate groups in a seeded order go to val until the class has
@@ -188,16 +210,25 @@ def stratified_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float
 
 
 def _subset(split: PackedSplit, index: np.ndarray) -> PackedSplit:
-    return PackedSplit(split.images[index], split.labels[index], [split.sources[i] for i in index],
-                       [split.sha256[i] for i in index])
+    return PackedSplit(
+        split.images[index], split.labels[index], [split.sources[i] for i in index], [split.sha256[i] for i in index]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Building the packed dataset
 
 
-def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, workers: int = 0, val_fraction: float = 0.15,
-                  seed: int = 0, min_class_size: int = 5, extra_manifest: dict | None = None) -> dict:
+def build_dataset(
+    tree: Tree,
+    out_dir: str | Path,
+    stored_size: int = 144,
+    workers: int = 0,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    min_class_size: int = 5,
+    extra_manifest: dict | None = None,
+) -> dict:
     """Decode, validate, split and pack `tree` into `out_dir` (written whole or not at all).
 
     Nothing is written when training could not use the result: no usable training image, an
@@ -206,7 +237,9 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
     out_dir = Path(out_dir)
     class_names = tree.class_names
     started = time.perf_counter()
-    packed = {name: pack_split(records, stored_size, workers, desc=f"pack {name}") for name, records in tree.groups.items()}
+    packed = {
+        name: pack_split(records, stored_size, workers, desc=f"pack {name}") for name, records in tree.groups.items()
+    }
     seconds = time.perf_counter() - started
     found = len(tree.records)
     bad_files = {name: split.bad_files for name, split in packed.items()}
@@ -224,24 +257,38 @@ def build_dataset(tree: Tree, out_dir: str | Path, stored_size: int = 144, worke
         sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
         report["split"] = {
             "method": "stratified by class, seeded; duplicates kept on one side",
-            "val_fraction": val_fraction, "seed": seed, "min_class_size": min_class_size,
-            "duplicate_groups": int((sizes > 1).sum()), "images_in_duplicate_groups": int(sizes[sizes > 1].sum()),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "min_class_size": min_class_size,
+            "duplicate_groups": int((sizes > 1).sum()),
+            "images_in_duplicate_groups": int(sizes[sizes > 1].sum()),
         }
     else:
         report["split"] = {"method": "given by the source's folders"}
         report["notes"] += _near_duplicates_across(packed)
     report["small_classes_kept_in_train"] = [
-        {"class": class_names[c], "images": int((packed["train"].labels == c).sum()),
-         "reason": f"fewer than {min_class_size} images (or all duplicates of one): too few to split"}
+        {
+            "class": class_names[c],
+            "images": int((packed["train"].labels == c).sum()),
+            "reason": f"fewer than {min_class_size} images (or all duplicates of one): too few to split",
+        }
         for c in small
     ]
     _refuse_unusable(packed, class_names, bad_files, found, "unsplit" not in tree.groups)
     report["notes"] += _split_notes(packed, class_names)
-    report["counts"] = {name: dict(zip(class_names, class_counts(s.labels, len(class_names)))) for name, s in packed.items()}
+    report["counts"] = {
+        name: dict(zip(class_names, class_counts(s.labels, len(class_names)))) for name, s in packed.items()
+    }
     kept = sum(len(s.labels) for s in packed.values())
     report["images_kept"] = kept
-    _logger.info("Decoded %d images in %.1f s (%.0f images/s); kept %d, left out %d (see report.json)",
-                 found, seconds, found / max(seconds, 1e-9), kept, found - kept)
+    _logger.info(
+        "Decoded %d images in %.1f s (%.0f images/s); kept %d, left out %d (see report.json)",
+        found,
+        seconds,
+        found / max(seconds, 1e-9),
+        kept,
+        found - kept,
+    )
 
     # Written into a hidden sibling and renamed: out_dir either holds a whole dataset or nothing.
     partial = out_dir.with_name(f".{out_dir.name}.partial")
@@ -265,23 +312,36 @@ NO_TRAINING_IMAGE, ADD_IMAGES = "the training split has no usable image", "add d
 def _refuse(what: str, bad_files: dict[str, list[dict]], found: int, fix: str) -> None:
     left_out = [b for files in bad_files.values() for b in files]
     example = f", e.g. {left_out[0]['path']}: {left_out[0]['reason']}" if left_out else ""
-    raise DataError(f"No dataset written: {what} ({found} image file(s) found, {len(left_out)} left out{example}); {fix}.")
+    raise DataError(
+        f"No dataset written: {what} ({found} image file(s) found, {len(left_out)} left out{example}); {fix}."
+    )
 
 
-def _refuse_unusable(packed: dict[str, PackedSplit], class_names, bad_files: dict, found: int, given_split: bool) -> None:
+def _refuse_unusable(
+    packed: dict[str, PackedSplit], class_names, bad_files: dict, found: int, given_split: bool
+) -> None:
     """Raise before writing when training could not use the split (see build_dataset)."""
     train = class_counts(packed["train"].labels, len(class_names))
     val = class_counts(packed["val"].labels, len(class_names))
     if not sum(train):
         _refuse(NO_TRAINING_IMAGE, bad_files, found, ADD_IMAGES)
     if not sum(val):
-        _refuse("the validation split is empty", bad_files, found,
-                "add images to the val/<class>/ folders" if given_split else
-                "add images: every class is too small to split off validation images (see --val-fraction)")
+        _refuse(
+            "the validation split is empty",
+            bad_files,
+            found,
+            "add images to the val/<class>/ folders"
+            if given_split
+            else "add images: every class is too small to split off validation images (see --val-fraction)",
+        )
     orphans = [name for name, t, v in zip(class_names, train, val) if v and not t]
     if orphans:
-        _refuse(f"{len(orphans)} class(es) have validation images but no training image ({', '.join(orphans[:3])})",
-                bad_files, found, "add training images of them or remove them from val")
+        _refuse(
+            f"{len(orphans)} class(es) have validation images but no training image ({', '.join(orphans[:3])})",
+            bad_files,
+            found,
+            "add training images of them or remove them from val",
+        )
 
 
 def _near_duplicates_across(packed: dict[str, PackedSplit]) -> list[str]:
@@ -297,15 +357,20 @@ def _near_duplicates_across(packed: dict[str, PackedSplit]) -> list[str]:
     across = sum(1 for i, j in pairs.tolist() if which[i] != which[j] and sha[i] != sha[j])
     if not across:
         return []
-    return [f"{across} near-identical image pair(s) (re-encodes or neighbouring video frames) straddle the given "
-            f"splits {', '.join(packed)}; kept as given"]
+    return [
+        f"{across} near-identical image pair(s) (re-encodes or neighbouring video frames) straddle the given "
+        f"splits {', '.join(packed)}; kept as given"
+    ]
 
 
 def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
     notes = []
     for name, split in packed.items():
-        missing = [class_names[i] for i, n in enumerate(class_counts(split.labels, len(class_names))) if n == 0
-                   and (packed["train"].labels == i).any()]
+        missing = [
+            class_names[i]
+            for i, n in enumerate(class_counts(split.labels, len(class_names)))
+            if n == 0 and (packed["train"].labels == i).any()
+        ]
         if missing and name != "train":
             notes.append(f"{name} has no images of {len(missing)} class(es) present in train: {', '.join(missing)}")
     names = list(packed)
@@ -313,18 +378,32 @@ def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
         for b in names[i + 1 :]:
             shared = set(packed[a].sha256) & set(packed[b].sha256)
             if shared:
-                notes.append(f"{len(shared)} byte-identical image(s) appear in both {a} and {b} (as given by the source)")
+                notes.append(
+                    f"{len(shared)} byte-identical image(s) appear in both {a} and {b} (as given by the source)"
+                )
     return notes
 
 
-def pack_tree(root: str | Path, out_dir: str | Path, stored_size: int = 144, workers: int = 0,
-              class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> None:
+def pack_tree(
+    root: str | Path,
+    out_dir: str | Path,
+    stored_size: int = 144,
+    workers: int = 0,
+    class_names: Sequence[str] | str = CLASS_NAMES,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> None:
     """Pack every image under `root` (split or not; see scan_tree) into `out_dir`."""
     build_dataset(scan_tree(root, class_names, max_bytes=max_bytes), out_dir, stored_size, workers)
 
 
-def cached_pack(root: str | Path, cache_dir: str | Path, stored_size: int = 144, workers: int = 0,
-                class_names: Sequence[str] | str = CLASS_NAMES, max_bytes: int = MAX_FILE_BYTES) -> Path:
+def cached_pack(
+    root: str | Path,
+    cache_dir: str | Path,
+    stored_size: int = 144,
+    workers: int = 0,
+    class_names: Sequence[str] | str = CLASS_NAMES,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> Path:
     """Pack `root` into the cache once; later calls with the same tree and settings reuse it."""
     root = Path(root).expanduser().resolve()
     classes = class_names if class_names == "auto" else list(class_names)
@@ -352,10 +431,21 @@ class Prepared:
     pack_images_per_s: float | None  # None when the packed arrays came from the local cache
 
 
-def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str = "v1", stored_size: int = 144,
-                    workers: int = 0, cache_dir: str = "~/.cache/simpsons", endpoint: str = "",
-                    val_fraction: float = 0.15, seed: int = 0, min_class_size: int = 5,
-                    class_names: Sequence[str] | str = CLASS_NAMES, max_image_bytes: int = MAX_FILE_BYTES) -> Prepared:
+def prepare_dataset(
+    source: str,
+    dest: str,
+    name: str = "simpsons",
+    version: str = "v1",
+    stored_size: int = 144,
+    workers: int = 0,
+    cache_dir: str = "~/.cache/simpsons",
+    endpoint: str = "",
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    min_class_size: int = 5,
+    class_names: Sequence[str] | str = CLASS_NAMES,
+    max_image_bytes: int = MAX_FILE_BYTES,
+) -> Prepared:
     """Fetch, validate, split, pack and upload `source` as <dest>/datasets/<name>/<version>/."""
     from simpsons.sources import fetch_source
 
@@ -364,16 +454,27 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise DataError(f"Dataset {label} {value!r} may hold only letters, digits, '.', '_' and '-'; pick another.")
     if not 0 < val_fraction < 1:
-        raise DataError(f"The validation fraction {val_fraction} must be more than 0 and less than 1; pass e.g. --val-fraction 0.15.")
+        raise DataError(
+            f"The validation fraction {val_fraction} must be more than 0 and less than 1; pass e.g. --val-fraction 0.15."
+        )
     uri = storage.join(dest, "datasets", name, version)
     if storage.is_s3(dest):
         storage.check_bucket(dest, endpoint)  # before any long work: say a wrong bucket/endpoint now
 
-    tree = scan_tree(fetch_source(source, cache_dir, max_image_bytes=max_image_bytes), class_names, max_bytes=max_image_bytes)
+    tree = scan_tree(
+        fetch_source(source, cache_dir, max_image_bytes=max_image_bytes), class_names, max_bytes=max_image_bytes
+    )
     records = tree.records
     shas = sha256_files([r.path for r in records])
-    settings = {"format": FORMAT, "stored_size": stored_size, "val_fraction": val_fraction, "seed": seed,
-                "min_class_size": min_class_size, "class_names": tree.class_names, "max_image_bytes": max_image_bytes}
+    settings = {
+        "format": FORMAT,
+        "stored_size": stored_size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "min_class_size": min_class_size,
+        "class_names": tree.class_names,
+        "max_image_bytes": max_image_bytes,
+    }
     inputs = sorted(zip((r.relpath for r in records), shas))
     fingerprint = sha256_hex(json.dumps([inputs, settings]))
 
@@ -386,14 +487,24 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
                 "pass a new --version (a version never changes once its manifest is written)."
             )
         _logger.info("%s is already complete with these inputs; nothing to send.", uri)
-        return Prepared(uri, sum(s["images"] for s in done["splits"].values()), 0, 0, time.perf_counter() - started, None)
+        return Prepared(
+            uri, sum(s["images"] for s in done["splits"].values()), 0, 0, time.perf_counter() - started, None
+        )
 
     staging = Path(cache_dir).expanduser() / "prepared" / fingerprint[:16]
     rate = None
     if not (staging / MANIFEST).is_file():
-        extra = {"name": name, "version": version, "fingerprint": fingerprint, "settings": settings,
-                 "source": _public(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        rate = build_dataset(tree, staging, stored_size, workers, val_fraction, seed, min_class_size, extra)["pack_images_per_s"]
+        extra = {
+            "name": name,
+            "version": version,
+            "fingerprint": fingerprint,
+            "settings": settings,
+            "source": _public(source),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        rate = build_dataset(tree, staging, stored_size, workers, val_fraction, seed, min_class_size, extra)[
+            "pack_images_per_s"
+        ]
     else:
         _logger.info("Using the packed dataset in %s (built before from the same inputs)", staging)
     manifest = json.loads((staging / MANIFEST).read_text())
@@ -402,14 +513,27 @@ def prepare_dataset(source: str, dest: str, name: str = "simpsons", version: str
     objects = {f"originals/{rel}": (tree.root / rel, sha) for rel, sha in manifest["sources"].items()}
     objects.update({fname: (staging / fname, sha) for fname, sha in manifest["files"].items()})
     manifest["objects"] = {key: sha for key, (_, sha) in sorted(objects.items())}
-    sent, sent_bytes = storage.sync_files({k: p for k, (p, _) in objects.items()}, uri,
-                                          {k: s for k, (_, s) in objects.items()}, endpoint, desc=f"upload {name}/{version}")
+    sent, sent_bytes = storage.sync_files(
+        {k: p for k, (p, _) in objects.items()},
+        uri,
+        {k: s for k, (_, s) in objects.items()},
+        endpoint,
+        desc=f"upload {name}/{version}",
+    )
     storage.write_bytes(json.dumps(manifest, indent=1).encode(), storage.join(uri, MANIFEST), endpoint)  # last
     images = sum(s["images"] for s in manifest["splits"].values())
     seconds = time.perf_counter() - started
     counts = ", ".join(f"{k} {v['images']:,}" for k, v in manifest["splits"].items())
-    _logger.info("Dataset %s: %s images (%s); sent %s files (%.1f MiB) in %.1f s. Train on it with --set data.uri=%s",
-                 uri, f"{images:,}", counts, f"{sent:,}", sent_bytes / 2**20, seconds, uri)
+    _logger.info(
+        "Dataset %s: %s images (%s); sent %s files (%.1f MiB) in %.1f s. Train on it with --set data.uri=%s",
+        uri,
+        f"{images:,}",
+        counts,
+        f"{sent:,}",
+        sent_bytes / 2**20,
+        seconds,
+        uri,
+    )
     return Prepared(uri, images, sent + 1, sent_bytes, seconds, rate)
 
 

@@ -1,11 +1,11 @@
 """The run report: the files a person opens after a run (or a sweep's best trial).
 
-    best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history
-    best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history
-    best/per_class.csv     precision / recall / F1 / support per class
-    best/confusion.png     42 x 42 confusion matrix with readable labels
-    best/curves.png        loss, accuracy and macro-F1 per epoch
-    best/config.yaml       the resolved config
+best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history
+best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history
+best/per_class.csv     precision / recall / F1 / support per class
+best/confusion.png     42 x 42 confusion matrix with readable labels
+best/curves.png        loss, accuracy and macro-F1 per epoch
+best/config.yaml       the resolved config
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ _logger = logging.getLogger(__name__)
 OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "per_class.csv", "confusion.png", "curves.png", "config.yaml")
 
 
-def write_report(out_dir: str | Path, report: dict, cm, class_names, history: list[dict] | None = None,
-                 title: str = "") -> None:
+def write_report(
+    out_dir: str | Path, report: dict, cm, class_names, history: list[dict] | None = None, title: str = ""
+) -> None:
     """metrics.json, per_class.csv, confusion.png (and curves.png with a history) into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +60,13 @@ def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: 
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
         write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)
         storage.upload_dir(tmp, dest_uri, cfg.run.s3_endpoint)
-    _logger.info("Best epoch %d: val macro-F1 %.4f, accuracy %.4f -> %s",
-                 saved["epoch"] + 1, report["macro_f1"], report["accuracy"], dest_uri)
+    _logger.info(
+        "Best epoch %d: val macro-F1 %.4f, accuracy %.4f -> %s",
+        saved["epoch"] + 1,
+        report["macro_f1"],
+        report["accuracy"],
+        dest_uri,
+    )
     return {**report, "history": history}
 
 
@@ -76,11 +82,14 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
 
     epochs = [h["epoch"] + 1 for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
-    for ax, (title, keys) in zip(axes, [
-        ("loss", ("train_loss", "val_loss")),
-        ("accuracy", ("train_acc", "val_acc")),
-        ("validation macro-F1", ("val_macro_f1",)),
-    ]):
+    for ax, (title, keys) in zip(
+        axes,
+        [
+            ("loss", ("train_loss", "val_loss")),
+            ("accuracy", ("train_acc", "val_acc")),
+            ("validation macro-F1", ("val_macro_f1",)),
+        ],
+    ):
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
         ax.set_title(title)

@@ -45,8 +45,12 @@ class SourceError(ValueError):
     """A data source that cannot be fetched or read; the message names it and the fix."""
 
 
-def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons", sha256: str = "",
-                 max_image_bytes: int = MAX_FILE_BYTES) -> Path:
+def fetch_source(
+    source: str | Path,
+    cache_dir: str | Path = "~/.cache/simpsons",
+    sha256: str = "",
+    max_image_bytes: int = MAX_FILE_BYTES,
+) -> Path:
     """A local folder holding the images `source` names; downloads and unpacks into `cache_dir`.
 
     Archive members over `max_image_bytes` are not unpacked (see archive.safe_extract).
@@ -62,7 +66,9 @@ def fetch_source(source: str | Path, cache_dir: str | Path = "~/.cache/simpsons"
             return _local(_http_file(source, cache, sha256), cache, max_image_bytes)
         path = _local_path(source)
         if sha256 and path.is_file() and file_sha256(path) != sha256:
-            raise SourceError(f"Data source {path} does not have the expected sha256 {sha256}; the file is corrupt or a different version.")
+            raise SourceError(
+                f"Data source {path} does not have the expected sha256 {sha256}; the file is corrupt or a different version."
+            )
         return _local(path, cache, max_image_bytes)
     except ArchiveError as exc:
         raise SourceError(str(exc)) from None
@@ -73,18 +79,25 @@ def check_source(source: str | Path, sha256: str = "") -> tuple[str, str]:
     path that does not exist); jobs call it before Ray starts. Returns (source, expected sha256)."""
     source = str(source).strip()
     if not source:
-        raise SourceError("No data source given; pass a folder, an archive, an http(s) URL or a Google Drive link (--source / data.source).")
+        raise SourceError(
+            "No data source given; pass a folder, an archive, an http(s) URL or a Google Drive link (--source / data.source)."
+        )
     source, sha256 = _split_sha256(source, sha256)
     if not _is_remote(source):
         path = _local_path(source)
         if not path.exists():
-            raise SourceError(f"Data source {path} does not exist; pass an existing folder or archive, an http(s) URL or a Google Drive link.")
+            raise SourceError(
+                f"Data source {path} does not exist; pass an existing folder or archive, an http(s) URL or a Google Drive link."
+            )
     return source, sha256
 
 
 def _is_remote(source: str) -> bool:
     """Drive links (with or without https://) and http(s) URLs."""
-    return bool(_DRIVE_FOLDER.search(source) or _DRIVE_FILE.search(source)) or urlparse(source).scheme in ("http", "https")
+    return bool(_DRIVE_FOLDER.search(source) or _DRIVE_FILE.search(source)) or urlparse(source).scheme in (
+        "http",
+        "https",
+    )
 
 
 def _local_path(source: str) -> Path:
@@ -92,7 +105,9 @@ def _local_path(source: str) -> Path:
     if scheme == "file":
         source = unquote(urlparse(source).path)
     elif scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise SourceError(f"Data source {source!r} has an unsupported scheme '{scheme}'; pass a folder, an archive, an http(s) URL or a Google Drive link.")
+        raise SourceError(
+            f"Data source {source!r} has an unsupported scheme '{scheme}'; pass a folder, an archive, an http(s) URL or a Google Drive link."
+        )
     return Path(source).expanduser()
 
 
@@ -114,14 +129,18 @@ def _local(path: Path, cache: Path, max_image_bytes: int) -> Path:
     path = path.resolve()
     if path.is_file():
         if not is_archive(path):
-            raise SourceError(f"Data source {path} is a file but not a .tar.xz/.tar.gz/.tar/.zip archive; pass an archive or a folder.")
+            raise SourceError(
+                f"Data source {path} is a file but not a .tar.xz/.tar.gz/.tar/.zip archive; pass an archive or a folder."
+            )
         return _unpack([path], cache, max_image_bytes)
     subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
     archives = [p for p in sorted(path.iterdir()) if p.is_file() and is_archive(p)]
     if archives and not subdirs:
         return _unpack(archives, cache, max_image_bytes)  # e.g. the Drive folder: just dataset.tar.xz
     if not subdirs:
-        raise SourceError(f"Data source {path} holds neither image folders nor an archive; pass the folder with train/ (or <class>/) folders, or one holding dataset.tar.xz.")
+        raise SourceError(
+            f"Data source {path} holds neither image folders nor an archive; pass the folder with train/ (or <class>/) folders, or one holding dataset.tar.xz."
+        )
     return path
 
 
@@ -170,11 +189,17 @@ def _drive_folder(folder_id: str, cache: Path) -> Path:
     _logger.info("Downloading Google Drive folder %s into %s", folder_id, out)
     try:
         # resume=True: finished files are skipped and partial ones continued after an interruption.
-        files = gdown.download_folder(id=folder_id, output=str(out), quiet=False, resume=True, retries=3, timeout=(30, 120))
+        files = gdown.download_folder(
+            id=folder_id, output=str(out), quiet=False, resume=True, retries=3, timeout=(30, 120)
+        )
     except Exception as exc:  # gdown raises its own and requests' errors; all mean "could not download"
-        raise SourceError(f"Could not download Google Drive folder {folder_id} ({_first_line(exc)}); check the link is public and that this machine reaches drive.google.com.") from None
+        raise SourceError(
+            f"Could not download Google Drive folder {folder_id} ({_first_line(exc)}); check the link is public and that this machine reaches drive.google.com."
+        ) from None
     if not files:
-        raise SourceError(f"Google Drive folder {folder_id} is empty or not public; share it as 'anyone with the link' or pass another source.")
+        raise SourceError(
+            f"Google Drive folder {folder_id} is empty or not public; share it as 'anyone with the link' or pass another source."
+        )
     _write_marker(marker, out, [Path(f) for f in files])
     return out
 
@@ -189,15 +214,21 @@ def _drive_file(file_id: str, cache: Path, sha256: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         # Output ending in "/" keeps Drive's file name (the suffix tells the archive type).
-        path = gdown.download(id=file_id, output=str(out_dir) + os.sep, quiet=False, resume=True, retries=3, timeout=(30, 120))
+        path = gdown.download(
+            id=file_id, output=str(out_dir) + os.sep, quiet=False, resume=True, retries=3, timeout=(30, 120)
+        )
     except Exception as exc:  # see _drive_folder
-        raise SourceError(f"Could not download Google Drive file {file_id} ({_first_line(exc)}); check the link is public and that this machine reaches drive.google.com.") from None
+        raise SourceError(
+            f"Could not download Google Drive file {file_id} ({_first_line(exc)}); check the link is public and that this machine reaches drive.google.com."
+        ) from None
     if not path:
         raise SourceError(f"Google Drive file {file_id} could not be downloaded; check the link is public.")
     path = Path(path)
     if sha256 and file_sha256(path) != sha256:
         path.unlink()
-        raise SourceError(f"Google Drive file {file_id} does not have the expected sha256 {sha256}; it was deleted, run again to re-download.")
+        raise SourceError(
+            f"Google Drive file {file_id} does not have the expected sha256 {sha256}; it was deleted, run again to re-download."
+        )
     _write_marker(marker, out_dir, [path])
     return path
 
@@ -212,7 +243,9 @@ def _marker_ok(marker: Path, root: Path) -> bool:
     if not marker.is_file():
         return False
     sizes = json.loads(marker.read_text())
-    return bool(sizes) and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in sizes.items())
+    return bool(sizes) and all(
+        (root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in sizes.items()
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -243,16 +276,22 @@ def _http_file(url: str, cache: Path, sha256: str, attempts: int = 4) -> Path:
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             if attempt == attempts:
-                raise SourceError(f"Could not download {url} after {attempts} attempts ({_first_line(exc)}); check the URL and the network, then run again to resume.") from None
+                raise SourceError(
+                    f"Could not download {url} after {attempts} attempts ({_first_line(exc)}); check the URL and the network, then run again to resume."
+                ) from None
             wait = 2**attempt
             _logger.warning("Download of %s interrupted (%s); resuming in %d s", url, _first_line(exc), wait)
             time.sleep(wait)
         except requests.HTTPError as exc:
-            raise SourceError(f"Could not download {url}: the server answered {exc.response.status_code}; check the URL.") from None
+            raise SourceError(
+                f"Could not download {url}: the server answered {exc.response.status_code}; check the URL."
+            ) from None
     digest = file_sha256(part)
     if sha256 and digest != sha256:
         part.unlink()
-        raise SourceError(f"Download of {url} does not have the expected sha256 {sha256}; it was deleted, run again to re-download.")
+        raise SourceError(
+            f"Download of {url} does not have the expected sha256 {sha256}; it was deleted, run again to re-download."
+        )
     os.replace(part, dest)
     checked.write_text(digest)
     return dest
@@ -271,8 +310,12 @@ def _http_get(requests, url: str, part: Path) -> None:
             have = 0  # the server ignored the Range header: start over
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                            desc=f"download {part.name[:-5]}", mininterval=1.0) as bar:
+        with (
+            open(part, "ab" if have else "wb") as f,
+            tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=f"download {part.name[:-5]}", mininterval=1.0
+            ) as bar,
+        ):
             for block in response.iter_content(1 << 20):
                 f.write(block)
                 bar.update(len(block))

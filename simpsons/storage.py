@@ -22,6 +22,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
@@ -56,7 +57,7 @@ def join(uri: str, *parts: str) -> str:
 
 def split_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
-    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    bucket, _, key = str(uri)[len("s3://") :].partition("/")
     if not is_s3(uri) or not bucket:
         raise StorageError(f"{uri!r} is not an S3 URI; write it as s3://bucket/prefix.")
     return bucket, key.strip("/")
@@ -78,7 +79,7 @@ def pyarrow_filesystem(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, s
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return RetryingS3FileSystem(request_attempts(), **kwargs), uri[len("s3://"):].rstrip("/")
+    return RetryingS3FileSystem(request_attempts(), **kwargs), uri[len("s3://") :].rstrip("/")
 
 
 def request_attempts() -> int:
@@ -86,7 +87,7 @@ def request_attempts() -> int:
     return int(os.environ.get("AWS_MAX_ATTEMPTS") or REQUEST_ATTEMPTS)
 
 
-def _rebuild_s3(options: dict) -> "RetryingS3FileSystem":
+def _rebuild_s3(options: dict) -> RetryingS3FileSystem:
     return RetryingS3FileSystem(**options)
 
 
@@ -137,8 +138,14 @@ def _where(endpoint: str) -> str:
 def explain(exc: BaseException, uri: str, endpoint: str = "") -> StorageError:
     """The one-sentence StorageError for a boto3/botocore failure on `uri`."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import (ClientError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError, ConnectTimeoutError, ReadTimeoutError)
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
 
     where = _where(endpoint)
     bucket = split_uri(uri)[0] if is_s3(uri) else uri
@@ -161,9 +168,19 @@ def explain(exc: BaseException, uri: str, endpoint: str = "") -> StorageError:
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("NoSuchBucket",) or (code == "404" and exc.operation_name == "HeadBucket"):
-            return StorageError(f"Bucket '{bucket}' does not exist at {where}; create it (aws s3 mb s3://{bucket}) or fix the URI {uri}.")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AuthorizationHeaderMalformed"):
-            return StorageError(f"{where} rejected the AWS credentials ({code}) for {uri}; check AWS_PROFILE or the access keys.")
+            return StorageError(
+                f"Bucket '{bucket}' does not exist at {where}; create it (aws s3 mb s3://{bucket}) or fix the URI {uri}."
+            )
+        if code in (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "InvalidToken",
+            "AuthorizationHeaderMalformed",
+        ):
+            return StorageError(
+                f"{where} rejected the AWS credentials ({code}) for {uri}; check AWS_PROFILE or the access keys."
+            )
         if code in ("AccessDenied", "403", "AllAccessDisabled") or status == 403:
             return StorageError(
                 f"Access to {uri} is denied at {where}; give these credentials s3:ListBucket, s3:GetObject "
@@ -171,8 +188,12 @@ def explain(exc: BaseException, uri: str, endpoint: str = "") -> StorageError:
             )
         if code in ("NoSuchKey", "404"):
             return StorageError(f"{uri} does not exist at {where}; check the URI.")
-        return StorageError(f"S3 request for {uri} at {where} failed ({code or status}: {error.get('Message', '')}); check the endpoint and run again.")
-    return StorageError(f"S3 transfer for {uri} at {where} failed ({type(exc).__name__}: {exc}); run again to continue.")
+        return StorageError(
+            f"S3 request for {uri} at {where} failed ({code or status}: {error.get('Message', '')}); check the endpoint and run again."
+        )
+    return StorageError(
+        f"S3 transfer for {uri} at {where} failed ({type(exc).__name__}: {exc}); run again to continue."
+    )
 
 
 def _s3_errors() -> tuple[type[BaseException], ...]:
@@ -211,8 +232,10 @@ def check_writable(uri: str, endpoint: str = "") -> None:
             for path in created:  # a check leaves nothing behind; the run makes the folder again
                 path.rmdir()
         except OSError as exc:
-            raise StorageError(f"Cannot write to the run storage folder {folder} ({exc.strerror or exc}); "
-                               "fix its permissions or point run.storage elsewhere.") from None
+            raise StorageError(
+                f"Cannot write to the run storage folder {folder} ({exc.strerror or exc}); "
+                "fix its permissions or point run.storage elsewhere."
+            ) from None
         return
     check_bucket(uri, endpoint)
     bucket, prefix = split_uri(uri)
@@ -241,7 +264,9 @@ def list_objects(uri: str, endpoint: str = "", client=None) -> dict[str, RemoteO
         root = Path(uri).expanduser()
         if not root.is_dir():
             return {}
-        return {p.relative_to(root).as_posix(): RemoteObject(p.stat().st_size, "") for p in root.rglob("*") if p.is_file()}
+        return {
+            p.relative_to(root).as_posix(): RemoteObject(p.stat().st_size, "") for p in root.rglob("*") if p.is_file()
+        }
     bucket, prefix = split_uri(uri)
     client = client or s3_client(endpoint)
     found = {}
@@ -249,7 +274,7 @@ def list_objects(uri: str, endpoint: str = "", client=None) -> dict[str, RemoteO
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
             for item in page.get("Contents", []):
-                found[item["Key"][len(start):]] = RemoteObject(item["Size"], item["ETag"].strip('"'))
+                found[item["Key"][len(start) :]] = RemoteObject(item["Size"], item["ETag"].strip('"'))
     except _s3_errors() as exc:
         raise explain(exc, uri, endpoint) from None
     return found
@@ -281,8 +306,7 @@ def write_bytes(data: bytes, uri: str, endpoint: str = "") -> None:
         return
     bucket, key = split_uri(uri)
     try:
-        s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data,
-                                       Metadata={"sha256": sha256_hex(data)})
+        s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha256_hex(data)})
     except _s3_errors() as exc:
         raise explain(exc, uri, endpoint) from None
 
@@ -291,12 +315,22 @@ def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
     # Parts of one large file go up on a few threads; PARALLEL_FILES files run side by side.
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
-                          max_concurrency=4, use_threads=True)
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNK,
+        max_concurrency=4,
+        use_threads=True,
+    )
 
 
-def upload_files(files: dict[str, str | Path], uri: str, endpoint: str = "", sha256: dict[str, str] | None = None,
-                 desc: str = "upload", workers: int = PARALLEL_FILES) -> int:
+def upload_files(
+    files: dict[str, str | Path],
+    uri: str,
+    endpoint: str = "",
+    sha256: dict[str, str] | None = None,
+    desc: str = "upload",
+    workers: int = PARALLEL_FILES,
+) -> int:
     """Send {key relative to uri: local path} to `uri`, in parallel; returns the bytes sent.
 
     Each object carries its sha256 as metadata (x-amz-meta-sha256) when given, so a later run can
@@ -343,8 +377,9 @@ def upload_files(files: dict[str, str | Path], uri: str, endpoint: str = "", sha
     return total
 
 
-def sync_files(files: dict[str, str | Path], uri: str, sha256: dict[str, str], endpoint: str = "",
-               desc: str = "upload") -> tuple[int, int]:
+def sync_files(
+    files: dict[str, str | Path], uri: str, sha256: dict[str, str], endpoint: str = "", desc: str = "upload"
+) -> tuple[int, int]:
     """Upload only what `uri` does not already hold with the same bytes; returns (files sent, bytes sent).
 
     One listing of the prefix gives every object's size and ETag; a same-size object is the same
@@ -353,11 +388,18 @@ def sync_files(files: dict[str, str | Path], uri: str, sha256: dict[str, str], e
     """
     client = s3_client(endpoint) if is_s3(uri) else None
     remote = list_objects(uri, endpoint, client)
-    todo = {key: Path(path) for key, path in files.items()
-            if not _same(key, Path(path), sha256[key], remote.get(key), uri, endpoint, client)}
+    todo = {
+        key: Path(path)
+        for key, path in files.items()
+        if not _same(key, Path(path), sha256[key], remote.get(key), uri, endpoint, client)
+    }
     if len(todo) < len(files):
-        _logger.info("%d of %d files already at %s with the same content; not sent again",
-                     len(files) - len(todo), len(files), uri)
+        _logger.info(
+            "%d of %d files already at %s with the same content; not sent again",
+            len(files) - len(todo),
+            len(files),
+            uri,
+        )
     return len(todo), upload_files(todo, uri, endpoint, sha256, desc)
 
 
@@ -376,8 +418,9 @@ def _same(key: str, path: Path, sha256: str, remote: RemoteObject | None, uri: s
     return head.get("Metadata", {}).get("sha256") == sha256
 
 
-def download_files(files: dict[str, str | Path], uri: str, endpoint: str = "", desc: str = "download",
-                   workers: int = PARALLEL_FILES) -> None:
+def download_files(
+    files: dict[str, str | Path], uri: str, endpoint: str = "", desc: str = "download", workers: int = PARALLEL_FILES
+) -> None:
     """Fetch {key relative to uri: local path} from `uri`, in parallel."""
     if not files:
         return
@@ -391,15 +434,20 @@ def download_files(files: dict[str, str | Path], uri: str, endpoint: str = "", d
     sizes = {k: o.size for k, o in list_objects(uri, endpoint, client).items() if k in files}
     missing = sorted(set(files) - set(sizes))
     if missing:
-        raise StorageError(f"{join(uri, missing[0])} does not exist ({len(missing)} object(s) missing); the data there is incomplete, prepare it again.")
+        raise StorageError(
+            f"{join(uri, missing[0])} does not exist ({len(missing)} object(s) missing); the data there is incomplete, prepare it again."
+        )
     total = sum(sizes.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0, disable=total < QUIET_BELOW) as bar:
 
         def fetch(key: str, path: Path) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             object_key = f"{prefix}/{key}" if prefix else key
-            _retrying(lambda: client.download_file(bucket, object_key, str(path), Config=config, Callback=bar.update),
-                      join(uri, key), endpoint)
+            _retrying(
+                lambda: client.download_file(bucket, object_key, str(path), Config=config, Callback=bar.update),
+                join(uri, key),
+                endpoint,
+            )
 
         _run_parallel(fetch, files, workers)
 

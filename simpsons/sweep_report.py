@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from simpsons import storage
-from simpsons.config import Config, to_dict
 from simpsons.checkpoint import read_metrics
+from simpsons.config import Config, to_dict
 from simpsons.train import SCORE
 
 _logger = logging.getLogger(__name__)
@@ -60,10 +60,16 @@ def summarize_trials(cfg: Config, sweep_uri: str) -> list[dict]:
             status = "error"
         else:
             status = "completed" if epochs_run >= cfg.optim.epochs else "stopped early"
-        row.update(status=status, epochs_run=epochs_run, best_val_macro_f1=float(best[SCORE]),
-                   best_epoch=int(best["epoch"]) + 1, val_acc=float(best["val_acc"]),
-                   val_loss=float(best["val_loss"]), checkpoint=best.get("checkpoint_path", ""),
-                   history=frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records"))
+        row.update(
+            status=status,
+            epochs_run=epochs_run,
+            best_val_macro_f1=float(best[SCORE]),
+            best_epoch=int(best["epoch"]) + 1,
+            val_acc=float(best["val_acc"]),
+            val_loss=float(best["val_loss"]),
+            checkpoint=best.get("checkpoint_path", ""),
+            history=frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records"),
+        )
         rows.append(row)
     rows.sort(key=lambda r: r.get("best_val_macro_f1", -1.0), reverse=True)
     if not rows or "best_val_macro_f1" not in rows[0]:
@@ -80,8 +86,17 @@ def write_sweep_report(rows: list[dict], sweep_uri: str, best_cfg: Config) -> No
     """trials.csv and trials.png into the sweep folder, the table in the log, and best/ written from
     the best trial (rows[0], from `summarize_trials`) trained with `best_cfg`."""
     params = searched_keys(rows)
-    columns = ["trial_id", "status", *params, "best_val_macro_f1", "best_epoch", "val_acc", "val_loss", "epochs_run",
-               "checkpoint"]
+    columns = [
+        "trial_id",
+        "status",
+        *params,
+        "best_val_macro_f1",
+        "best_epoch",
+        "val_acc",
+        "val_loss",
+        "epochs_run",
+        "checkpoint",
+    ]
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -152,8 +167,15 @@ def plot_trials(rows: list[dict], params: list[str], path: str | Path, title: st
             if picked:
                 ax.scatter(*zip(*picked), marker=marker, color=colour, s=45, label=status)
         if scored:
-            ax.scatter([xs[0]], [scored[0]["best_val_macro_f1"]], marker="*", s=220, facecolors="none",
-                       edgecolors="black", label="best")
+            ax.scatter(
+                [xs[0]],
+                [scored[0]["best_val_macro_f1"]],
+                marker="*",
+                s=220,
+                facecolors="none",
+                edgecolors="black",
+                label="best",
+            )
         ax.set_xlabel(param)
         ax.set_ylabel("best val macro-F1")
         ax.grid(alpha=0.3)

@@ -12,9 +12,9 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import ray
 import ray.train
@@ -95,14 +95,18 @@ class TrainStep:
         self.ema = None
         if cfg.optim.ema_decay:
             self.ema = torch.optim.swa_utils.AveragedModel(
-                getattr(model, "module", model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay),
-                use_buffers=True)
+                getattr(model, "module", model),
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay),
+                use_buffers=True,
+            )
 
     def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
         return self.preset(images, generator)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.inputs(images, generator)
         with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(x)  # (B, C)
@@ -131,7 +135,9 @@ def build_components(cfg: Config, class_counts: list[int], device: torch.device,
     model = prepare(model)
     alpha = resolve_alpha(cfg.loss.alpha, class_counts, cfg.loss.alpha_power)
     criterion = FocalLoss(alpha, cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
     return model, criterion, optimizer
 
 
@@ -143,7 +149,10 @@ def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     head, backbone = [], []
     for name, param in model.named_parameters():
         (head if is_head(cfg.model.arch, name) else backbone).append(param)
-    return [{"params": head, "lr": cfg.optim.lr}, {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale}]
+    return [
+        {"params": head, "lr": cfg.optim.lr},
+        {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale},
+    ]
 
 
 @dataclass
@@ -160,8 +169,15 @@ class EpochStats:
         return self.images / self.seconds
 
 
-def train_one_epoch(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int, cfg: Config,
-                    rank: int = 0, world: int = 1, steps_per_epoch: int = 0) -> EpochStats:
+def train_one_epoch(
+    step: TrainStep,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epoch: int,
+    cfg: Config,
+    rank: int = 0,
+    world: int = 1,
+    steps_per_epoch: int = 0,
+) -> EpochStats:
     """Run `step` over `batches` ((B, S, S, 3) uint8 images, (B,) labels) and return the epoch's
     loss and accuracy, summed on the device and read once at the end (no per-step sync).
 
@@ -182,15 +198,23 @@ def train_one_epoch(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch
         sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double()])
         images += len(labels)
         if log_every and (i + 1) % log_every == 0:
-            _logger.info("epoch %d/%d step %d/%d loss %.3f %.0f img/s", epoch + 1, cfg.optim.epochs, i + 1,
-                         steps_per_epoch, float(loss), images * world / (time.perf_counter() - started))
+            _logger.info(
+                "epoch %d/%d step %d/%d loss %.3f %.0f img/s",
+                epoch + 1,
+                cfg.optim.epochs,
+                i + 1,
+                steps_per_epoch,
+                float(loss),
+                images * world / (time.perf_counter() - started),
+            )
     synchronize(device)  # nothing in the steps waits for the GPU: the time must
     seconds = time.perf_counter() - started
     if world > 1:
         dist.all_reduce(sums)
     images *= world  # every rank takes the same number of images
-    return EpochStats(loss=float(sums[0]) / max(1, images), accuracy=float(sums[1]) / max(1, images),
-                      images=images, seconds=seconds)
+    return EpochStats(
+        loss=float(sums[0]) / max(1, images), accuracy=float(sums[1]) / max(1, images), images=images, seconds=seconds
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -200,8 +224,16 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, criterion, split: ResidentSplit, cfg: Config, device: torch.device, num_classes: int,
-             rank: int = 0, world: int = 1) -> tuple[torch.Tensor, float]:
+def evaluate(
+    model,
+    criterion,
+    split: ResidentSplit,
+    cfg: Config,
+    device: torch.device,
+    num_classes: int,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[torch.Tensor, float]:
     """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split).
 
     `model` is the trained network, its DDP wrapper or its moving average (AveragedModel)."""
@@ -257,7 +289,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
     model, criterion, optimizer = build_components(
-        cfg, manifest["splits"]["train"]["class_counts"], device,
+        cfg,
+        manifest["splits"]["train"]["class_counts"],
+        device,
         prepare=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs),
     )
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
@@ -271,7 +305,9 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint.restore(state, model, optimizer, scheduler, step.scaler, step.ema)
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
         if rank == 0:
-            _logger.info("Resuming from the checkpoint of epoch %d; continuing at epoch %d.", state["epoch"], start_epoch)
+            _logger.info(
+                "Resuming from the checkpoint of epoch %d; continuing at epoch %d.", state["epoch"], start_epoch
+            )
 
     writer = _TensorBoard(cfg) if rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -287,8 +323,9 @@ def train_loop_per_worker(config: dict) -> None:
         if step.ema is not None:  # the served weights are the average: they are scored and ranked
             cm, val_loss = evaluate(step.ema, criterion, val_split, cfg, device, len(class_names), rank, world)
         report = classification_report(cm, class_names)
-        metrics = epoch_metrics(epoch, trained, val_loss, report, optimizer, time.perf_counter() - started,
-                                resumed=bool(resumed_from))
+        metrics = epoch_metrics(
+            epoch, trained, val_loss, report, optimizer, time.perf_counter() - started, resumed=bool(resumed_from)
+        )
         if step.ema is not None:
             raw = classification_report(raw_cm, class_names)
             metrics.update(raw_val_loss=raw_loss, raw_val_acc=raw["accuracy"], raw_val_macro_f1=raw["macro_f1"])
@@ -296,28 +333,60 @@ def train_loop_per_worker(config: dict) -> None:
         best_score = max(best_score, metrics[SCORE])
         saved = None
         if rank == 0:
-            _logger.info("epoch %d/%d train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.0f img/s",
-                         epoch + 1, cfg.optim.epochs, trained.loss, trained.accuracy, val_loss, metrics["val_acc"],
-                         metrics[SCORE], trained.images_per_s)
+            _logger.info(
+                "epoch %d/%d train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.0f img/s",
+                epoch + 1,
+                cfg.optim.epochs,
+                trained.loss,
+                trained.accuracy,
+                val_loss,
+                metrics["val_acc"],
+                metrics[SCORE],
+                trained.images_per_s,
+            )
             writer.scalars(metrics, epoch)
-            state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
-                                              best_score=best_score, history=history, config=to_dict(cfg),
-                                              class_names=list(class_names), provenance=origin)
+            state = checkpoint.training_state(
+                model,
+                optimizer,
+                scheduler,
+                step.scaler,
+                step.ema,
+                epoch=epoch,
+                best_score=best_score,
+                history=history,
+                config=to_dict(cfg),
+                class_names=list(class_names),
+                provenance=origin,
+            )
             folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")  # Ray deletes it once uploaded
-            checkpoint.save(folder, state, {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(),
-                                            "history": history, "provenance": origin})
+            checkpoint.save(
+                folder,
+                state,
+                {
+                    "epoch": epoch,
+                    "val": report,
+                    "confusion": cm.cpu().tolist(),
+                    "history": history,
+                    "provenance": origin,
+                },
+            )
             saved = ray.train.Checkpoint.from_directory(folder)
         # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
         # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
         # copy has finished, and the worker's end waits for every pending copy.
-        ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
+        ray.train.report(
+            metrics,
+            checkpoint=saved,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
     if writer:
         writer.close()
 
 
-def resident_splits(dataset_dir: str | Path, device: torch.device, share: float,
-                    announce: bool = True) -> tuple[ResidentSplit, ResidentSplit]:
+def resident_splits(
+    dataset_dir: str | Path, device: torch.device, share: float, announce: bool = True
+) -> tuple[ResidentSplit, ResidentSplit]:
     """The packed train and val splits, kept whole on `device` (or in pinned host memory when they
     do not fit `share` of its free memory)."""
     arrays = {name: load_packed(dataset_dir, name) for name in ("train", "val")}
@@ -327,8 +396,9 @@ def resident_splits(dataset_dir: str | Path, device: torch.device, share: float,
     return tuple(ResidentSplit(*arrays[name], device=device, on_device=on_device) for name in ("train", "val"))
 
 
-def epoch_metrics(epoch: int, trained: EpochStats, val_loss: float, report: dict, optimizer, seconds: float,
-                  resumed: bool) -> dict:
+def epoch_metrics(
+    epoch: int, trained: EpochStats, val_loss: float, report: dict, optimizer, seconds: float, resumed: bool
+) -> dict:
     """The figures reported to Ray (and kept in every checkpoint's history) for one epoch."""
     return {
         "epoch": epoch,
@@ -398,7 +468,11 @@ class _TensorBoard:
 # in RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, e.g. while the autoscaler boots a cold node) before
 # the run fails. Ray's default, -1, retries for ever: a run that can never start would never end.
 CONTROLLER_FAILURE_LIMIT = 3
-def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None) -> ray.train.torch.TorchTrainer:
+
+
+def build_trainer(
+    cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None
+) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for this config (resources must be resolved: see cluster.prepare_run)."""
     name = name or cfg.run.name
     fs, path = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
@@ -413,7 +487,9 @@ def build_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callba
             storage_path=path,
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.train.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
@@ -449,8 +525,15 @@ def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
     run_uri = storage.join(cfg.run.storage, cfg.run.name)
     # The resolved config beside the run from its start: a run stopped early still says how it was set.
     storage.write_bytes(config_text(cfg).encode(), storage.join(run_uri, "config.yaml"), cfg.run.s3_endpoint)
-    _logger.info("Training %s: %d worker(s), %s, %g CPU(s) each, %d epochs -> %s", cfg.run.name, cfg.train.workers,
-                 "GPU" if cfg.train.use_gpu else "CPU", cfg.train.cpus_per_worker, cfg.optim.epochs, cfg.run.storage)
+    _logger.info(
+        "Training %s: %d worker(s), %s, %g CPU(s) each, %d epochs -> %s",
+        cfg.run.name,
+        cfg.train.workers,
+        "GPU" if cfg.train.use_gpu else "CPU",
+        cfg.train.cpus_per_worker,
+        cfg.optim.epochs,
+        cfg.run.storage,
+    )
     result = build_trainer(cfg, dataset_uri).fit()
     # Read the latest checkpoint before opening the best one: when they are the same checkpoint, a
     # nested as_directory() in one process shares its temp folder and deletes it on the inner exit.

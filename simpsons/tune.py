@@ -28,9 +28,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage
+from simpsons.cluster import absolute_dataset_uri, prepare_run
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
-from simpsons.cluster import absolute_dataset_uri, prepare_run
 from simpsons.train import SCORE, build_trainer
 
 _logger = logging.getLogger(__name__)
@@ -105,8 +105,14 @@ class ProgressCallback(tune.Callback):
         result = trial.last_result or {}
         done = result.get(EPOCHS, 0)
         how = "stopped early by the scheduler" if done < self.epochs else "completed"
-        _logger.info("trial %s %s after %d/%d epochs: val macro-F1 %.4f",
-                     trial.trial_id, how, done, self.epochs, result.get(SCORE, float("nan")))
+        _logger.info(
+            "trial %s %s after %d/%d epochs: val macro-F1 %.4f",
+            trial.trial_id,
+            how,
+            done,
+            self.epochs,
+            result.get(SCORE, float("nan")),
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         _logger.info("trial %s failed; its error is in %s/error.txt", trial.trial_id, trial.path)
@@ -199,8 +205,12 @@ def create_trial_scheduler(cfg: Config):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=EPOCHS, max_t=cfg.optim.epochs, grace_period=cfg.tune.grace_period,
-                         reduction_factor=cfg.tune.reduction_factor)
+    return ASHAScheduler(
+        time_attr=EPOCHS,
+        max_t=cfg.optim.epochs,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
 
 
 def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False) -> list[dict]:
@@ -229,29 +239,48 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
             raise ConfigError(
                 f"There is no sweep to resume at {sweep_uri}; run the same command without --resume to start it."
             )
-        _logger.info("Resuming sweep %s at %s: finished trials are kept, unfinished ones continue.",
-                     sweep.name, sweep_uri)
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
+        _logger.info(
+            "Resuming sweep %s at %s: finished trials are kept, unfinished ones continue.", sweep.name, sweep_uri
+        )
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
     else:
         if exists:
-            raise ConfigError(f"A sweep named {sweep.name!r} already exists at {sweep_uri}; add --resume to "
-                              f"continue it or set tune.name to start another.")
+            raise ConfigError(
+                f"A sweep named {sweep.name!r} already exists at {sweep_uri}; add --resume to "
+                f"continue it or set tune.name to start another."
+            )
         write_sweep_config(cfg, sweep_uri)
         _logger.info(
             "Sweep %s: %d trial(s), %d at a time, each %d %s worker(s) x %d epochs, scheduler %s, search %s -> %s",
-            sweep.name, sweep.num_samples, concurrent, cfg.train.workers, "GPU" if cfg.train.use_gpu else "CPU",
-            cfg.optim.epochs, sweep.scheduler, sweep.search, sweep_uri)
+            sweep.name,
+            sweep.num_samples,
+            concurrent,
+            cfg.train.workers,
+            "GPU" if cfg.train.use_gpu else "CPU",
+            cfg.optim.epochs,
+            sweep.scheduler,
+            sweep.search,
+            sweep_uri,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(sweep),
             tune_config=tune.TuneConfig(
-                metric=SCORE, mode="max", num_samples=sweep.num_samples,
-                search_alg=create_searcher(sweep, concurrent), scheduler=create_trial_scheduler(cfg),
-                trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
+                metric=SCORE,
+                mode="max",
+                num_samples=sweep.num_samples,
+                search_alg=create_searcher(sweep, concurrent),
+                scheduler=create_trial_scheduler(cfg),
+                trial_name_creator=_trial_dirname,
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=root, storage_filesystem=fs, verbose=1,
+                name=sweep.name,
+                storage_path=root,
+                storage_filesystem=fs,
+                verbose=1,
                 callbacks=[ProgressCallback(cfg.optim.epochs)],
                 # A trial whose driver was lost (its node died) starts again; its Train run, named
                 # after the trial, resumes from its last checkpoint.

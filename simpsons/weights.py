@@ -47,7 +47,9 @@ def normalization(arch: str, spec: str | None) -> tuple[tuple[float, ...], tuple
     return IMAGENET_STATS
 
 
-def load_weights(model: torch.nn.Module, arch: str, spec: str | None, cache_dir: str | Path, endpoint: str = "") -> None:
+def load_weights(
+    model: torch.nn.Module, arch: str, spec: str | None, cache_dir: str | Path, endpoint: str = ""
+) -> None:
     """Load `spec` (see the module's docstring) into `model`, a freshly created `arch`."""
     if not pretrained(spec):
         return
@@ -77,20 +79,26 @@ def imagenet_file(arch: str, cache_dir: str | Path) -> Path:
                 torch.hub.download_url_to_file(url, str(partial), hash_prefix=hash_prefix, progress=True)
             except RuntimeError as exc:  # torch.hub: "invalid hash value (expected ..., got ...)"
                 partial.unlink(missing_ok=True)
-                raise DataError(f"The download of {url} does not match its published checksum ({exc}); "
-                                f"run again, or set model.weights to a file you trust.") from None
+                raise DataError(
+                    f"The download of {url} does not match its published checksum ({exc}); "
+                    f"run again, or set model.weights to a file you trust."
+                ) from None
             except OSError as exc:
                 partial.unlink(missing_ok=True)
-                raise DataError(f"Could not download {url} ({exc}); check this node's internet access, or put "
-                                f"the file at {path} yourself, or set model.weights to a local path or s3:// URI.") from None
+                raise DataError(
+                    f"Could not download {url} ({exc}); check this node's internet access, or put "
+                    f"the file at {path} yourself, or set model.weights to a local path or s3:// URI."
+                ) from None
             partial.replace(path)
     return path
 
 
 def _imagenet_weights(arch: str):
     if arch == "original":
-        raise DataError("model.weights=imagenet needs a torchvision model.arch (resnet18, resnet50, efficientnet_b0, "
-                        "convnext_tiny, mobilenet_v3_large): the original network has no published ImageNet weights.")
+        raise DataError(
+            "model.weights=imagenet needs a torchvision model.arch (resnet18, resnet50, efficientnet_b0, "
+            "convnext_tiny, mobilenet_v3_large): the original network has no published ImageNet weights."
+        )
     return torchvision.models.get_model_weights(arch).DEFAULT
 
 
@@ -103,13 +111,17 @@ def _read_state(spec: str, endpoint: str) -> dict:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise DataError(f"model.weights: {spec} is not a file; give 'none', 'imagenet', a state dict file or an s3:// URI.")
+            raise DataError(
+                f"model.weights: {spec} is not a file; give 'none', 'imagenet', a state dict file or an s3:// URI."
+            )
         buffer = io.BytesIO(path.read_bytes())
     try:
         state = torch.load(buffer, map_location="cpu", weights_only=True)
     except Exception:  # foreign bytes: UnpicklingError, RuntimeError, EOFError, ...
-        raise DataError(f"model.weights: torch cannot read {spec} as a state dict; save one with "
-                        f"torch.save(model.state_dict(), path).") from None
+        raise DataError(
+            f"model.weights: torch cannot read {spec} as a state dict; save one with "
+            f"torch.save(model.state_dict(), path)."
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint.pt of this project: start from its network
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -122,12 +134,21 @@ def _load_fitting(model: torch.nn.Module, arch: str, state: dict, source: str) -
     misfits = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
     foreign = [key for key in misfits if not is_head(arch, key)] + [key for key in state if key not in own]
     # Older published files (resnet18's of 2017) predate BatchNorm's num_batches_tracked counter.
-    missing = [key for key in own if key not in state and not is_head(arch, key) and not key.endswith("num_batches_tracked")]
+    missing = [
+        key for key in own if key not in state and not is_head(arch, key) and not key.endswith("num_batches_tracked")
+    ]
     if foreign or missing:
         shown = ", ".join((foreign + missing)[:3])
-        raise DataError(f"model.weights: {source} does not fit model.arch={arch} ({len(foreign)} tensor(s) of another "
-                        f"shape or name, {len(missing)} missing, e.g. {shown}); use weights saved from {arch}.")
+        raise DataError(
+            f"model.weights: {source} does not fit model.arch={arch} ({len(foreign)} tensor(s) of another "
+            f"shape or name, {len(missing)} missing, e.g. {shown}); use weights saved from {arch}."
+        )
     model.load_state_dict({key: value for key, value in state.items() if key not in misfits}, strict=False)
     kept = len(state) - len(misfits)
-    _logger.info("Loaded %d of %d tensors from %s; %s's classifier starts fresh where it is sized for other classes.",
-                 kept, len(own), source, arch)
+    _logger.info(
+        "Loaded %d of %d tensors from %s; %s's classifier starts fresh where it is sized for other classes.",
+        kept,
+        len(own),
+        source,
+        arch,
+    )

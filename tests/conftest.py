@@ -7,9 +7,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from synthetic import make_image_tree
 
 from simpsons.cluster import free_port
-from synthetic import make_image_tree
 
 # Ray workers inherit this; keeps 2-worker fits on 2 cores quick (RAY_NOTES.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -58,11 +58,13 @@ print(json.dumps([{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id, "
 def _die_with_parent(sig: int):
     """preexec_fn: the kernel sends `sig` to the child if this (pytest) process dies first, so a
     killed test run does not leave a Ray head behind (Linux; elsewhere nothing)."""
+
     def set_parent_death_signal() -> None:
         if sys.platform.startswith("linux"):
             import ctypes
 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+
     return set_parent_death_signal
 
 
@@ -83,8 +85,16 @@ class Process:
         self.lines: list[str] = []
         self.seconds: list[float] = []  # when each line arrived, since the start
         self.started = time.monotonic()
-        self.popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True, preexec_fn=_die_with_parent(signal.SIGKILL))
+        self.popen = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGKILL),
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -109,13 +119,17 @@ class Process:
                 self._reader.join(5)
                 break
             time.sleep(0.05)
-        raise AssertionError(f"{text!r} did not appear in the output of {' '.join(self.cmd[:4])} ...:\n{self.output[-6000:]}")
+        raise AssertionError(
+            f"{text!r} did not appear in the output of {' '.join(self.cmd[:4])} ...:\n{self.output[-6000:]}"
+        )
 
     def wait(self, timeout: float) -> int:
         try:
             code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{' '.join(self.cmd[:4])} ... still running after {timeout:.0f} s:\n{self.output[-6000:]}")
+            raise AssertionError(
+                f"{' '.join(self.cmd[:4])} ... still running after {timeout:.0f} s:\n{self.output[-6000:]}"
+            ) from None
         self._reader.join(5)
         return code
 
@@ -139,8 +153,14 @@ print(json.dumps([{"node_id": n["NodeID"], "socket": n["RayletSocketName"], "res
 
 def _node_ports() -> list[str]:
     """Free ports for everything a Ray node listens on, so two nodes on one machine never clash."""
-    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+    flags = (
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    )
     return [f"{flag}={free_port()}" for flag in flags]
 
 
@@ -203,20 +223,40 @@ class RayHead:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, timeout: float = 90) -> "RayHead":
+    def start(self, timeout: float = 90) -> RayHead:
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--temp-dir={self.temp_dir}",
-               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--resources={json.dumps(self.resources)}",
-               "--disable-usage-stats",
-               "--min-worker-port=0", "--max-worker-port=0",  # random free ports for workers
-               f"--ray-client-server-port={free_port()}", *_node_ports()]
+        cmd = [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--temp-dir={self.temp_dir}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(self.resources)}",
+            "--disable-usage-stats",
+            "--min-worker-port=0",
+            "--max-worker-port=0",  # random free ports for workers
+            f"--ray-client-server-port={free_port()}",
+            *_node_ports(),
+        ]
         env = self._base_env()
         self._log = open(self.temp_dir / "ray_start.log", "w")
-        self._head = subprocess.Popen(cmd, env=env, cwd=self.temp_dir, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM))
+        self._head = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=self.temp_dir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self._head.poll() is not None:
@@ -228,8 +268,9 @@ class RayHead:
             time.sleep(0.5)
 
     def _dashboard_answers(self) -> bool:
-        request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/",
-                                         headers={"Authorization": f"Bearer {self.token_path.read_text()}"})
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {self.token_path.read_text()}"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=2):
                 return True
@@ -259,7 +300,7 @@ class RayHead:
         the processes of the nodes joined to it included)."""
         return _pids_with_marker(str(self.temp_dir))
 
-    def __enter__(self) -> "RayHead":
+    def __enter__(self) -> RayHead:
         try:
             return self.start()
         except BaseException:
@@ -280,7 +321,7 @@ class RayHead:
     def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
-    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, timeout: float = 120) -> "RayNode":
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, timeout: float = 120) -> RayNode:
         """Join another Ray node to this head (stopped with the head); returns once the GCS lists it."""
         node = RayNode(self, num_cpus, resources or {})
         self.nodes.append(node)
@@ -300,16 +341,20 @@ class RayHead:
     def actors(self, class_name: str) -> list[dict]:
         """Actors of a class in any state (dead ones included), through Ray's state API:
         [{actor_id, pid, node_id, state}]."""
-        done = self.run([str(VENV_BIN / "python"), "-c", _LIST_ACTORS, self.dashboard_url, class_name],
-                        self.job_client_env(), timeout=60)
+        done = self.run(
+            [str(VENV_BIN / "python"), "-c", _LIST_ACTORS, self.dashboard_url, class_name],
+            self.job_client_env(),
+            timeout=60,
+        )
         if done.returncode != 0:
             raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def train_workers(self) -> list[dict]:
         """Live Ray Train worker actors, through Ray's state API: [{actor_id, pid, node_id}]."""
-        done = self.run([str(VENV_BIN / "python"), "-c", _LIST_TRAIN_WORKERS, self.dashboard_url],
-                        self.job_client_env(), timeout=60)
+        done = self.run(
+            [str(VENV_BIN / "python"), "-c", _LIST_TRAIN_WORKERS, self.dashboard_url], self.job_client_env(), timeout=60
+        )
         if done.returncode != 0:
             raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -338,15 +383,31 @@ class RayNode:
 
     def start(self, timeout: float) -> None:
         env = dict(self.head._base_env(), SIMPSONS_TEST_RAY_NODE=str(self.temp_dir))
-        spec = {"gcs_address": self.head.address, "temp_dir": str(self.temp_dir), "num_cpus": self.num_cpus,
-                "resources": self.resources,
-                "ports": {"node_manager_port": free_port(), "object_manager_port": free_port(),
-                          "dashboard_agent_listen_port": free_port(), "metrics_agent_port": free_port(),
-                          "runtime_env_agent_port": free_port(), "metrics_export_port": free_port()}}
+        spec = {
+            "gcs_address": self.head.address,
+            "temp_dir": str(self.temp_dir),
+            "num_cpus": self.num_cpus,
+            "resources": self.resources,
+            "ports": {
+                "node_manager_port": free_port(),
+                "object_manager_port": free_port(),
+                "dashboard_agent_listen_port": free_port(),
+                "metrics_agent_port": free_port(),
+                "runtime_env_agent_port": free_port(),
+                "metrics_export_port": free_port(),
+            },
+        }
         cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("ray_node.py")), json.dumps(spec)]
         self._log = open(self.temp_dir / "ray_start.log", "w")
-        self._process = subprocess.Popen(cmd, env=env, cwd=self.temp_dir, stdout=self._log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM))
+        self._process = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=self.temp_dir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
+        )
         deadline = time.monotonic() + timeout
         while not self.node_id:
             if self._process.poll() is not None:

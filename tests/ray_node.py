@@ -20,9 +20,14 @@ import ray._private.parameter
 
 def main(spec: dict) -> None:
     params = ray._private.parameter.RayParams(
-        gcs_address=spec["gcs_address"], node_ip_address="127.0.0.1", temp_dir=spec["temp_dir"],
-        num_cpus=spec["num_cpus"], num_gpus=0, resources=spec["resources"],
-        min_worker_port=0, max_worker_port=0,  # random free ports for workers
+        gcs_address=spec["gcs_address"],
+        node_ip_address="127.0.0.1",
+        temp_dir=spec["temp_dir"],
+        num_cpus=spec["num_cpus"],
+        num_gpus=0,
+        resources=spec["resources"],
+        min_worker_port=0,
+        max_worker_port=0,  # random free ports for workers
         **spec["ports"],
     )
     node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)

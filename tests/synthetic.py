@@ -41,8 +41,14 @@ def draw_example(class_index: int, size: int, rng: random.Random) -> Image.Image
     return img
 
 
-def make_image_tree(root: str | Path, classes=CLASSES, per_split: dict | None = None, size: int = 48,
-                    seed: int = 0, layout: str = "dataset") -> Path:
+def make_image_tree(
+    root: str | Path,
+    classes=CLASSES,
+    per_split: dict | None = None,
+    size: int = 48,
+    seed: int = 0,
+    layout: str = "dataset",
+) -> Path:
     """Write `root/dataset/<split>/<class>/pic_NNNN.jpg` (every 5th image a PNG) and return root."""
     per_split = per_split or {"train": 24, "val": 8}
     rng = random.Random(seed)

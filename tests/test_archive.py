@@ -13,10 +13,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from asserts import one_sentence
-from simpsons.archive import UNREAD_LIST, ArchiveError, safe_extract
 from synthetic import write_zero_member_tar_xz
+
+from simpsons.archive import UNREAD_LIST, ArchiveError, safe_extract
 
 
 def write_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:xz") -> Path:
@@ -110,9 +110,13 @@ def test_hostile_zip_members_are_refused_before_anything_is_written(tmp_path):
             zf.writestr(info, "/etc/passwd")
         return path
 
-    cases = [(zip_with("../evil.jpg"), "contains '..'"), (zip_with("/abs/evil.jpg"), "absolute path"),
-             (zip_with("C:/evil.jpg"), "absolute path"), (zip_with("a\\..\\..\\evil.jpg"), "contains '..'"),
-             (zip_with("link.jpg", stat.S_IFLNK | 0o777), "is a link")]
+    cases = [
+        (zip_with("../evil.jpg"), "contains '..'"),
+        (zip_with("/abs/evil.jpg"), "absolute path"),
+        (zip_with("C:/evil.jpg"), "absolute path"),
+        (zip_with("a\\..\\..\\evil.jpg"), "contains '..'"),
+        (zip_with("link.jpg", stat.S_IFLNK | 0o777), "is a link"),
+    ]
     for archive, reason in cases:
         with pytest.raises(ArchiveError, match=reason):
             safe_extract(archive, tmp_path / "out")
@@ -129,12 +133,21 @@ def test_corrupt_archive_is_one_sentence(tmp_path):
 
 
 def test_member_over_the_per_image_limit_is_listed_not_unpacked_and_the_rest_is(tmp_path):
-    archive = write_zero_member_tar_xz(tmp_path / "d.tar.xz", "dataset/train/gil/huge.jpg", 4 << 20, after=GOOD, chunk=1 << 20)
+    archive = write_zero_member_tar_xz(
+        tmp_path / "d.tar.xz", "dataset/train/gil/huge.jpg", 4 << 20, after=GOOD, chunk=1 << 20
+    )
     out = safe_extract(archive, tmp_path / "out", max_file_bytes=1 << 20)
     assert (out / GOOD[0][0]).read_bytes() == GOOD[0][1] and (out / GOOD[1][0]).read_bytes() == GOOD[1][1]
     assert not (out / "dataset/train/gil/huge.jpg").exists()
-    assert json.loads((out / UNREAD_LIST).read_text()) == [{"path": "dataset/train/gil/huge.jpg", "size": 4 << 20, "reason": (
-        "4.0 MiB in the archive, over the per-image limit of 1.0 MiB (data.max_image_bytes); not unpacked")}]
+    assert json.loads((out / UNREAD_LIST).read_text()) == [
+        {
+            "path": "dataset/train/gil/huge.jpg",
+            "size": 4 << 20,
+            "reason": (
+                "4.0 MiB in the archive, over the per-image limit of 1.0 MiB (data.max_image_bytes); not unpacked"
+            ),
+        }
+    ]
 
     with zipfile.ZipFile(tmp_path / "d.zip", "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("dataset/train/gil/huge.jpg", bytes(4 << 20))

@@ -101,8 +101,11 @@ def test_weights_from_s3(tmp_path, s3_server):
 def test_weights_of_another_architecture_or_not_weights_at_all_are_one_sentence(tmp_path):
     torch.save(create_model(42, arch="resnet18").state_dict(), tmp_path / "resnet18.pt")
     (tmp_path / "notes.txt").write_text("not a state dict")
-    for spec, complaint in [(tmp_path / "resnet18.pt", "does not fit model.arch=resnet50"),
-                            (tmp_path / "notes.txt", "torch cannot read"), (tmp_path / "absent.pt", "is not a file")]:
+    for spec, complaint in [
+        (tmp_path / "resnet18.pt", "does not fit model.arch=resnet50"),
+        (tmp_path / "notes.txt", "torch cannot read"),
+        (tmp_path / "absent.pt", "is not a file"),
+    ]:
         with pytest.raises(DataError, match=complaint) as caught:
             load_weights(create_model(42, arch="resnet50"), "resnet50", str(spec), tmp_path)
         assert len(str(caught.value).splitlines()) == 1
@@ -112,7 +115,9 @@ def test_fine_tuning_trains_the_backbone_slower_than_the_new_classifier(tmp_path
     torch.save(create_model(42, arch="resnet18").state_dict(), tmp_path / "w.pt")
     counts = [10] * 42
     overrides = ["model.arch=resnet18", "optim.lr=0.01", "optim.backbone_lr_scale=0.1", f"data.cache_dir={tmp_path}"]
-    _, _, tuned = build_components(load_config(None, overrides + [f"model.weights={tmp_path / 'w.pt'}"]), counts, torch.device("cpu"))
+    _, _, tuned = build_components(
+        load_config(None, overrides + [f"model.weights={tmp_path / 'w.pt'}"]), counts, torch.device("cpu")
+    )
     head, backbone = tuned.param_groups
     assert head["lr"] == 0.01 and backbone["lr"] == pytest.approx(0.001)
     assert [p.shape for p in head["params"]] == [(42, 512), (42,)]

@@ -24,8 +24,9 @@ FIGURE = re.compile(r"^([a-z0-9_]+) (-?\d+(?:\.\d+)?)$")
 
 def run_bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a bench starts its own cluster
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert proc.returncode == 0, f"{script} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -50,8 +51,9 @@ def assert_ratio(ratio: float, numerator: float, denominator: float) -> None:
 
 @pytest.mark.slow
 def test_throughput_quick_prints_every_figure(image_tree, tmp_path):
-    proc = run_bench("throughput.py", "--quick", "--images", str(image_tree), "--cache", str(tmp_path),
-                     "--variants", "bf16_nchw")
+    proc = run_bench(
+        "throughput.py", "--quick", "--images", str(image_tree), "--cache", str(tmp_path), "--variants", "bf16_nchw"
+    )
     got = figures(proc.stdout)
     rates = ["baseline", "baseline_data", "train", "model_step", "data_path", "train_bf16_nchw", "model_step_bf16_nchw"]
     for s in ("", "_mean", "_best"):  # median step, mean over steps, fastest step
@@ -60,14 +62,19 @@ def test_throughput_quick_prints_every_figure(image_tree, tmp_path):
         assert got["train_img_per_s_best"] >= got[f"train_img_per_s{s}"]
         assert_ratio(got[f"speedup_vs_baseline{s}"], got[f"train_img_per_s{s}"], got[f"baseline_img_per_s{s}"])
         assert_ratio(got[f"data_path_fraction{s}"], got[f"train_img_per_s{s}"], got[f"model_step_img_per_s{s}"])
-        assert_ratio(got[f"data_path_fraction_bf16_nchw{s}"], got[f"train_bf16_nchw_img_per_s{s}"],
-                     got[f"model_step_bf16_nchw_img_per_s{s}"])
+        assert_ratio(
+            got[f"data_path_fraction_bf16_nchw{s}"],
+            got[f"train_bf16_nchw_img_per_s{s}"],
+            got[f"model_step_bf16_nchw_img_per_s{s}"],
+        )
     assert (got["image_size"], got["batch_size"], got["threads"], got["timed_steps_per_pipeline"]) == (32, 8, 1, 2)
     assert got["load_avg_1m_start"] >= 0 and got["load_avg_1m_end"] >= 0
 
 
 def test_throughput_skips_without_the_real_sample(tmp_path):
-    proc = run_bench("throughput.py", "--quick", "--archive", str(tmp_path / "missing.tar.xz"), "--cache", str(tmp_path))
+    proc = run_bench(
+        "throughput.py", "--quick", "--archive", str(tmp_path / "missing.tar.xz"), "--cache", str(tmp_path)
+    )
     assert proc.stdout.startswith("skipped ") and proc.stdout.count("\n") == 1, proc.stdout
     assert "missing.tar.xz" in proc.stdout and "--images" in proc.stdout
 
@@ -79,11 +86,15 @@ def test_gpu_skips_cleanly_without_cuda(tmp_path):
     assert "CUDA is not available" in proc.stdout
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device check runs instead of skipping")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA: the device check runs instead of skipping"
+)
 def test_device_check_says_skipped_in_one_line_without_cuda():
     done = subprocess.run(["make", "-s", "device-check"], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("skipped device check: CUDA is not available") and done.stdout.count("\n") == 1, done.stdout
+    assert done.stdout.startswith("skipped device check: CUDA is not available") and done.stdout.count("\n") == 1, (
+        done.stdout
+    )
 
 
 @pytest.mark.slow
@@ -93,7 +104,9 @@ def test_gpu_code_path_runs_on_the_cpu_from_an_archive(image_tree, tmp_path):
     archive = tmp_path / "dataset.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(image_tree / "dataset", arcname="dataset")
-    proc = run_bench("gpu.py", "--quick", "--device", "cpu", "--archive", str(archive), "--cache", str(tmp_path / "cache"))
+    proc = run_bench(
+        "gpu.py", "--quick", "--device", "cpu", "--archive", str(archive), "--cache", str(tmp_path / "cache")
+    )
     got = figures(proc.stdout)
     for name in ("train_step_img_per_s", "model_step_img_per_s", "epoch_img_per_s", "eval_img_per_s", "epoch_s"):
         assert got[name] > 0, name

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import make_image_tree
 
 from simpsons.cli import resolve_dataset
 from simpsons.config import load_config
 from simpsons.dataset import read_manifest
-from synthetic import make_image_tree
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -24,12 +24,26 @@ def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster
     from simpsons.train import fit
 
     src = make_image_tree(tmp_path / "src", classes=INVENTED, per_split={"train": 30, "val": 8}, size=40)
-    cfg = load_config(None, [
-        f"data.source={src}", f"data.cache_dir={tmp_path / 'cache'}", "data.classes=auto", "data.stored_size=40",
-        "data.train_size=32", "data.pack_workers=1", "optim.epochs=3", "optim.batch_size=30", "optim.warmup_epochs=0.5",
-        "train.workers=1", "train.cpus_per_worker=1", "train.use_gpu=false", "train.histogram_every=0",
-        f"run.storage={tmp_path / 'runs'}", "run.name=invented",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.source={src}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.classes=auto",
+            "data.stored_size=40",
+            "data.train_size=32",
+            "data.pack_workers=1",
+            "optim.epochs=3",
+            "optim.batch_size=30",
+            "optim.warmup_epochs=0.5",
+            "train.workers=1",
+            "train.cpus_per_worker=1",
+            "train.use_gpu=false",
+            "train.histogram_every=0",
+            f"run.storage={tmp_path / 'runs'}",
+            "run.name=invented",
+        ],
+    )
     dataset = resolve_dataset(cfg)
     names = sorted(INVENTED)
     assert read_manifest(dataset)["class_names"] == names
@@ -41,17 +55,48 @@ def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster
 
     image = next((src / "dataset" / "val" / "mm_poochie").glob("*.jpg"))
     (tmp_path / "notes.jpg").write_text("not a picture")
-    done = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(best), str(image),
-                           str(tmp_path / "notes.jpg"), "--json"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/predict.py",
+            "--checkpoint",
+            str(best),
+            str(image),
+            str(tmp_path / "notes.jpg"),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
     predicted, unreadable = (next(r for r in results if key in r) for key in ("top", "error"))
     assert {t["label"] for t in predicted["top"]} <= set(names) and len(predicted["top"]) == 3
-    assert unreadable == {"path": str(tmp_path / "notes.jpg"),
-                          "error": "cannot decode: not an image in a format this job reads (JPEG, PNG, BMP, GIF, WebP)"}
+    assert unreadable == {
+        "path": str(tmp_path / "notes.jpg"),
+        "error": "cannot decode: not an image in a format this job reads (JPEG, PNG, BMP, GIF, WebP)",
+    }
 
-    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(best), "--data", str(src),
-                           "--split", "val", "--out", str(tmp_path / "eval")], cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/evaluate.py",
+            "--checkpoint",
+            str(best),
+            "--data",
+            str(src),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 24 and [row["class"] for row in metrics["per_class"]] == names

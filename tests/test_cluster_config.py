@@ -16,24 +16,24 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import botocore.session
 import jsonschema
 import pytest
 import ray
+import tomllib
 import torch
 import torchvision
 import yaml
 from botocore.exceptions import ParamValidationError
 from botocore.validate import validate_parameters
 from docker.utils.build import exclude_paths
+from image_files import SECRET, dockerfile_instructions, documented_image
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
 from simpsons.config import load_config
-from image_files import SECRET, dockerfile_instructions, documented_image
 from simpsons.storage import is_s3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,9 @@ def test_cluster_job_config_fits_the_cluster(prepared):
     assert cfg.train.max_failures >= 1
     assert cfg.optim.batch_size % cfg.train.workers == 0, "the global batch splits evenly over the workers"
     head = prepared["head_node_type"]
-    usable = [spec for name, spec in prepared["available_node_types"].items() if name != head and spec["max_workers"] > 0]
+    usable = [
+        spec for name, spec in prepared["available_node_types"].items() if name != head and spec["max_workers"] > 0
+    ]
     assert sum(spec["resources"]["GPU"] * spec["max_workers"] for spec in usable) >= cfg.train.workers
     for spec in usable:  # a node's GPU workers also get their CPUs
         assert spec["resources"]["GPU"] * cfg.train.cpus_per_worker <= spec["resources"]["CPU"]
@@ -191,13 +193,16 @@ def test_every_node_type_is_a_request_ec2_accepts(prepared):
     assert node_type_problems(prepared) == []
 
 
-@pytest.mark.parametrize("field, value, complaint", [
-    ("InstanceTypes", "g5.12xlarge", "Unknown parameter"),
-    ("IamInstanceProfile", {"ARN": "arn:aws:iam::123456789012:instance-profile/x"}, "Unknown parameter"),
-    ("BlockDeviceMappings", [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": "250"}}], "Invalid type"),
-    ("InstanceType", "g5.12xlargee", "EC2 has no instance type"),
-    ("max_workers", 5, "above the cluster's"),
-])
+@pytest.mark.parametrize(
+    "field, value, complaint",
+    [
+        ("InstanceTypes", "g5.12xlarge", "Unknown parameter"),
+        ("IamInstanceProfile", {"ARN": "arn:aws:iam::123456789012:instance-profile/x"}, "Unknown parameter"),
+        ("BlockDeviceMappings", [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": "250"}}], "Invalid type"),
+        ("InstanceType", "g5.12xlargee", "EC2 has no instance type"),
+        ("max_workers", 5, "above the cluster's"),
+    ],
+)
 def test_a_misspelt_node_type_fails_the_check_that_rays_schema_lets_through(cluster, field, value, complaint):
     broken = copy.deepcopy(cluster)
     gpu_type = broken["available_node_types"]["gpu_4x_a10g"]
@@ -212,12 +217,14 @@ def test_containers_get_gpus_explicitly_the_region_and_a_cold_node_start_timeout
     # Ray's guess (--runtime=nvidia when it sees that runtime) is off; GPU nodes ask for the GPUs.
     assert docker["disable_automatic_runtime_detection"] is True
     assert "--gpus all" in docker["worker_run_options"]
-    assert not any(o.startswith("--gpus") for o in docker["run_options"] + docker["head_run_options"]), \
+    assert not any(o.startswith("--gpus") for o in docker["run_options"] + docker["head_run_options"]), (
         "the head has no GPU; --gpus there would fail `docker run`"
+    )
     gpu_types = [s for n, s in prepared["available_node_types"].items() if s["resources"].get("GPU")]
-    assert gpu_types and all("--gpus all" in s.get("docker", {}).get("worker_run_options", docker["worker_run_options"])
-                             for s in gpu_types)
-    env = dict(o[len("--env "):].split("=", 1) for o in docker["run_options"] if o.startswith("--env "))
+    assert gpu_types and all(
+        "--gpus all" in s.get("docker", {}).get("worker_run_options", docker["worker_run_options"]) for s in gpu_types
+    )
+    env = dict(o[len("--env ") :].split("=", 1) for o in docker["run_options"] if o.startswith("--env "))
     assert env["AWS_REGION"] == prepared["provider"]["region"]
     # Ray Train's own variable (imported, so a rename in Ray fails here), well above its 60 s default.
     assert float(env[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR]) >= 600
@@ -256,7 +263,7 @@ def test_the_images_last_step_checks_the_torch_cuda_build_and_pip_check():
     # passes for the CUDA build installed here and fails the build for any other.
     installed = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    step = ["bash", "-c", last[len("RUN "):]]
+    step = ["bash", "-c", last[len("RUN ") :]]
     done = subprocess.run(step, env=dict(env, TORCH_CUDA=installed), capture_output=True, text=True, timeout=300)
     if installed != "cpu":
         assert done.returncode == 0, done.stdout + done.stderr
@@ -270,7 +277,7 @@ def test_the_driver_floor_of_the_torch_build_is_stated_where_the_ami_is_chosen()
     floor = driver_floor(dockerfile_torch_pin()[2])
     cluster_text = (ROOT / "cluster.yaml").read_text()
     ami = cluster_text.index("ImageId: &ami")
-    assert f"driver >= {floor}" in cluster_text[ami - 400:ami], "state the driver floor next to ImageId"
+    assert f"driver >= {floor}" in cluster_text[ami - 400 : ami], "state the driver floor next to ImageId"
     assert f"driver >= {floor}" in (ROOT / "README.md").read_text()
 
 
@@ -285,8 +292,9 @@ def test_hadolint_passes_and_every_ignore_says_why(tmp_path):
     lines = (ROOT / "Dockerfile").read_text().splitlines()
     for i, line in enumerate(lines):
         if "hadolint ignore" in line:
-            assert i > 0 and lines[i - 1].startswith("#") and "hadolint" not in lines[i - 1], \
+            assert i > 0 and lines[i - 1].startswith("#") and "hadolint" not in lines[i - 1], (
                 f"line {i + 1}: say on the line above why the rule does not apply"
+            )
     # The linter can fail: an unpinned base and an apt-get without cleanup are refused.
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install -y curl\n")
@@ -330,8 +338,13 @@ ALWAYS_SENT = {"Dockerfile", ".dockerignore"}
 
 
 def test_dockerignore_sends_exactly_what_the_dockerfile_copies():
-    copied = {token.rstrip("/") for line in dockerfile_instructions() if line.startswith("COPY ")
-              for token in line.split()[1:-1] if not token.startswith("--")}
+    copied = {
+        token.rstrip("/")
+        for line in dockerfile_instructions()
+        if line.startswith("COPY ")
+        for token in line.split()[1:-1]
+        if not token.startswith("--")
+    }
     assert copied == COPIED
     # The real checkout, whatever runs, caches or .venv it holds now.
     sent = build_context(ROOT)
@@ -341,11 +354,23 @@ def test_dockerignore_sends_exactly_what_the_dockerfile_copies():
 
 
 def test_dockerignore_keeps_runs_caches_data_venv_and_secrets_out(tmp_path):
-    probes = [".venv/bin/python", "runs/local/best/checkpoint.pt", "data/simpsons_dataset/x.jpg",
-              "cache/packed/train_images.npy", ".git/HEAD", ".env", "id_rsa", "simpsons/__pycache__/train.cpython-311.pyc",
-              # even inside a folder the Dockerfile copies
-              "simpsons/.env", "configs/key.pem", "jobs/runs/local/x.pt", "configs/cache/x.npy", "simpsons/data/x.jpg",
-              "configs/.venv/bin/python"]
+    probes = [
+        ".venv/bin/python",
+        "runs/local/best/checkpoint.pt",
+        "data/simpsons_dataset/x.jpg",
+        "cache/packed/train_images.npy",
+        ".git/HEAD",
+        ".env",
+        "id_rsa",
+        "simpsons/__pycache__/train.cpython-311.pyc",
+        # even inside a folder the Dockerfile copies
+        "simpsons/.env",
+        "configs/key.pem",
+        "jobs/runs/local/x.pt",
+        "configs/cache/x.npy",
+        "simpsons/data/x.jpg",
+        "configs/.venv/bin/python",
+    ]
     kept = ["simpsons/train.py", "jobs/train.py", "configs/cluster.yaml", "pyproject.toml", "README.md"]
     for path in probes + kept:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ import time
 
 import boto3
 import pytest
-
 from ray_head import VENV_BIN, RayHead
 from run_history import assert_finished_after_resuming, wait_for_checkpoint
 
@@ -66,9 +65,23 @@ def cluster(s3_server, packed_dataset):
 
 def small_run(*flags: str, data: str = DATA, storage_uri: str = f"s3://{BUCKET}/{RUNS}") -> list[str]:
     """Overrides that keep a run tiny, then `flags` (later --set values win)."""
-    return ["--set", f"data.uri={data}", "--set", "data.stored_size=40", "--set", "data.train_size=32",
-            "--set", "optim.batch_size=32", "--set", "train.cpus_per_worker=1", "--set", "train.histogram_every=0",
-            "--set", f"run.storage={storage_uri}", *flags]
+    return [
+        "--set",
+        f"data.uri={data}",
+        "--set",
+        "data.stored_size=40",
+        "--set",
+        "data.train_size=32",
+        "--set",
+        "optim.batch_size=32",
+        "--set",
+        "train.cpus_per_worker=1",
+        "--set",
+        "train.histogram_every=0",
+        "--set",
+        f"run.storage={storage_uri}",
+        *flags,
+    ]
 
 
 def user_error(done) -> str:
@@ -86,17 +99,23 @@ def user_error(done) -> str:
 # Without the check, Ray Train waits 60 s for the worker group, fails, and retries for ever. The
 # subprocess limit below is a hang guard, not a speed target: on a quiet machine the refusal
 # comes in seconds (Python, torch and Ray imports plus joining the cluster).
-@pytest.mark.parametrize("job, flags, asked", [
-    ("train", ["--gpu"], "asks for 2 Ray Train worker(s) with 1 CPU, 1 GPU each"),
-    ("train", ["--workers", "9"], "asks for 9 Ray Train worker(s) with 1 CPU each"),
-    ("train", [*ON_GPUS, "--workers", "3"], "asks for 3 Ray Train worker(s) with 1 CPU, 1 simulated_gpu each"),
-    ("tune", ["--gpu"], "asks for 1 Ray Train worker(s) with 1 CPU, 1 GPU each"),
-])
+@pytest.mark.parametrize(
+    "job, flags, asked",
+    [
+        ("train", ["--gpu"], "asks for 2 Ray Train worker(s) with 1 CPU, 1 GPU each"),
+        ("train", ["--workers", "9"], "asks for 9 Ray Train worker(s) with 1 CPU each"),
+        ("train", [*ON_GPUS, "--workers", "3"], "asks for 3 Ray Train worker(s) with 1 CPU, 1 simulated_gpu each"),
+        ("tune", ["--gpu"], "asks for 1 Ray Train worker(s) with 1 CPU, 1 GPU each"),
+    ],
+)
 def test_a_run_the_cluster_cannot_place_exits_2_at_once(cluster, job, flags, asked):
     config = {"train": "configs/smoke.yaml", "tune": "configs/tune.yaml"}[job]
     extra = ["--set", "tune.num_samples=1", "--set", "train.workers=1"] if job == "tune" else []
-    done = cluster.head.run([PYTHON, f"jobs/{job}.py", "--config", config, *small_run(*extra), *flags],
-                            cluster.head.driver_env(), timeout=120)
+    done = cluster.head.run(
+        [PYTHON, f"jobs/{job}.py", "--config", config, *small_run(*extra), *flags],
+        cluster.head.driver_env(),
+        timeout=120,
+    )
     error = user_error(done)
     assert asked in error, error
     # What exists (both nodes, the worker's CPUs) and what to change.
@@ -108,16 +127,22 @@ def test_a_run_the_cluster_cannot_place_exits_2_at_once(cluster, job, flags, ask
     assert not cluster.head.train_workers()  # nothing was started
 
 
-@pytest.mark.parametrize("where, flags, named", [
-    ("dataset", ["--set", "data.uri={packed}"], "The dataset {packed} is a local folder"),
-    ("storage", ["--set", "run.storage=./runs"], "run.storage {repo}/runs is a local folder"),
-])
+@pytest.mark.parametrize(
+    "where, flags, named",
+    [
+        ("dataset", ["--set", "data.uri={packed}"], "The dataset {packed} is a local folder"),
+        ("storage", ["--set", "run.storage=./runs"], "run.storage {repo}/runs is a local folder"),
+    ],
+)
 def test_local_folders_are_refused_on_a_multinode_cluster(cluster, packed_dataset, where, flags, named):
     from ray_head import REPO
 
     flags = [f.format(packed=packed_dataset) for f in flags]
-    done = cluster.head.run([PYTHON, "jobs/train.py", "--config", "configs/smoke.yaml", *small_run(*flags)],
-                            cluster.head.driver_env(), timeout=120)
+    done = cluster.head.run(
+        [PYTHON, "jobs/train.py", "--config", "configs/smoke.yaml", *small_run(*flags)],
+        cluster.head.driver_env(),
+        timeout=120,
+    )
     error = user_error(done)
     assert named.format(packed=packed_dataset, repo=REPO) in error, error
     assert "nodes other than the driver's" in error and "s3://" in error, error
@@ -129,9 +154,25 @@ def test_local_folders_are_refused_on_a_multinode_cluster(cluster, packed_datase
 
 def test_submitted_job_trains_on_the_worker_node_only(cluster):
     head, job_id = cluster.head, "topology-submit"
-    submit = head.run([RAY, "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
-                       "python", "jobs/train.py", "--config", "configs/smoke.yaml",
-                       *small_run("--set", "run.name=submitted", *ON_GPUS)], env=head.job_client_env(), timeout=400)
+    submit = head.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "jobs/train.py",
+            "--config",
+            "configs/smoke.yaml",
+            *small_run("--set", "run.name=submitted", *ON_GPUS),
+        ],
+        env=head.job_client_env(),
+        timeout=400,
+    )
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in out, out[-6000:]
     workers = head.actors("RayTrainWorker")
@@ -153,10 +194,29 @@ def trial_drivers(head: RayHead) -> list[dict]:
 
 def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
     head, epochs, sweep = cluster.head, 8, "placed"
-    driver = head.spawn([PYTHON, "jobs/tune.py", "--config", "configs/tune.yaml", *small_run(
-        "--set", f"run.storage=s3://{BUCKET}/sweeps", "--set", f"tune.name={sweep}", "--set", "tune.num_samples=1",
-        "--set", "tune.scheduler=fifo", "--set", f"optim.epochs={epochs}", "--set", "train.workers=1")],
-        head.driver_env())
+    driver = head.spawn(
+        [
+            PYTHON,
+            "jobs/tune.py",
+            "--config",
+            "configs/tune.yaml",
+            *small_run(
+                "--set",
+                f"run.storage=s3://{BUCKET}/sweeps",
+                "--set",
+                f"tune.name={sweep}",
+                "--set",
+                "tune.num_samples=1",
+                "--set",
+                "tune.scheduler=fifo",
+                "--set",
+                f"optim.epochs={epochs}",
+                "--set",
+                "train.workers=1",
+            ),
+        ],
+        head.driver_env(),
+    )
     wait_for_checkpoint(BUCKET, f"sweeps/{sweep}/runs", 2, driver)
     running = [a for a in trial_drivers(head) if a["state"] == "ALIVE"]
     assert len(running) == 1, trial_drivers(head)
@@ -172,11 +232,15 @@ def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
     assert {w["node_id"] for w in head.actors("RayTrainWorker")} == {cluster.worker.node_id}
 
     s3 = boto3.client("s3")
-    rows = list(csv.DictReader(io.StringIO(
-        s3.get_object(Bucket=BUCKET, Key=f"sweeps/{sweep}/trials.csv")["Body"].read().decode())))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(s3.get_object(Bucket=BUCKET, Key=f"sweeps/{sweep}/trials.csv")["Body"].read().decode())
+        )
+    )
     assert [(r["status"], r["epochs_run"]) for r in rows] == [("completed", str(epochs))], rows
-    assert_finished_after_resuming(BUCKET, f"sweeps/{sweep}/runs", f"{sweep}-{rows[0]['trial_id']}",
-                                   driver.output, epochs, exported=False)
+    assert_finished_after_resuming(
+        BUCKET, f"sweeps/{sweep}/runs", f"{sweep}-{rows[0]['trial_id']}", driver.output, epochs, exported=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +250,16 @@ def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
 def test_lost_worker_node_is_replaced_and_the_run_resumes(cluster):
     # 16 short epochs (1-3 s each here): the kill lands once epoch 2's checkpoint is in S3.
     head, epochs, run_name = cluster.head, 16, "node-lost"
-    driver = head.spawn([PYTHON, "jobs/train.py", "--config", "configs/smoke.yaml",
-                         *small_run("--set", f"optim.epochs={epochs}", "--set", f"run.name={run_name}", *ON_GPUS)],
-                        head.driver_env())
+    driver = head.spawn(
+        [
+            PYTHON,
+            "jobs/train.py",
+            "--config",
+            "configs/smoke.yaml",
+            *small_run("--set", f"optim.epochs={epochs}", "--set", f"run.name={run_name}", *ON_GPUS),
+        ],
+        head.driver_env(),
+    )
     wait_for_checkpoint(BUCKET, f"{RUNS}/{run_name}", 2, driver)
     lost = cluster.worker
     pids = lost.pids()

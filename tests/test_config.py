@@ -18,15 +18,18 @@ def test_int_and_exponent_strings_are_accepted_for_a_float_field():
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML reads 1e-3 as a string
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.learning_rate=0.1", "Unknown config key 'optim.learning_rate'"),
-    ("optimizer.lr=0.1", "Unknown config key 'optimizer.lr'"),
-    ("optim.epochs=ten", "'optim.epochs' must be of type int"),
-    ("train.use_gpu=maybe", "train.use_gpu must be true, false or 'auto'"),
-    ("optim.schedule=linear", "optim.schedule must be one of cosine, plateau"),
-    ("optim", "must look like section.key=value"),
-    ("data.train_size=200", "must not exceed data.stored_size"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=0.1", "Unknown config key 'optim.learning_rate'"),
+        ("optimizer.lr=0.1", "Unknown config key 'optimizer.lr'"),
+        ("optim.epochs=ten", "'optim.epochs' must be of type int"),
+        ("train.use_gpu=maybe", "train.use_gpu must be true, false or 'auto'"),
+        ("optim.schedule=linear", "optim.schedule must be one of cosine, plateau"),
+        ("optim", "must look like section.key=value"),
+        ("data.train_size=200", "must not exceed data.stored_size"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import make_image_tree
 
 from simpsons.augment import MEAN, STD, create_eval_preset, create_train_preset, eval_transform, train_transform
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, DataError, ResidentSplit, data_placement, find_layout, pack_split, scan_split
 from simpsons.dataset import load_packed, read_manifest
 from simpsons.prepare import pack_tree
-from synthetic import make_image_tree
 
 
 def test_labels_come_from_the_fixed_class_list(image_tree):
@@ -50,7 +50,9 @@ def test_corrupt_and_empty_files_are_reported_and_left_out(tmp_path):
 def test_unknown_class_folder_is_refused_with_its_name(tmp_path):
     root = make_image_tree(tmp_path, per_split={"train": 2}, size=32)
     (root / "dataset" / "train" / "bartman").mkdir()
-    with pytest.raises(DataError, match=r"1 unknown class folder\(s\) \(not one of the 42 known classes\): train/bartman;"):
+    with pytest.raises(
+        DataError, match=r"1 unknown class folder\(s\) \(not one of the 42 known classes\): train/bartman;"
+    ):
         scan_split(root / "dataset" / "train")
 
 
@@ -67,8 +69,10 @@ def test_any_image_mode_is_converted_to_rgb(tmp_path):
 def test_train_batches_shard_the_epoch_without_overlap_and_are_seeded():
     split = ResidentSplit(np.zeros((103, 8, 8, 3), np.uint8), np.arange(103) % 42)
     split.labels = torch.arange(103)  # use labels as image ids
-    shards = [[int(i) for _, y in split.train_batches(epoch=0, batch_size=10, seed=1, rank=r, world=2) for i in y]
-              for r in range(2)]
+    shards = [
+        [int(i) for _, y in split.train_batches(epoch=0, batch_size=10, seed=1, rank=r, world=2) for i in y]
+        for r in range(2)
+    ]
     assert len(shards[0]) == len(shards[1]) == 51  # equal step counts on every rank
     assert not set(shards[0]) & set(shards[1])
     again = [int(i) for _, y in split.train_batches(0, 10, 1, 0, 2) for i in y]
@@ -89,8 +93,10 @@ def test_host_memory_path_gives_exactly_the_resident_batches():
     resident, host = ResidentSplit(images, labels), ResidentSplit(images, labels, on_device=False)
     assert not host.on_device and host.images.device.type == "cpu"  # gathered per batch, then copied
     for rank in range(2):
-        pairs = [*zip(resident.train_batches(3, 5, 7, rank, 2), host.train_batches(3, 5, 7, rank, 2)),
-                 *zip(resident.eval_batches(6, rank, 2), host.eval_batches(6, rank, 2))]
+        pairs = [
+            *zip(resident.train_batches(3, 5, 7, rank, 2), host.train_batches(3, 5, 7, rank, 2)),
+            *zip(resident.eval_batches(6, rank, 2), host.eval_batches(6, rank, 2)),
+        ]
         assert len(pairs) == 4 + (4 if rank == 0 else 3)  # 18 train images per rank; 19 and 18 to evaluate
         for (x, y), (hx, hy) in pairs:
             assert torch.equal(x, hx) and torch.equal(y, hy) and hx.dtype == torch.uint8
@@ -131,8 +137,15 @@ def test_eval_transform_is_a_plain_resize_of_a_flat_image():
 
 def test_identity_crop_without_flip_or_rotation_keeps_the_image():
     images = torch.as_tensor(np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
-    x = train_transform(images, 32, scale=(1.0, 1.0), rotate_deg=0.0, hflip=False, ratio=(1.0, 1.0),
-                        generator=torch.Generator().manual_seed(0))
+    x = train_transform(
+        images,
+        32,
+        scale=(1.0, 1.0),
+        rotate_deg=0.0,
+        hflip=False,
+        ratio=(1.0, 1.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(x, eval_transform(images, 32), atol=1e-4, rtol=0)
 
 
@@ -140,8 +153,10 @@ def test_flip_mirrors_the_image():
     half = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
     half[:, :, :16] = 255  # left half white
     gen = torch.Generator().manual_seed(0)
-    outs = [train_transform(half, 32, scale=(1.0, 1.0), rotate_deg=0.0, hflip=True, ratio=(1.0, 1.0), generator=gen)
-            for _ in range(16)]
+    outs = [
+        train_transform(half, 32, scale=(1.0, 1.0), rotate_deg=0.0, hflip=True, ratio=(1.0, 1.0), generator=gen)
+        for _ in range(16)
+    ]
     left_bright = {bool(o[0, 0, 16, :8].mean() > o[0, 0, 16, 24:].mean()) for o in outs}
     assert left_bright == {True, False}  # both orientations occur
 
@@ -153,8 +168,15 @@ def test_presets_give_the_memory_layout_the_config_asks_for(channels_last):
     images = torch.as_tensor(np.random.default_rng(2).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8))
     made = {}
     for augment in (True, False):
-        cfg = load_config(None, [f"train.channels_last={str(channels_last).lower()}", "data.train_size=32",
-                                 "data.stored_size=40", f"data.augment={str(augment).lower()}"])
+        cfg = load_config(
+            None,
+            [
+                f"train.channels_last={str(channels_last).lower()}",
+                "data.train_size=32",
+                "data.stored_size=40",
+                f"data.augment={str(augment).lower()}",
+            ],
+        )
         made[f"train, augment {augment}"] = create_train_preset(cfg)(images, torch.Generator().manual_seed(0))
         made[f"eval, augment {augment}"] = create_eval_preset(cfg)(images)
     for name, x in made.items():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simpsons.config import ConfigError, load_config, resolve_paths
 from simpsons.cluster import ClusterCapacity, check_storage_reach, launcher_node_types, resolve_resources
+from simpsons.config import ConfigError, load_config, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,9 @@ def launched_cluster(**overrides) -> ClusterCapacity:
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config.update(overrides)
     node_types, limit = launcher_node_types(config)
-    return ClusterCapacity(nodes=[{"CPU": 0.0, "GPU": 0.0, "trial_driver": 16.0}], other_nodes=0,
-                           node_types=node_types, max_added=limit)
+    return ClusterCapacity(
+        nodes=[{"CPU": 0.0, "GPU": 0.0, "trial_driver": 16.0}], other_nodes=0, node_types=node_types, max_added=limit
+    )
 
 
 def laptop(cpus: float = 2.0) -> ClusterCapacity:
@@ -40,8 +41,15 @@ def test_relative_paths_become_absolute_and_uris_stay(tmp_path):
     assert resolved.data.cache_dir == str(tmp_path / "cache")
     assert resolved.data.uri == str(tmp_path / "packed" / "v1")
     assert resolved.data.source == str(tmp_path.parent / "images")
-    kept = load_config(None, ["run.storage=s3://bucket/runs", "data.uri=s3://bucket/data/v1",
-                              "data.source=https://example.com/d.tar.xz", "data.cache_dir=~/.cache/simpsons"])
+    kept = load_config(
+        None,
+        [
+            "run.storage=s3://bucket/runs",
+            "data.uri=s3://bucket/data/v1",
+            "data.source=https://example.com/d.tar.xz",
+            "data.cache_dir=~/.cache/simpsons",
+        ],
+    )
     # s3:// and http(s) are URIs; `~` means the home of whichever node reads it (a node-local cache).
     assert resolve_paths(kept, cwd=tmp_path) == kept
     assert resolve_paths(resolved, cwd="/elsewhere") == resolved  # resolving twice changes nothing
@@ -68,7 +76,9 @@ def test_configs_cluster_yaml_fits_the_cluster_and_one_worker_more_than_it_can_a
     with pytest.raises(ConfigError) as err:
         resolve_resources(load_config(REPO / "configs" / "cluster.yaml", ["train.workers=17"]), launched_cluster())
     message = str(err.value)
-    assert message.startswith("The run asks for 17 Ray Train worker(s) with 8 CPU, 1 GPU each, but the cluster (1 node(s)")
+    assert message.startswith(
+        "The run asks for 17 Ray Train worker(s) with 8 CPU, 1 GPU each, but the cluster (1 node(s)"
+    )
     assert "its autoscaler can add up to 4 x gpu_4x_a10g {CPU: 48, GPU: 4}, at most 4 in all) can hold 16" in message
     assert message.endswith("or add nodes (cluster.yaml max_workers).") and message.count(". ") == 0
 
@@ -80,10 +90,13 @@ def test_the_global_max_workers_caps_what_the_autoscaler_can_add():
         resolve_resources(load_config(REPO / "configs" / "cluster.yaml", ["train.workers=5"]), capacity)
 
 
-@pytest.mark.parametrize("overrides, asked", [
-    (["train.use_gpu=true"], "1 Ray Train worker(s) with 2 CPU, 1 GPU each"),
-    (["train.workers=3", "train.cpus_per_worker=1"], "3 Ray Train worker(s) with 1 CPU each"),
-])
+@pytest.mark.parametrize(
+    "overrides, asked",
+    [
+        (["train.use_gpu=true"], "1 Ray Train worker(s) with 2 CPU, 1 GPU each"),
+        (["train.workers=3", "train.cpus_per_worker=1"], "3 Ray Train worker(s) with 1 CPU each"),
+    ],
+)
 def test_a_laptop_refuses_gpus_and_more_workers_than_cpus(overrides, asked):
     with pytest.raises(ConfigError, match=re.escape(asked)) as err:
         resolve_resources(load_config(None, overrides), laptop(cpus=2.0))
@@ -92,8 +105,11 @@ def test_a_laptop_refuses_gpus_and_more_workers_than_cpus(overrides, asked):
 
 def test_local_folders_are_refused_when_the_autoscaler_can_add_nodes(tmp_path):
     cfg = load_config(None, [f"run.storage={tmp_path}/runs"])
-    with pytest.raises(ConfigError, match=rf"The dataset {tmp_path}/packed is a local folder, but this Ray cluster "
-                                          r"has \(or can add\) nodes other than the driver's"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"The dataset {tmp_path}/packed is a local folder, but this Ray cluster "
+        r"has \(or can add\) nodes other than the driver's",
+    ):
         check_storage_reach(cfg, str(tmp_path / "packed"), launched_cluster())
     with pytest.raises(ConfigError, match=rf"run.storage {tmp_path}/runs is a local folder.*set run.storage=s3://"):
         check_storage_reach(cfg, "s3://bucket/data/v1", launched_cluster())
@@ -112,9 +128,18 @@ def test_ray_train_gives_up_on_a_worker_group_that_never_starts(ray_cluster, pac
 
     # The controller inherits RAY_TRAIN_* from the driver: give up on each start after 2 s.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")
-    cfg = load_config(None, ["train.workers=9", "train.cpus_per_worker=1", "train.use_gpu=false",
-                             "data.stored_size=40", "data.train_size=32", "optim.epochs=1",
-                             f"run.storage={packed_dataset.parent / 'never-started'}"])
+    cfg = load_config(
+        None,
+        [
+            "train.workers=9",
+            "train.cpus_per_worker=1",
+            "train.use_gpu=false",
+            "data.stored_size=40",
+            "data.train_size=32",
+            "optim.epochs=1",
+            f"run.storage={packed_dataset.parent / 'never-started'}",
+        ],
+    )
     with pytest.raises(ray.train.ControllerError) as err:  # 9 workers x 1 CPU on a 4-CPU cluster
         build_trainer(cfg, str(packed_dataset)).fit()
     assert "worker group startup timed out after 2.0 seconds waiting for 9 workers" in str(err.value), err.value

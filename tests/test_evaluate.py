@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import draw_example, make_image_tree
 
 from simpsons.checkpoint import FORMAT, save
 from simpsons.config import load_config, to_dict
@@ -24,7 +25,6 @@ from simpsons.data import CLASS_NAMES, DataError
 from simpsons.inference import evaluate_folder
 from simpsons.model import create_model
 from simpsons.prepare import scan_tree
-from synthetic import draw_example, make_image_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_COUNTS = {"abraham_grampa_simpson": 3, "bart_simpson": 2, "lisa_simpson": 1}  # flat test images per class
@@ -64,8 +64,24 @@ def test_evaluate_job_scores_the_flat_kaggle_test_set(checkpoint, tmp_path):
     root = kaggle_tree(tmp_path / "kaggle")
     assert set(scan_tree(root).groups) == {"unsplit", "testset"}  # the root training takes
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(checkpoint), "--data", str(root),
-                           "--out", str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/evaluate.py",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(root),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert supports(metrics) == TEST_COUNTS and metrics["images"] == 6
@@ -103,6 +119,9 @@ def test_a_misnamed_flat_test_file_is_named(checkpoint, tmp_path):
     root = kaggle_tree(tmp_path / "kaggle")
     folder = root / "kaggle_simpson_testset" / "kaggle_simpson_testset"
     (folder / "bart_simpson_10.jpg").rename(folder / "bartman_7.jpg")
-    with pytest.raises(DataError, match="1 test-set file\\(s\\) not named <class>_<number> with a known class: "
-                                        "kaggle_simpson_testset/kaggle_simpson_testset/bartman_7.jpg;"):
+    with pytest.raises(
+        DataError,
+        match="1 test-set file\\(s\\) not named <class>_<number> with a known class: "
+        "kaggle_simpson_testset/kaggle_simpson_testset/bartman_7.jpg;",
+    ):
         evaluate_folder(checkpoint, root, device="cpu")

@@ -8,8 +8,8 @@ benchmark reuses.
 from __future__ import annotations
 
 import io
-import math
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from simpsons.config import load_config
 from simpsons.checkpoint import restore, training_state
+from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
 from simpsons.dataset import load_packed
 from simpsons.train import TrainStep, amp_dtype, build_components, create_scheduler, train_one_epoch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)"),
+]
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 CUDA = torch.device("cuda", 0)
@@ -71,7 +73,9 @@ def test_precision_choice_on_this_gpu():
     step = _components(_cfg(), labels)
     assert step.dtype == expected and step.scaler.is_enabled() == (expected == torch.float16)
     split = ResidentSplit(images, labels, device=CUDA)
-    losses = [float(step(x, y, torch.Generator(device=CUDA).manual_seed(0))[0]) for x, y in split.train_batches(0, 128, 0)]
+    losses = [
+        float(step(x, y, torch.Generator(device=CUDA).manual_seed(0))[0]) for x, y in split.train_batches(0, 128, 0)
+    ]
     assert all(np.isfinite(losses))
 
 
@@ -129,14 +133,25 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
 
 
 @pytest.mark.slow
-def test_ray_train_on_the_real_sample_resumes_then_evaluates_and_predicts_on_the_gpu(ray_cluster, real_sample, tmp_path):
+def test_ray_train_on_the_real_sample_resumes_then_evaluates_and_predicts_on_the_gpu(
+    ray_cluster, real_sample, tmp_path
+):
     from simpsons.inference import evaluate_folder, load_checkpoint, predict_files
     from simpsons.train import fit
 
     tree, dataset = real_sample
-    overrides = ["data.stored_size=144", "data.train_size=128", "optim.batch_size=64", "train.workers=1",
-                 "train.use_gpu=true", "train.cpus_per_worker=2", "train.histogram_every=0", "train.log_every=0",
-                 f"run.storage={tmp_path}", "run.name=gpu"]
+    overrides = [
+        "data.stored_size=144",
+        "data.train_size=128",
+        "optim.batch_size=64",
+        "train.workers=1",
+        "train.use_gpu=true",
+        "train.cpus_per_worker=2",
+        "train.histogram_every=0",
+        "train.log_every=0",
+        f"run.storage={tmp_path}",
+        "run.name=gpu",
+    ]
     fit(load_config(None, overrides + ["optim.epochs=1"]), str(dataset))
     report = fit(load_config(None, overrides + ["optim.epochs=2"]), str(dataset))  # the same run, one more epoch
     best = tmp_path / "gpu" / "best"

@@ -19,20 +19,28 @@ import uuid
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from ray_head import REPO, VENV_BIN, RayHead
+from synthetic import make_image_tree
 
 from simpsons.cluster import free_port
-from ray_head import REPO, VENV_BIN, RayHead
 from simpsons.report import OUTPUT_FILES
-from synthetic import make_image_tree
 
 pytestmark = pytest.mark.slow
 
 # What moto's metadata endpoint hands out as the role's temporary credentials.
 ROLE_KEY_ID, ROLE_SESSION_TOKEN = "test-key", "test-session-token"
-STATIC_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                      "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
-                      "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                      "AWS_EC2_METADATA_DISABLED")
+STATIC_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED",
+)
 SIGNED_BY = re.compile(r"Credential=([^/]+)/")
 
 
@@ -56,11 +64,15 @@ class RecordingMotoServer(ThreadedMotoServer):
 
         def recording(environ, start_response):
             signed = SIGNED_BY.search(environ.get("HTTP_AUTHORIZATION", ""))
-            self.requests.append({
-                "method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO", ""),
-                "agent": environ.get("HTTP_USER_AGENT", ""), "key_id": signed.group(1) if signed else None,
-                "token": environ.get("HTTP_X_AMZ_SECURITY_TOKEN"),
-            })
+            self.requests.append(
+                {
+                    "method": environ["REQUEST_METHOD"],
+                    "path": environ.get("PATH_INFO", ""),
+                    "agent": environ.get("HTTP_USER_AGENT", ""),
+                    "key_id": signed.group(1) if signed else None,
+                    "token": environ.get("HTTP_X_AMZ_SECURITY_TOKEN"),
+                }
+            )
             if environ.get("PATH_INFO") == ROLE_LIST:  # moto reads the raw URI too
                 for name in ("PATH_INFO", "RAW_URI", "REQUEST_URI"):
                     environ[name] = ROLE_LIST + "/"
@@ -95,22 +107,42 @@ def role_server(monkeypatch, tmp_path):
 
 def admin_s3(server: RecordingMotoServer):
     """The test's own client (the bucket's owner, not the job): explicit keys, never in the environment."""
-    return boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                        aws_access_key_id="admin", aws_secret_access_key="admin-secret")
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="admin",
+        aws_secret_access_key="admin-secret",
+    )
 
 
 def python(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "python"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / "python"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_prepare_and_train_through_s3_with_the_instance_role_alone(role_server, tmp_path, monkeypatch):
     bucket = f"role-{uuid.uuid4().hex[:12]}"
     admin_s3(role_server).create_bucket(Bucket=bucket)
     source = make_image_tree(tmp_path / "photos", per_split={"train": 16, "val": 8}, size=40)
-    prepare = ["jobs/prepare_data.py", "--source", str(source), "--dest", f"s3://{bucket}/simpsons",
-               "--name", "synthetic", "--set", "data.stored_size=40", "--set", "data.train_size=32", "--set", "data.pack_workers=1",
-               "--set", f"data.cache_dir={tmp_path / 'prepare_cache'}"]
+    prepare = [
+        "jobs/prepare_data.py",
+        "--source",
+        str(source),
+        "--dest",
+        f"s3://{bucket}/simpsons",
+        "--name",
+        "synthetic",
+        "--set",
+        "data.stored_size=40",
+        "--set",
+        "data.train_size=32",
+        "--set",
+        "data.pack_workers=1",
+        "--set",
+        f"data.cache_dir={tmp_path / 'prepare_cache'}",
+    ]
 
     # Without a metadata endpoint that answers, there are no credentials at all: the job says so.
     with monkeypatch.context() as no_role:
@@ -129,28 +161,55 @@ def test_prepare_and_train_through_s3_with_the_instance_role_alone(role_server, 
     # ... and a training run on a real Ray head (its raylet and workers inherit this environment)
     # reads it and keeps its checkpoints and best/ in S3.
     with RayHead(num_cpus=2) as head:
-        trained = head.run([
-            str(VENV_BIN / "python"), "jobs/train.py", "--config", "configs/smoke.yaml",
-            "--set", f"data.uri={data_uri}", "--set", "data.stored_size=40", "--set", "data.train_size=32",
-            "--set", f"data.cache_dir={tmp_path / 'node_cache'}", "--set", "optim.epochs=1",
-            "--set", "optim.batch_size=16", "--set", "train.workers=1", "--set", "train.cpus_per_worker=1",
-            "--set", "train.histogram_every=0",
-            "--set", f"run.storage=s3://{bucket}/runs", "--set", "run.name=role",
-        ], env=head.driver_env(), timeout=420)
+        trained = head.run(
+            [
+                str(VENV_BIN / "python"),
+                "jobs/train.py",
+                "--config",
+                "configs/smoke.yaml",
+                "--set",
+                f"data.uri={data_uri}",
+                "--set",
+                "data.stored_size=40",
+                "--set",
+                "data.train_size=32",
+                "--set",
+                f"data.cache_dir={tmp_path / 'node_cache'}",
+                "--set",
+                "optim.epochs=1",
+                "--set",
+                "optim.batch_size=16",
+                "--set",
+                "train.workers=1",
+                "--set",
+                "train.cpus_per_worker=1",
+                "--set",
+                "train.histogram_every=0",
+                "--set",
+                f"run.storage=s3://{bucket}/runs",
+                "--set",
+                "run.name=role",
+            ],
+            env=head.driver_env(),
+            timeout=420,
+        )
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-6000:]
     sent_by_jobs = list(role_server.requests)  # before the test's own look at the bucket
 
     listed = admin_s3(role_server).list_objects_v2(Bucket=bucket, Prefix="runs/role/")
-    keys = {item["Key"][len("runs/role/"):] for item in listed.get("Contents", [])}
-    assert set(OUTPUT_FILES) <= {k[len("best/"):] for k in keys if k.startswith("best/")}, sorted(keys)
+    keys = {item["Key"][len("runs/role/") :] for item in listed.get("Contents", [])}
+    assert set(OUTPUT_FILES) <= {k[len("best/") :] for k in keys if k.startswith("best/")}, sorted(keys)
     assert any(k.startswith("checkpoint_") and k.endswith("/checkpoint.pt") for k in keys), sorted(keys)
 
     # The role's credentials came from the metadata endpoint (IMDSv2: a token first) ...
     paths = {r["path"] for r in sent_by_jobs}
     assert "/latest/api/token" in paths
     assert "/latest/meta-data/iam/security-credentials/default-role" in paths
-    fetched_by = {r["agent"].split("/")[0].lower() for r in sent_by_jobs
-                  if r["path"] == "/latest/meta-data/iam/security-credentials/default-role"}
+    fetched_by = {
+        r["agent"].split("/")[0].lower()
+        for r in sent_by_jobs
+        if r["path"] == "/latest/meta-data/iam/security-credentials/default-role"
+    }
     assert "aws-sdk-cpp" in fetched_by and fetched_by & {"botocore", "boto3"}, fetched_by
     # ... and every S3 request the jobs sent was signed with them, by boto3 and by pyarrow alike.
     s3_requests = [r for r in sent_by_jobs if not r["path"].startswith("/latest/")]

@@ -13,8 +13,8 @@ import urllib.request
 
 import boto3
 import pytest
-
 from ray_head import VENV_BIN, RayHead
+
 from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
@@ -35,14 +35,42 @@ def test_submitted_job_trains_and_writes_best_to_s3(s3_server, packed_dataset):
 
         # The command a user runs, from the repo root: a relative config path plus overrides that
         # point at the test's packed images and keep the run small.
-        submit = head.run([
-            RAY, "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
-            "python", "jobs/train.py", "--config", "configs/smoke.yaml",
-            "--set", f"data.uri={packed_dataset}", "--set", "data.stored_size=40", "--set", "data.train_size=32",
-            "--set", "optim.epochs=2", "--set", "optim.batch_size=32",
-            "--set", "train.workers=2", "--set", "train.cpus_per_worker=1",
-            "--set", f"run.storage=s3://{bucket}/{prefix}", "--set", f"run.name={run_name}",
-        ], env=head.job_client_env(), timeout=300)
+        submit = head.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--submission-id",
+                job_id,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "jobs/train.py",
+                "--config",
+                "configs/smoke.yaml",
+                "--set",
+                f"data.uri={packed_dataset}",
+                "--set",
+                "data.stored_size=40",
+                "--set",
+                "data.train_size=32",
+                "--set",
+                "optim.epochs=2",
+                "--set",
+                "optim.batch_size=32",
+                "--set",
+                "train.workers=2",
+                "--set",
+                "train.cpus_per_worker=1",
+                "--set",
+                f"run.storage=s3://{bucket}/{prefix}",
+                "--set",
+                f"run.name={run_name}",
+            ],
+            env=head.job_client_env(),
+            timeout=300,
+        )
         submitted = submit.stdout + submit.stderr
         assert submit.returncode == 0, submitted[-6000:]
         # `ray job submit` ends by asking the server for the job's final status.
@@ -50,8 +78,11 @@ def test_submitted_job_trains_and_writes_best_to_s3(s3_server, packed_dataset):
 
         # The working dir the job ran in (unpacked on this "node"): .gitignore/.rayignore kept the
         # virtualenv, runs, data and caches out of it.
-        unpacked = [path for path in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
-                    if path.is_dir()]
+        unpacked = [
+            path
+            for path in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
+            if path.is_dir()
+        ]
         assert len(unpacked) == 1, unpacked
         assert (unpacked[0] / "jobs" / "train.py").is_file() and (unpacked[0] / "configs" / "smoke.yaml").is_file()
         assert not {".venv", ".git", "runs", "data", "cache"} & {p.name for p in unpacked[0].iterdir()}

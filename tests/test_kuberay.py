@@ -20,21 +20,21 @@ import importlib.util
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
+from image_files import SECRET, dockerfile_instructions, documented_image
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from ray_head import VENV_BIN, RayHead
 
 from simpsons.cli import load_job_config
 from simpsons.config import load_sweep, read_config_file
 from simpsons.storage import is_s3
-from ray_head import VENV_BIN, RayHead
-from image_files import SECRET, dockerfile_instructions, documented_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "k8s"
@@ -104,8 +104,11 @@ def strict(schema: dict) -> dict:
     for key in ("allOf", "anyOf", "oneOf"):
         if key in schema:
             schema[key] = [strict(sub) for sub in schema[key]]
-    if ("properties" in schema and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         schema["additionalProperties"] = False
     return schema
 
@@ -163,18 +166,27 @@ def schema_problems(doc: dict) -> list[str]:
     if doc.get("kind") not in CRD_FILES:
         return [problem for version in KUBERNETES_VERSIONS for problem in kubernetes_problems(doc, version)]
     schema = crd_schema(doc["kind"])
-    problems = [f"/{'/'.join(map(str, error.path))}: {error.message}"
-                for error in jsonschema.Draft4Validator(schema).iter_errors(doc)]
+    problems = [
+        f"/{'/'.join(map(str, error.path))}: {error.message}"
+        for error in jsonschema.Draft4Validator(schema).iter_errors(doc)
+    ]
     problems += structural_problems(doc, schema)
     if doc.get("apiVersion") != "ray.io/v1":
         problems.append(f"apiVersion must be ray.io/v1, not {doc.get('apiVersion')}")
     # The CRD leaves metadata to the API server, which checks it as any ObjectMeta; and KubeRay's CRD
     # embeds the pod templates of the Kubernetes it was built with: check them against the cluster's.
     for version in KUBERNETES_VERSIONS:
-        problems += kubernetes_problems({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata", {})}, version)
+        problems += kubernetes_problems(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata", {})}, version
+        )
         for group, template in pod_templates(doc).items():
-            problems += [f"{group}: {problem}" for problem in kubernetes_problems(
-                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}, version)]
+            problems += [
+                f"{group}: {problem}"
+                for problem in kubernetes_problems(
+                    {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template},
+                    version,
+                )
+            ]
     return problems
 
 
@@ -194,14 +206,25 @@ def rayjob_with(dotted: str, value) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("dotted, value, complaint", [
-    ("spec.backoffLimt", 2, "'backoffLimt' was unexpected"),                              # misspelt field
-    ("spec.rayClusterSpec.authOptions.mode", "tokens", "'tokens' is not one of"),        # wrong enum
-    ("spec.backoffLimit", "2", "'2' is not of type 'integer'"),                           # wrong type
-    ("spec.rayClusterSpec.rayVersion", 2.6, "2.6 is not of type 'string'"),               # YAML's unquoted 2.60
-    ("spec.rayClusterSpec.workerGroupSpecs.[0].template.spec.serviceAcountName", "x", "'serviceAcountName' was unexpected"),
-    ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].resources.limit", {}, "'limit' was unexpected"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, complaint",
+    [
+        ("spec.backoffLimt", 2, "'backoffLimt' was unexpected"),  # misspelt field
+        ("spec.rayClusterSpec.authOptions.mode", "tokens", "'tokens' is not one of"),  # wrong enum
+        ("spec.backoffLimit", "2", "'2' is not of type 'integer'"),  # wrong type
+        ("spec.rayClusterSpec.rayVersion", 2.6, "2.6 is not of type 'string'"),  # YAML's unquoted 2.60
+        (
+            "spec.rayClusterSpec.workerGroupSpecs.[0].template.spec.serviceAcountName",
+            "x",
+            "'serviceAcountName' was unexpected",
+        ),
+        (
+            "spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].resources.limit",
+            {},
+            "'limit' was unexpected",
+        ),
+    ],
+)
 def test_the_schema_check_refuses_a_misspelt_field_a_wrong_enum_and_a_wrong_type(dotted, value, complaint):
     problems = schema_problems(rayjob_with(dotted, value))
     assert any(complaint in problem for problem in problems), problems
@@ -224,8 +247,10 @@ def test_kubernetes_pod_schema_refuses_what_the_crd_copy_of_it_might_not():
     # A pod-level field in a container: caught by Kubernetes' own PodTemplate schema.
     template = copy.deepcopy(pod_templates(the("RayJob"))["head"])
     ray_container(template)["serviceAccountName"] = "simpsons-ray"
-    problems = kubernetes_problems({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
-                                   KUBERNETES_VERSIONS[0])
+    problems = kubernetes_problems(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+        KUBERNETES_VERSIONS[0],
+    )
     assert problems and "serviceAccountName" in problems[0]
 
 
@@ -240,7 +265,9 @@ def operator_problems(doc: dict) -> list[str]:
     if len(name) > MAX_NAME[kind]:
         problems.append(f"{kind} name {name!r} is longer than {MAX_NAME[kind]} characters")
     if len(name) > 63 or not DNS_1035_LABEL.fullmatch(name):
-        problems.append(f"{kind} name {name!r} is not a DNS-1035 label (lower case, digits, '-', starting with a letter)")
+        problems.append(
+            f"{kind} name {name!r} is not a DNS-1035 label (lower case, digits, '-', starting with a letter)"
+        )
     if kind == "RayJob":
         selector = spec.get("clusterSelector")
         backoff = spec.get("backoffLimit")
@@ -284,7 +311,10 @@ def cluster_spec_problems(spec: dict) -> list[str]:
         if "labels" in params:
             problems.append(f"group {name}: rayStartParams['labels'] is not supported; use labels")
         # Not refused by the operator (it clamps), but a group outside its own bounds is a typo.
-        if name != "head" and not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
+        if (
+            name != "head"
+            and not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        ):
             problems.append(f"group {name}: replicas must lie between minReplicas and maxReplicas")
     if spec.get("authOptions", {}).get("mode") == "token":
         version = spec.get("rayVersion")
@@ -294,8 +324,11 @@ def cluster_spec_problems(spec: dict) -> list[str]:
 
 
 # Every KubeRay object of deploy/k8s/, named by its file (the test id).
-kuberay_objects = pytest.mark.parametrize("name, doc", [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
-                                          ids=lambda value: value if isinstance(value, str) else "")
+kuberay_objects = pytest.mark.parametrize(
+    "name, doc",
+    [(n, d) for n, d in manifests() if d["kind"] in CRD_FILES],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
 
 
 @kuberay_objects
@@ -303,16 +336,19 @@ def test_kuberay_objects_pass_the_operators_own_rules(name, doc):
     assert operator_problems(doc) == [], name
 
 
-@pytest.mark.parametrize("dotted, value, complaint", [
-    ("spec.backoffLimit", -1, "backoffLimit must be >= 0"),
-    ("spec.activeDeadlineSeconds", 0, "activeDeadlineSeconds must be > 0"),
-    ("spec.clusterSelector", {"ray.io/cluster": "simpsons-sweeps"}, "does not go with clusterSelector"),
-    ("spec.shutdownAfterJobFinishes", False, "needs shutdownAfterJobFinishes"),
-    ("metadata.name", "simpsons_train", "not a DNS-1035 label"),
-    ("metadata.name", "1-simpsons-train", "not a DNS-1035 label"),
-    ("metadata.name", "simpsons-train-" + "x" * 33, "longer than 47"),
-    ("spec.rayClusterSpec.rayVersion", "2.51.0", "needs rayVersion >= 2.52.0"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, complaint",
+    [
+        ("spec.backoffLimit", -1, "backoffLimit must be >= 0"),
+        ("spec.activeDeadlineSeconds", 0, "activeDeadlineSeconds must be > 0"),
+        ("spec.clusterSelector", {"ray.io/cluster": "simpsons-sweeps"}, "does not go with clusterSelector"),
+        ("spec.shutdownAfterJobFinishes", False, "needs shutdownAfterJobFinishes"),
+        ("metadata.name", "simpsons_train", "not a DNS-1035 label"),
+        ("metadata.name", "1-simpsons-train", "not a DNS-1035 label"),
+        ("metadata.name", "simpsons-train-" + "x" * 33, "longer than 47"),
+        ("spec.rayClusterSpec.rayVersion", "2.51.0", "needs rayVersion >= 2.52.0"),
+    ],
+)
 def test_the_operator_rules_refuse_a_broken_rayjob(dotted, value, complaint):
     problems = operator_problems(rayjob_with(dotted, value))
     assert any(complaint in problem for problem in problems), problems
@@ -338,7 +374,9 @@ def image_paths() -> dict[str, str]:
             *sources, dest = [token for token in line.split()[1:] if not token.startswith("--")]
             for source in sources:
                 target = dest + source if dest.endswith("/") and not source.endswith("/") else dest
-                copied[source] = target if target.startswith("/") else f"{workdir.rstrip('/')}/{target.removeprefix('./')}"
+                copied[source] = (
+                    target if target.startswith("/") else f"{workdir.rstrip('/')}/{target.removeprefix('./')}"
+                )
     return copied
 
 
@@ -348,7 +386,7 @@ def path_in_image(path: str) -> str | None:
         if path == source:
             return target
         if source.endswith("/") and path.startswith(source):
-            return target.rstrip("/") + "/" + path[len(source):]
+            return target.rstrip("/") + "/" + path[len(source) :]
     return None
 
 
@@ -386,8 +424,10 @@ def gpu_capacity(spec: dict, cpus_per_worker: float) -> tuple[int, list[str]]:
         limits = ray_container(group["template"])["resources"]["limits"]
         gpus += int(limits.get(GPU, 0)) * group["maxReplicas"]
         if int(limits.get(GPU, 0)) * cpus_per_worker > float(limits["cpu"]):
-            problems.append(f"group {group['groupName']}: {limits.get(GPU)} GPU workers x {cpus_per_worker:g} CPUs "
-                            f"do not fit its {limits['cpu']} CPUs")
+            problems.append(
+                f"group {group['groupName']}: {limits.get(GPU)} GPU workers x {cpus_per_worker:g} CPUs "
+                f"do not fit its {limits['cpu']} CPUs"
+            )
     return gpus, problems
 
 
@@ -437,7 +477,9 @@ def rayjob_problems(job: dict) -> list[str]:
     gpus, short = gpu_capacity(job["spec"]["rayClusterSpec"], cfg.train.cpus_per_worker)
     problems += short
     if cfg.train.use_gpu is not True or gpus < cfg.train.workers:
-        problems.append(f"{cfg.train.workers} GPU workers need GPUs x maxReplicas >= {cfg.train.workers}; the groups reach {gpus}")
+        problems.append(
+            f"{cfg.train.workers} GPU workers need GPUs x maxReplicas >= {cfg.train.workers}; the groups reach {gpus}"
+        )
     # A retry runs on a fresh cluster: it resumes only from storage the cluster does not own, under
     # a name the config states rather than one made up per run.
     if not (is_s3(cfg.run.storage) and is_s3(cfg.data.uri)):
@@ -461,19 +503,38 @@ def test_the_rayjob_runs_the_training_entrypoint_with_the_cluster_config():
     assert (script, args.config) == ("jobs/train.py", "configs/cluster.yaml")
 
 
-@pytest.mark.parametrize("dotted, value, complaint", [
-    ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].image", "rayproject/ray:2.60.0", "the image the Dockerfile"),
-    ("spec.rayClusterSpec.rayVersion", "2.59.0", "not the Ray pyproject.toml pins"),
-    ("spec.rayClusterSpec.headGroupSpec.rayStartParams", {}, "head takes no training"),
-    ("spec.entrypoint", "python jobs/train.py --config configs/clusters.yaml", "configs/clusters.yaml is not a repo file"),
-    ("spec.entrypoint", "python bench/accuracy.py", "bench/accuracy.py"),
-    ("spec.entrypoint", "python jobs/train.py --config configs/cluster.yaml --set run.storage=/tmp/runs", "must be in S3"),
-    ("spec.entrypoint", "python jobs/train.py --config configs/cluster.yaml --set train.workers=12", "the groups reach 8"),
-    ("spec.rayClusterSpec.workerGroupSpecs.[0].maxReplicas", 1, "the groups reach 4"),
-    ("spec.rayClusterSpec.workerGroupSpecs.[0].template.spec.volumes", [], "/dev/shm"),
-    ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].workingDir", "/home/ray", "workingDir"),
-    ("spec.backoffLimit", 0, "backoffLimit (retries)"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, complaint",
+    [
+        (
+            "spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].image",
+            "rayproject/ray:2.60.0",
+            "the image the Dockerfile",
+        ),
+        ("spec.rayClusterSpec.rayVersion", "2.59.0", "not the Ray pyproject.toml pins"),
+        ("spec.rayClusterSpec.headGroupSpec.rayStartParams", {}, "head takes no training"),
+        (
+            "spec.entrypoint",
+            "python jobs/train.py --config configs/clusters.yaml",
+            "configs/clusters.yaml is not a repo file",
+        ),
+        ("spec.entrypoint", "python bench/accuracy.py", "bench/accuracy.py"),
+        (
+            "spec.entrypoint",
+            "python jobs/train.py --config configs/cluster.yaml --set run.storage=/tmp/runs",
+            "must be in S3",
+        ),
+        (
+            "spec.entrypoint",
+            "python jobs/train.py --config configs/cluster.yaml --set train.workers=12",
+            "the groups reach 8",
+        ),
+        ("spec.rayClusterSpec.workerGroupSpecs.[0].maxReplicas", 1, "the groups reach 4"),
+        ("spec.rayClusterSpec.workerGroupSpecs.[0].template.spec.volumes", [], "/dev/shm"),
+        ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].workingDir", "/home/ray", "workingDir"),
+        ("spec.backoffLimit", 0, "backoffLimit (retries)"),
+    ],
+)
 def test_the_repo_checks_refuse_a_rayjob_that_disagrees_with_the_repo(dotted, value, complaint):
     try:
         problems = repo_problems(rayjob_with(dotted, value))
@@ -488,8 +549,11 @@ def test_a_job_submitted_without_a_working_dir_runs_where_ray_start_ran():
     # `ray start` runs in the container's working directory. A real head, started in its temp dir,
     # and a submission from the repo root: the job sees the head's directory, not the client's.
     with RayHead(num_cpus=1) as head:
-        done = head.run([str(VENV_BIN / "ray"), "job", "submit", "--", "python", "-c", "import os; print('cwd=' + os.getcwd())"],
-                        head.job_client_env(), timeout=240)
+        done = head.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--", "python", "-c", "import os; print('cwd=' + os.getcwd())"],
+            head.job_client_env(),
+            timeout=240,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert f"cwd={head.temp_dir.resolve()}" in done.stdout, done.stdout[-3000:]
 

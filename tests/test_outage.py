@@ -85,11 +85,22 @@ def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_clust
     bucket = f"outage-{uuid.uuid4().hex[:10]}"
     flaky_s3.client().create_bucket(Bucket=bucket)
     epochs = 4
-    cfg = load_config(None, [
-        f"optim.epochs={epochs}", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32",
-        "train.workers=2", "train.cpus_per_worker=1", "train.use_gpu=false", "train.histogram_every=0",
-        f"run.storage=s3://{bucket}/runs", f"run.s3_endpoint={flaky_s3.endpoint}", "run.name=outage",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"optim.epochs={epochs}",
+            "data.stored_size=40",
+            "data.train_size=32",
+            "optim.batch_size=32",
+            "train.workers=2",
+            "train.cpus_per_worker=1",
+            "train.use_gpu=false",
+            "train.histogram_every=0",
+            f"run.storage=s3://{bucket}/runs",
+            f"run.s3_endpoint={flaky_s3.endpoint}",
+            "run.name=outage",
+        ],
+    )
     log: dict[str, float] = {}
 
     def first_checkpoint_stored() -> bool:
@@ -108,23 +119,32 @@ def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_clust
     # reports (each stores a checkpoint) in between had to wait for the store.
     assert log["down"] < log["up"] < finished, log
     assert [h["epoch"] for h in report["history"]] == list(range(epochs))  # each epoch exactly once
-    metrics = json.loads(flaky_s3.client().get_object(Bucket=bucket, Key="runs/outage/best/metrics.json")["Body"].read())
+    metrics = json.loads(
+        flaky_s3.client().get_object(Bucket=bucket, Key="runs/outage/best/metrics.json")["Body"].read()
+    )
     assert [h["epoch"] for h in metrics["history"]] == list(range(epochs))
     checkpoints = {k.split("/")[2] for k in flaky_s3.keys(bucket) if k.endswith("/checkpoint.pt") and "/best/" not in k}
     assert 1 <= len(checkpoints) <= cfg.train.checkpoints_to_keep + 1
 
 
 def test_prepare_interrupted_by_an_outage_completes_on_rerun_and_is_never_marked_complete_early(flaky_s3, tmp_path):
-    from simpsons.prepare import prepare_dataset
     from asserts import one_sentence
-    from simpsons.storage import StorageError
     from synthetic import make_image_tree
+
+    from simpsons.prepare import prepare_dataset
+    from simpsons.storage import StorageError
 
     bucket = f"outage-{uuid.uuid4().hex[:10]}"
     flaky_s3.client().create_bucket(Bucket=bucket)
     root = make_image_tree(tmp_path / "src", per_split={"train": 120, "val": 30}, size=32)
-    args = dict(source=str(root), dest=f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache"),
-                endpoint=flaky_s3.endpoint)
+    args = dict(
+        source=str(root),
+        dest=f"s3://{bucket}/p",
+        stored_size=32,
+        workers=1,
+        cache_dir=str(tmp_path / "cache"),
+        endpoint=flaky_s3.endpoint,
+    )
     manifest_key = "p/datasets/simpsons/v1/manifest.json"
     seen: dict[str, int] = {}
 

@@ -12,17 +12,17 @@ from urllib.parse import urlparse
 import boto3
 import numpy as np
 import pytest
-from PIL import Image
-
 from asserts import one_sentence
+from PIL import Image
 from s3_objects import objects
+from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
+
 from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, load_image
 from simpsons.dataset import local_dataset_dir, read_manifest
 from simpsons.files import sha256_hex
 from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree, thumbnails
 from simpsons.storage import StorageError
-from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,8 +85,14 @@ def test_unsplit_tree_gets_a_seeded_stratified_split_without_duplicates_across(t
 def test_near_duplicates_are_reencodes_not_merely_similar_pictures(tmp_path):
     root = unsplit_tree(tmp_path / "src", per_class=6)
     lisa = root / "lisa_simpson"
-    files = [lisa / "pic_0000.jpg", lisa / "reencoded_0.jpg", lisa / "pic_0001.jpg", lisa / "pic_0002.jpg",
-             lisa / "reencoded_2.jpg", root / "bart_simpson" / "pic_0000.jpg"]
+    files = [
+        lisa / "pic_0000.jpg",
+        lisa / "reencoded_0.jpg",
+        lisa / "pic_0001.jpg",
+        lisa / "pic_0002.jpg",
+        lisa / "reencoded_2.jpg",
+        root / "bart_simpson" / "pic_0000.jpg",
+    ]
     thumbs = thumbnails(np.stack([load_image(f.read_bytes(), 32) for f in files]))
     labels = np.array([0, 0, 0, 0, 0, 1])
     assert near_duplicate_pairs(thumbs, labels).tolist() == [[0, 1], [3, 4]]
@@ -104,8 +110,10 @@ def test_given_split_is_kept_and_cross_split_duplicates_are_noted(tmp_path):
     assert manifest["splits"]["val"]["images"] == 4 * 3 + 2
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "1 byte-identical image(s) appear in both train and val (as given by the source)" in report["notes"]
-    assert any(n.startswith("1 near-identical image pair(s) (re-encodes or neighbouring video frames) straddle")
-               for n in report["notes"]), report["notes"]
+    assert any(
+        n.startswith("1 near-identical image pair(s) (re-encodes or neighbouring video frames) straddle")
+        for n in report["notes"]
+    ), report["notes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,11 +128,12 @@ def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_pa
     (bart / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (bart / "notes.jpg").write_text("these are my notes, not a picture")
 
-    result = prepare_dataset(str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1,
-                             cache_dir=str(tmp_path / "cache"))
+    result = prepare_dataset(
+        str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache")
+    )
     prefix = "simpsons/datasets/tiny/v1/"
     assert result.uri == f"s3://{bucket}/{prefix}".rstrip("/") and result.images == 4 * 8
-    stored = {k[len(prefix):]: o for k, o in objects(bucket).items()}
+    stored = {k[len(prefix) :]: o for k, o in objects(bucket).items()}
     manifest = json.loads(get(bucket, prefix + "manifest.json"))
     # Every object is listed with its sha256, and matches it; the manifest names classes and counts.
     assert set(stored) == set(manifest["objects"]) | {"manifest.json"}
@@ -137,18 +146,40 @@ def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_pa
     report = json.loads(get(bucket, prefix + "report.json"))
     bad = {b["path"]: b["reason"] for b in report["bad_files"]["train"]}
     assert set(bad) == {f"dataset/train/bart_simpson/{n}" for n in ("empty.jpg", "truncated.jpg", "notes.jpg")}
-    assert "0 bytes" in bad["dataset/train/bart_simpson/empty.jpg"] and "cannot decode" in bad["dataset/train/bart_simpson/notes.jpg"]
+    assert (
+        "0 bytes" in bad["dataset/train/bart_simpson/empty.jpg"]
+        and "cannot decode" in bad["dataset/train/bart_simpson/notes.jpg"]
+    )
     assert not any("empty.jpg" in k or "notes.jpg" in k for k in stored)
 
     # Same inputs again: nothing is sent. Other inputs into the complete version: refused.
     before = {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket).items()}
-    assert prepare_dataset(str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1,
-                           cache_dir=str(tmp_path / "cache")).files_sent == 0
+    assert (
+        prepare_dataset(
+            str(root),
+            f"s3://{bucket}/simpsons",
+            "tiny",
+            "v1",
+            stored_size=32,
+            workers=1,
+            cache_dir=str(tmp_path / "cache"),
+        ).files_sent
+        == 0
+    )
     assert {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket).items()} == before
     (bart / "pic_0001.jpg").unlink()
-    with pytest.raises(DataError, match="already holds a complete dataset made from other images or settings; pass a new --version"):
-        prepare_dataset(str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1,
-                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(
+        DataError, match="already holds a complete dataset made from other images or settings; pass a new --version"
+    ):
+        prepare_dataset(
+            str(root),
+            f"s3://{bucket}/simpsons",
+            "tiny",
+            "v1",
+            stored_size=32,
+            workers=1,
+            cache_dir=str(tmp_path / "cache"),
+        )
 
 
 def test_every_problem_of_a_tree_is_named_in_one_error_and_nothing_is_stored(bucket, tmp_path):
@@ -169,7 +200,8 @@ def test_every_problem_of_a_tree_is_named_in_one_error_and_nothing_is_stored(buc
         "and 1 more; 2 test-set file(s) not named <class>_<number> with a known class: kaggle_simpson_testset/bart.jpg, "
         "kaggle_simpson_testset/nobody_3.jpg; 1 class folder(s) without images: simpsons_dataset/milhouse_van_houten; "
         "rename or remove "
-        "them, or set data.classes=auto to use the tree's own class folders.")
+        "them, or set data.classes=auto to use the tree's own class folders."
+    )
     assert objects(bucket) == {}
 
     # Fixed: the empty class folder alone is a note in the report, not a failure.
@@ -186,22 +218,28 @@ def test_every_problem_of_a_tree_is_named_in_one_error_and_nothing_is_stored(buc
 def _no_usable_train(root: Path) -> str:
     for path in (root / "dataset/train").rglob("pic_*"):
         path.write_bytes(b"this is not an image")
-    return ("No dataset written: the training split has no usable image (20 image file(s) found, 12 left out, "
-            "e.g. dataset/train/bart_simpson/pic_0000.jpg: cannot decode: not an image in a format this job reads "
-            "(JPEG, PNG, BMP, GIF, WebP)); add decodable images to the class folders.")
+    return (
+        "No dataset written: the training split has no usable image (20 image file(s) found, 12 left out, "
+        "e.g. dataset/train/bart_simpson/pic_0000.jpg: cannot decode: not an image in a format this job reads "
+        "(JPEG, PNG, BMP, GIF, WebP)); add decodable images to the class folders."
+    )
 
 
 def _empty_val(root: Path) -> str:
     for path in (root / "dataset/val").rglob("pic_*"):
         path.unlink()
-    return ("No dataset written: the validation split is empty (12 image file(s) found, 0 left out); "
-            "add images to the val/<class>/ folders.")
+    return (
+        "No dataset written: the validation split is empty (12 image file(s) found, 0 left out); "
+        "add images to the val/<class>/ folders."
+    )
 
 
 def _class_only_in_val(root: Path) -> str:
     shutil.copytree(root / "dataset/val/bart_simpson", root / "dataset/val/gil")
-    return ("No dataset written: 1 class(es) have validation images but no training image (gil) (22 image file(s) "
-            "found, 0 left out); add training images of them or remove them from val.")
+    return (
+        "No dataset written: 1 class(es) have validation images but no training image (gil) (22 image file(s) "
+        "found, 0 left out); add training images of them or remove them from val."
+    )
 
 
 @pytest.mark.parametrize("damage", [_no_usable_train, _empty_val, _class_only_in_val])
@@ -222,25 +260,43 @@ def test_bad_files_are_reported_in_words_and_oversized_files_are_not_read(bucket
     (bart / "half.jpg").write_bytes(good[: len(good) // 2])
     with open(bart / "huge.jpg", "wb") as f:  # sparse: 4 GiB that cost no disk; reading it would take seconds
         f.truncate(4 << 30)
-    result = prepare_dataset(str(root), f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache"))
+    result = prepare_dataset(
+        str(root), f"s3://{bucket}/p", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache")
+    )
     report = json.loads(get(bucket, "p/datasets/simpsons/v1/report.json"))
     reasons = {b["path"].split("/")[-1]: b["reason"] for files in report["bad_files"].values() for b in files}
     assert reasons["notes.jpg"] == "cannot decode: not an image in a format this job reads (JPEG, PNG, BMP, GIF, WebP)"
     assert reasons["huge.jpg"] == "4,096.0 MiB, over the per-image limit of 64.0 MiB (data.max_image_bytes); not read"
-    assert report["bad_files"]["unread"] == [{"path": "dataset/train/bart_simpson/huge.jpg", "reason": reasons["huge.jpg"]}]
+    assert report["bad_files"]["unread"] == [
+        {"path": "dataset/train/bart_simpson/huge.jpg", "reason": reasons["huge.jpg"]}
+    ]
     assert all(" at 0x" not in r and "<" not in r for r in reasons.values()), reasons
     assert result.images == 4 * 5
 
 
 def test_job_exits_with_one_sentence_for_a_missing_bucket(s3_server, tmp_path):
     root = make_image_tree(tmp_path / "src", per_split={"train": 1, "val": 1}, size=16)
-    done = subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), "--source", str(root),
-                           "--dest", "s3://not-a-bucket-yet/simpsons", "--set", f"data.cache_dir={tmp_path / 'cache'}"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs/prepare_data.py"),
+            "--source",
+            str(root),
+            "--dest",
+            "s3://not-a-bucket-yet/simpsons",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: Bucket 'not-a-bucket-yet' does not exist at {s3_server}; create it "
-        "(aws s3 mb s3://not-a-bucket-yet) or fix the URI s3://not-a-bucket-yet/simpsons.")
+        "(aws s3 mb s3://not-a-bucket-yet) or fix the URI s3://not-a-bucket-yet/simpsons."
+    )
     assert "Traceback" not in done.stderr
 
 
@@ -249,16 +305,30 @@ def test_archive_with_a_4_gib_image_is_refused_unread_and_nothing_is_published(b
     archive = write_zero_member_tar_xz(tmp_path / "bomb.tar.xz", "dataset/train/bart_simpson/huge.jpg", 4 << 30)
     assert archive.stat().st_size < 1 << 20
     cache = tmp_path / "cache"
-    done = subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), "--source", str(archive),
-                           "--dest", f"s3://{bucket}/p", "--set", f"data.cache_dir={cache}"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs/prepare_data.py"),
+            "--source",
+            str(archive),
+            "--dest",
+            f"s3://{bucket}/p",
+            "--set",
+            f"data.cache_dir={cache}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert done.returncode == 2, done.stderr
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: No images found under {cache}/unpacked/") and message.endswith(
         " (1 file(s) left out unread for their size, e.g. dataset/train/bart_simpson/huge.jpg (4,096.0 MiB in the "
         "archive, over the per-image limit of 64.0 MiB (data.max_image_bytes); not unpacked)): expected "
         "[dataset/]train/<class>/*.jpg (the original layout) or <class>/*.jpg (Kaggle's simpsons_dataset) within a "
-        "few folders of it."), message
+        "few folders of it."
+    ), message
     assert "Traceback" not in done.stderr and objects(bucket) == {}
     written = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     assert written < 1 << 20, written  # the member was never written to the cache

@@ -19,11 +19,20 @@ from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["data.stored_size=40", "data.train_size=32", "optim.batch_size=32", "optim.warmup_epochs=0",
-         "train.cpus_per_worker=1", "train.use_gpu=false", "train.histogram_every=1"]
+SMALL = [
+    "data.stored_size=40",
+    "data.train_size=32",
+    "optim.batch_size=32",
+    "optim.warmup_epochs=0",
+    "train.cpus_per_worker=1",
+    "train.use_gpu=false",
+    "train.histogram_every=1",
+]
 
 
-def test_make_train_config_writes_tensorboard_and_best_under_the_working_folder(ray_cluster, packed_dataset, tmp_path, monkeypatch):
+def test_make_train_config_writes_tensorboard_and_best_under_the_working_folder(
+    ray_cluster, packed_dataset, tmp_path, monkeypatch
+):
     from simpsons.train import fit
 
     monkeypatch.chdir(tmp_path)  # where the user typed `make train`
@@ -44,9 +53,18 @@ def test_smoke_sweep_keeps_every_trial_run_under_the_sweep_folder(ray_cluster, p
 
     monkeypatch.chdir(tmp_path)
     # jobs/tune.py --smoke-test on configs/tune.yaml: two one-epoch trials, storage ./runs.
-    cfg = load_sweep(REPO / "configs" / "tune.yaml", [
-        "tune.num_samples=2", "tune.grace_period=1", "tune.max_concurrent_trials=1", "train.workers=1",
-        f"data.uri={packed_dataset}", "optim.epochs=1", *SMALL])
+    cfg = load_sweep(
+        REPO / "configs" / "tune.yaml",
+        [
+            "tune.num_samples=2",
+            "tune.grace_period=1",
+            "tune.max_concurrent_trials=1",
+            "train.workers=1",
+            f"data.uri={packed_dataset}",
+            "optim.epochs=1",
+            *SMALL,
+        ],
+    )
     assert cfg.run.storage == "./runs" and cfg.data.cache_dir == "./cache" and cfg.tune.name == "focal-lr"
     run_sweep(cfg)
 

@@ -11,12 +11,12 @@ import uuid
 
 import boto3
 import pytest
-
 from s3_objects import objects
-from simpsons.config import load_config
-from simpsons.report import OUTPUT_FILES
-from simpsons.prepare import prepare_dataset
 from synthetic import CLASSES, make_image_tree
+
+from simpsons.config import load_config
+from simpsons.prepare import prepare_dataset
+from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
 SECRET = "testing-secret-key"  # the conftest's; no object may contain it
@@ -32,15 +32,31 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
     bucket = f"e2e-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     source = make_image_tree(tmp_path / "photos", per_split={"train": 40, "val": 12}, size=48)
-    prepare = dict(source=str(source), dest=f"s3://{bucket}/simpsons", name="synthetic", version="v1",
-                   stored_size=40, workers=1, cache_dir=str(tmp_path / "prepare_cache"))
+    prepare = dict(
+        source=str(source),
+        dest=f"s3://{bucket}/simpsons",
+        name="synthetic",
+        version="v1",
+        stored_size=40,
+        workers=1,
+        cache_dir=str(tmp_path / "prepare_cache"),
+    )
     prepared = prepare_dataset(**prepare)
     assert prepared.uri == f"s3://{bucket}/simpsons/datasets/synthetic/v1" and prepared.images == 4 * 52
 
     overrides = [
-        "optim.epochs=2", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32", "optim.warmup_epochs=0.5",
-        "train.workers=2", "train.cpus_per_worker=1", "train.use_gpu=false", f"data.uri={prepared.uri}",
-        f"data.cache_dir={tmp_path / 'node_cache'}", f"run.storage=s3://{bucket}/runs", "run.name=e2e",
+        "optim.epochs=2",
+        "data.stored_size=40",
+        "data.train_size=32",
+        "optim.batch_size=32",
+        "optim.warmup_epochs=0.5",
+        "train.workers=2",
+        "train.cpus_per_worker=1",
+        "train.use_gpu=false",
+        f"data.uri={prepared.uri}",
+        f"data.cache_dir={tmp_path / 'node_cache'}",
+        f"run.storage=s3://{bucket}/runs",
+        "run.name=e2e",
     ]
     cfg = load_config(None, overrides)
     report = fit(cfg)  # data.source prepared into the cache by the job itself
@@ -49,7 +65,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
     assert len(list((tmp_path / "node_cache" / "datasets").glob("*/manifest.json"))) == 1
     # best/ is in S3, with per-class metrics for every class of the data.
     run = {key.removeprefix("runs/e2e/"): entry for key, entry in objects(bucket, "runs/e2e/").items()}
-    assert set(OUTPUT_FILES) <= {k[len("best/"):] for k in run if k.startswith("best/")}
+    assert set(OUTPUT_FILES) <= {k[len("best/") :] for k in run if k.startswith("best/")}
     metrics = json.loads(get(bucket, "runs/e2e/best/metrics.json"))
     scored = {row["class"]: row for row in metrics["per_class"] if row["support"] > 0}
     assert set(scored) == set(CLASSES) and all(0 <= row["f1"] <= 1 for row in scored.values())

@@ -13,10 +13,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from synthetic import make_image_tree
 
 from simpsons.prepare import scan_tree
 from simpsons.sources import SourceError, fetch_source
-from synthetic import make_image_tree
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,13 @@ def test_kaggle_layout_is_found_with_its_flat_test_set(tmp_path):
     tree = scan_tree(fetch_source(root, tmp_path / "cache"))
     assert set(tree.groups) == {"unsplit", "testset"}
     assert len(tree.groups["unsplit"]) == 4 * 6
-    assert [r.relpath for r in tree.groups["testset"]][0] == "kaggle_simpson_testset/kaggle_simpson_testset/bart_simpson_0.jpg"
+    assert [r.relpath for r in tree.groups["testset"]][
+        0
+    ] == "kaggle_simpson_testset/kaggle_simpson_testset/bart_simpson_0.jpg"
     (test_dir / "bartman_7.jpg").write_bytes(b"x")
-    with pytest.raises(Exception, match="1 test-set file\\(s\\) not named <class>_<number> with a known class: .*bartman_7.jpg;"):
+    with pytest.raises(
+        Exception, match="1 test-set file\\(s\\) not named <class>_<number> with a known class: .*bartman_7.jpg;"
+    ):
         scan_tree(root)
 
 

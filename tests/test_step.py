@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, mix_seed
 from simpsons.model import classify, create_model
-from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch
 
 CPU = torch.device("cpu")
@@ -29,7 +29,9 @@ def _cfg(*overrides: str) -> Config:
 
 def _split(n: int = 32, size: int = 40, **kwargs) -> ResidentSplit:
     rng = np.random.default_rng(0)
-    return ResidentSplit(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n), **kwargs)
+    return ResidentSplit(
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n), **kwargs
+    )
 
 
 def _step(cfg: Config, split: ResidentSplit) -> TrainStep:
@@ -213,8 +215,9 @@ def test_moving_average_follows_the_weights_and_survives_a_checkpoint():
         current = dict(step.model.named_parameters())
         # The first update copies the weights; each later one moves halfway (decay 0.5) towards them.
         first = int(step.ema.n_averaged) == 1
-        expected = {n: current[n].detach().clone() if first else 0.5 * expected[n] + 0.5 * current[n].detach()
-                    for n in expected}
+        expected = {
+            n: current[n].detach().clone() if first else 0.5 * expected[n] + 0.5 * current[n].detach() for n in expected
+        }
     averaged = dict(step.ema.module.named_parameters())
     assert all(torch.allclose(averaged[n], expected[n], atol=1e-6) for n in expected)
     assert not torch.equal(averaged["fc.4.weight"], step.model.fc[4].weight)

@@ -7,11 +7,11 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-
 from asserts import one_sentence
 from s3_objects import objects
-from simpsons.cluster import free_port
+
 from simpsons import storage
+from simpsons.cluster import free_port
 from simpsons.dataset import load_packed, local_dataset_dir, manifest_sha256, read_manifest
 from simpsons.files import file_sha256
 from simpsons.storage import StorageError
@@ -77,8 +77,15 @@ def test_wrong_endpoint_is_one_sentence(s3_server):
 
 
 def test_no_credentials_is_one_sentence(bucket, tmp_path, monkeypatch):
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
@@ -136,7 +143,9 @@ def test_dataset_is_downloaded_once_per_node_and_verified(bucket, packed_dataset
     assert not list((tmp_path / "other_cache" / "datasets").glob("*/manifest.json"))
 
 
-def test_a_complete_copy_from_another_host_after_a_lost_race_counts_as_success(bucket, packed_dataset, tmp_path, monkeypatch):
+def test_a_complete_copy_from_another_host_after_a_lost_race_counts_as_success(
+    bucket, packed_dataset, tmp_path, monkeypatch
+):
     """Two hosts sharing one cache folder (e.g. NFS, where the file lock does not reach across
     hosts): each downloads into its own per-host, per-process folder; the one that finishes
     second finds the other's complete copy in place and uses it."""

@@ -11,21 +11,33 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from synthetic import CLASSES, make_image_tree
 
 from simpsons.config import load_config
 from simpsons.report import OUTPUT_FILES
-from synthetic import CLASSES, make_image_tree
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(storage, epochs, name="run", *overrides):
-    return load_config(None, [
-        f"optim.epochs={epochs}", "data.stored_size=40", "data.train_size=32", "optim.batch_size=32",
-        "optim.warmup_epochs=0.5", "train.workers=2", "train.cpus_per_worker=1", "train.use_gpu=false",
-        "train.histogram_every=1", f"run.storage={storage}", f"run.name={name}", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"optim.epochs={epochs}",
+            "data.stored_size=40",
+            "data.train_size=32",
+            "optim.batch_size=32",
+            "optim.warmup_epochs=0.5",
+            "train.workers=2",
+            "train.cpus_per_worker=1",
+            "train.use_gpu=false",
+            "train.histogram_every=1",
+            f"run.storage={storage}",
+            f"run.name={name}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +101,14 @@ def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset)
     assert [h["epoch"] for h in history] == list(range(done + 2)) and history[-1]["resumed"]
     assert all(math.isfinite(h["train_loss"]) for h in history) and report["accuracy"] >= 0.7
     state = _latest_checkpoint(run_dir)
-    assert state["epoch"] == done + 1 and state["config"]["train"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
+    assert (
+        state["epoch"] == done + 1 and state["config"]["train"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
+    )
 
 
-def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights(ray_cluster, packed_dataset, image_tree,
-                                                                                tmp_path):
+def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights(
+    ray_cluster, packed_dataset, image_tree, tmp_path
+):
     from simpsons.train import fit
 
     cfg = _cfg(tmp_path / "runs", 2, "ema", "optim.ema_decay=0.8", "model.tta_flip=true", "train.histogram_every=0")
@@ -105,9 +120,22 @@ def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights
     # evaluate.py serves the averaged weights (with the flip): on the validation images it scores
     # what training reported for the best epoch (bf16 there, fp32 here: one image may differ).
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "runs" / "ema" / "best"),
-                           "--data", str(image_tree / "dataset" / "val"), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/evaluate.py",
+            "--checkpoint",
+            str(tmp_path / "runs" / "ema" / "best"),
+            "--data",
+            str(image_tree / "dataset" / "val"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     scored = json.loads((out / "metrics.json").read_text())
     assert scored["images"] == report["images"] == 48
@@ -136,16 +164,26 @@ def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tm
     run_dir, _ = trained_run
     best = run_dir / "best"
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(best), "--data", str(image_tree),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "jobs/evaluate.py", "--checkpoint", str(best), "--data", str(image_tree), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 48 and metrics["accuracy"] >= 0.7
     assert (out / "confusion.png").exists() and (out / "per_class.csv").exists()
 
     image = next((image_tree / "dataset" / "val" / "lisa_simpson").glob("*.jpg"))
-    done = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(best), str(image), "--json", "--top-k", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "jobs/predict.py", "--checkpoint", str(best), str(image), "--json", "--top-k", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(result["top"]) == 2 and result["top"][0]["prob"] >= result["top"][1]["prob"]
@@ -153,16 +191,29 @@ def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tm
 
 
 def test_bad_checkpoint_path_is_one_clear_sentence(tmp_path):
-    done = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "x.jpg"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "x.jpg"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"error: No checkpoint at {tmp_path}/checkpoint.pt; pass a run's best/ folder or its checkpoint.pt."]
+    assert done.stderr.strip().splitlines() == [
+        f"error: No checkpoint at {tmp_path}/checkpoint.pt; pass a run's best/ folder or its checkpoint.pt."
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_asking_for_cuda_without_it_is_one_clear_sentence(tmp_path):
-    done = subprocess.run([sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "--device", "cuda", "x.jpg"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "--device", "cuda", "x.jpg"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."]
+        "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."
+    ]

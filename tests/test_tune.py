@@ -27,9 +27,15 @@ EPOCHS = 2
 # Small, quick trials on the test-written images: 2 workers x 0.5 CPU + 1 CPU for the trial's
 # driver = 2 logical CPUs, so two trials share the 4-CPU test cluster at a time.
 BASE = [
-    f"optim.epochs={EPOCHS}", "optim.warmup_epochs=0", "optim.batch_size=32",
-    "data.stored_size=40", "data.train_size=32",
-    "train.workers=2", "train.cpus_per_worker=0.5", "train.use_gpu=false", "train.histogram_every=0",
+    f"optim.epochs={EPOCHS}",
+    "optim.warmup_epochs=0",
+    "optim.batch_size=32",
+    "data.stored_size=40",
+    "data.train_size=32",
+    "train.workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.use_gpu=false",
+    "train.histogram_every=0",
 ]
 
 
@@ -57,10 +63,15 @@ def test_sweep_file_loads_and_bad_keys_name_themselves(tmp_path):
 
 
 def test_one_space_entry_is_set_or_removed_and_the_rest_kept():
-    cfg = load_sweep(REPO / "configs" / "tune.yaml", [
-        "tune.space.optim.weight_decay={loguniform: [1.0e-3, 1.0e-1]}", "tune.space.loss.alpha_power=null"])
-    assert cfg.tune.space == {"optim.lr": {"loguniform": [3.0e-4, 1.0e-2]}, "loss.gamma": {"uniform": [0.0, 3.0]},
-                              "optim.weight_decay": {"loguniform": [1.0e-3, 1.0e-1]}}
+    cfg = load_sweep(
+        REPO / "configs" / "tune.yaml",
+        ["tune.space.optim.weight_decay={loguniform: [1.0e-3, 1.0e-1]}", "tune.space.loss.alpha_power=null"],
+    )
+    assert cfg.tune.space == {
+        "optim.lr": {"loguniform": [3.0e-4, 1.0e-2]},
+        "loss.gamma": {"uniform": [0.0, 3.0]},
+        "optim.weight_decay": {"loguniform": [1.0e-3, 1.0e-1]},
+    }
     # A whole space replaces the file's.
     cfg = load_sweep(REPO / "configs" / "tune.yaml", ["tune.space={loss.gamma: {choice: [0, 2]}}"])
     assert cfg.tune.space == {"loss.gamma": {"choice": [0, 2]}}
@@ -114,12 +125,20 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     # score at ASHA's rung (epoch 1) and is stopped there. With reduction factor 2 the cutoff at a
     # rung is the median of the scores already there, so the sane trial that reaches epoch 1
     # second is also stopped when it scores below the first: which one depends on timing.
-    cfg = load_sweep(None, BASE + [
-        f"run.storage=s3://{bucket}/simpsons", "tune.name=asha", "tune.num_samples=1", "tune.max_concurrent_trials=2",
-        "tune.grace_period=1", "tune.reduction_factor=2",
-        "tune.space={optim.lr: {grid: [1.0e-3, 3.0e-3, 5.0]}, loss.gamma: {uniform: [0.5, 2.0]}, "
-        "loss.alpha: {choice: [auto, 1.0]}}",
-    ])
+    cfg = load_sweep(
+        None,
+        BASE
+        + [
+            f"run.storage=s3://{bucket}/simpsons",
+            "tune.name=asha",
+            "tune.num_samples=1",
+            "tune.max_concurrent_trials=2",
+            "tune.grace_period=1",
+            "tune.reduction_factor=2",
+            "tune.space={optim.lr: {grid: [1.0e-3, 3.0e-3, 5.0]}, loss.gamma: {uniform: [0.5, 2.0]}, "
+            "loss.alpha: {choice: [auto, 1.0]}}",
+        ],
+    )
     rows = run_sweep(cfg, str(packed_dataset))
 
     by_lr = {row["optim.lr"]: row for row in rows}
@@ -127,7 +146,9 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     assert by_lr[5.0]["status"] == "stopped early" and by_lr[5.0]["epochs_run"] == 1
     sane = [by_lr[lr] for lr in (1e-3, 3e-3)]
     assert any(row["status"] == "completed" and row["epochs_run"] == EPOCHS for row in sane)
-    assert all(row["status"] == "completed" or (row["status"] == "stopped early" and row["epochs_run"] == 1) for row in sane)
+    assert all(
+        row["status"] == "completed" or (row["status"] == "stopped early" and row["epochs_run"] == 1) for row in sane
+    )
 
     prefix = "simpsons/asha/"
     keys = _keys(bucket, prefix)
@@ -159,10 +180,17 @@ class _Driver:
     def __init__(self, args: list[str], env: dict):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "jobs" / "tune.py"), *args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, str(REPO / "jobs" / "tune.py"), *args],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
+        self.reader = threading.Thread(
+            target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True
+        )
         self.reader.start()
 
     def started_trials(self) -> list[str]:  # from simpsons.tune.ProgressCallback's lines
@@ -190,12 +218,21 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_
 
     bucket = _bucket("resume")
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"uri": str(packed_dataset)},
-        "run": {"storage": f"s3://{bucket}/simpsons"},
-        "tune": {"name": "killed", "num_samples": 1, "max_concurrent_trials": 1, "scheduler": "fifo",
-                 "space": {"optim.lr": {"grid": [2e-3, 3e-3]}}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"uri": str(packed_dataset)},
+                "run": {"storage": f"s3://{bucket}/simpsons"},
+                "tune": {
+                    "name": "killed",
+                    "num_samples": 1,
+                    "max_concurrent_trials": 1,
+                    "scheduler": "fifo",
+                    "space": {"optim.lr": {"grid": [2e-3, 3e-3]}},
+                },
+            }
+        )
+    )
     # Three epochs, so a trial interrupted after its first still has two to go.
     args = ["--config", str(config), *[a for item in [*BASE, "optim.epochs=3"] for a in ("--set", item)]]
     # The driver joins the test's cluster as its own job, like `ray job submit` would start it.
@@ -206,7 +243,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_
 
     def has_checkpoint(trial_id: str) -> bool:  # what a restarted Train run resumes from
         return "checkpoint_manager_snapshot.json" in {
-            key.rsplit("/", 1)[-1] for key in _keys(bucket, f"simpsons/killed/runs/killed-{trial_id}/")}
+            key.rsplit("/", 1)[-1] for key in _keys(bucket, f"simpsons/killed/runs/killed-{trial_id}/")
+        }
 
     first = _Driver(args, env)
     try:
@@ -239,8 +277,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_
         assert _keys(bucket, f"simpsons/killed/runs/killed-{tid}/") == keys
     # The interrupted trial went on from its checkpoint instead of starting over.
     history = tune.ExperimentAnalysis(f"{root}/killed", storage_filesystem=fs).trial_dataframes[interrupted]
-    assert bool(history["resumed"].iloc[-1]) and int(history["epoch"].iloc[-1]) == 2, \
+    assert bool(history["resumed"].iloc[-1]) and int(history["epoch"].iloc[-1]) == 2, (
         f"{history[['epoch', 'resumed']]}\n{second.output()}"
+    )
 
     table = list(csv.DictReader(io.StringIO(_read(bucket, "simpsons/killed/trials.csv").decode())))
     assert len(table) == 2 and {r["status"] for r in table} == {"completed"}

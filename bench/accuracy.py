@@ -94,11 +94,14 @@ def main(args: argparse.Namespace) -> None:
     if args.data == str(SHARED_SAMPLE) and not SHARED_SAMPLE.exists():
         print(f"skipped: the shared real sample is not at {SHARED_SAMPLE}")
         return
+    from simpsons.cluster import init_ray
     from simpsons.train import fit
 
+    # Workers' lines stay in their logs (stdout holds the figures); a failed run raises with its error.
+    init_ray(log_to_driver=False)
     overrides, budget, target = PROFILES[args.profile]
-    budget = args.budget_s or budget
-    target = args.target_f1 or target
+    budget = budget if args.budget_s is None else args.budget_s
+    target = target if args.target_f1 is None else args.target_f1
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:

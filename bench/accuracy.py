@@ -1,17 +1,31 @@
-"""Accuracy under a fixed budget: the original project's recipe against this project's default.
+"""Accuracy per second of compute: recipes and architectures on equal wall-clock budgets, over seeds.
 
-Both recipes train the original network from scratch on the shared real sample's train split and
-are scored on its val split, with the same epochs, resolution, precision and hardware. Prints one
-figure a line: per epoch `<recipe>_epoch<N>_val_macro_f1`, then per recipe the best macro-F1,
-accuracy and wall time, and the gain of the default recipe in macro-F1 points.
+Every recipe trains from scratch on the shared real sample's train split (the real job, `fit`,
+one Ray Train worker) and is scored on its val split, once per seed. The figures, airbench-style:
+the validation macro-F1 reached within the budget (the best epoch whose cumulative training +
+evaluation time fits it) and the time to reach a stated macro-F1; plus the run's final best.
+Times are the epochs' own (`epoch_time_s`), not Ray's start-up. Prints one figure a line, per
+recipe the mean and standard deviation over the seeds:
 
-    python bench/accuracy.py --profile cpu    # 64 px, 6 epochs per recipe: about 40 min on 2 cores
-    python bench/accuracy.py --profile gpu    # 128 px, 30 epochs on one GPU
+    <recipe>_f1_within_budget_mean / _std     budget: --budget-s (the profile's by default)
+    <recipe>_s_to_f1_<T>_mean / _std          seconds to macro-F1 T/100 (--target-f1); seeds that
+                                              never reach it are left out of the mean
+    <recipe>_reached_f1_<T>                   how many seeds reached it
+    <recipe>_best_val_macro_f1_mean / _std, <recipe>_best_val_acc_mean, <recipe>_train_s_mean
+
+    python bench/accuracy.py --profile cpu --seeds 1     # 4 recipes x 10 min budget at 64 px: ~40 min on 2 cores
+    python bench/accuracy.py --profile gpu --seeds 3     # 128 px on one GPU
+    python bench/accuracy.py --recipes default,candidate --seeds 2 --set optim.epochs=10
+
+Recipes: `original` (configs/original.yaml: the original project's recipe), `default` (the
+built-in defaults), `candidate` (the default plus what issue 13 measures: weights' moving average
+and test-time flip) and `resnet18` (torchvision's ResNet-18 from scratch, default recipe).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,67 +33,105 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from simpsons.cli import run_job  # noqa: E402
 from simpsons.config import load_config  # noqa: E402
 
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "simpsons_dataset"
+# (overrides for every recipe, budget in seconds per run, macro-F1 whose time is reported)
 PROFILES = {
-    # Lower resolution keeps both recipes inside ~40 minutes on 2 CPU cores.
-    "cpu": ["data.stored_size=72", "data.train_size=64", "optim.epochs=6", "train.use_gpu=false"],
-    "gpu": ["data.stored_size=144", "data.train_size=128", "optim.epochs=30", "train.use_gpu=true"],
+    # 64 px (packed at 72) keeps four recipes inside ~40 minutes on 2 CPU cores; 5 epochs of the
+    # original network take ~10 minutes there.
+    "cpu": (["data.stored_size=72", "data.train_size=64", "optim.epochs=5", "train.use_gpu=false"], 600, 0.5),
+    "gpu": (["data.stored_size=144", "data.train_size=128", "optim.epochs=30", "train.use_gpu=true"], 600, 0.9),
     # Seconds, for tests: pass --data with a small tree.
-    "quick": [
-        "data.stored_size=40",
-        "data.train_size=32",
-        "optim.epochs=2",
-        "train.use_gpu=false",
-        "optim.batch_size=32",
-    ],
+    "quick": (
+        ["data.stored_size=40", "data.train_size=32", "optim.epochs=2", "train.use_gpu=false", "optim.batch_size=32"],
+        60,
+        0.5,
+    ),
 }
-RECIPES = {"original": REPO / "configs" / "original.yaml", "default": None}
+RECIPES = {
+    "original": (REPO / "configs" / "original.yaml", []),
+    "default": (None, []),
+    "candidate": (None, ["optim.ema_decay=0.998", "model.tta_flip=true"]),
+    "resnet18": (None, ["model.arch=resnet18"]),
+}
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--data", default=str(SHARED_SAMPLE), help="raw data source (default: the shared real sample)")
-    parser.add_argument("--recipes", default="original,default")
-    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "accuracy"))
-    parser.add_argument("--set", action="append", default=[], help="extra overrides for both recipes")
-    args = parser.parse_args()
+    parser.add_argument("--recipes", default="original,default,candidate,resnet18", help=f"of {', '.join(RECIPES)}")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="runs per recipe, train.seed 0..N-1 (default: %(default)s)"
+    )
+    parser.add_argument("--budget-s", type=float, help="wall-clock budget per run in seconds (default: the profile's)")
+    parser.add_argument("--target-f1", type=float, help="the macro-F1 whose time is reported (default: the profile's)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "accuracy"), help="run storage")
+    parser.add_argument("--set", action="append", default=[], help="extra overrides for every recipe")
+    return parser
+
+
+def budget_figures(history: list[dict], budget_s: float, target: float) -> tuple[float, float | None]:
+    """(best val macro-F1 among the epochs finished within `budget_s`, seconds to reach `target` or None)."""
+    elapsed, within, reached = 0.0, 0.0, None
+    for epoch in history:
+        elapsed += epoch["epoch_time_s"]
+        if elapsed <= budget_s:
+            within = max(within, epoch["val_macro_f1"])
+        if reached is None and epoch["val_macro_f1"] >= target:
+            reached = elapsed
+    return within, reached
+
+
+def summarize(name: str, values: list[float], digits: int) -> None:
+    print(f"{name}_mean {statistics.fmean(values):.{digits}f}")
+    print(f"{name}_std {statistics.stdev(values) if len(values) > 1 else 0.0:.{digits}f}", flush=True)
+
+
+def main(args: argparse.Namespace) -> None:
     if args.data == str(SHARED_SAMPLE) and not SHARED_SAMPLE.exists():
         print(f"skipped: the shared real sample is not at {SHARED_SAMPLE}")
         return
-
+    from simpsons.cluster import init_ray
     from simpsons.train import fit
 
-    results = {}
-    for recipe in args.recipes.split(","):
-        cfg = load_config(
-            RECIPES[recipe],
-            PROFILES[args.profile]
-            + args.set
-            + [
-                f"data.source={args.data}",
-                f"data.cache_dir={REPO / 'cache'}",
-                "train.workers=1",
-                f"run.storage={args.out}",
-                f"run.name={args.profile}-{recipe}-{int(time.time())}",
-            ],
-        )
-        started = time.perf_counter()
-        report = fit(cfg)  # joins (or starts) Ray as the jobs do
-        wall = time.perf_counter() - started
-        for h in report["history"]:
-            print(f"{recipe}_epoch{h['epoch'] + 1}_val_macro_f1 {h['val_macro_f1']:.4f}")
-        results[recipe] = report
-        print(f"{recipe}_best_val_macro_f1 {report['macro_f1']:.4f}")
-        print(f"{recipe}_best_val_acc {report['accuracy']:.4f}")
-        print(f"{recipe}_best_epoch {report['epoch'] + 1}")
-        print(f"{recipe}_wall_s {wall:.0f}", flush=True)
-    if {"original", "default"} <= set(results):
-        gain = 100 * (results["default"]["macro_f1"] - results["original"]["macro_f1"])
-        print(f"default_minus_original_macro_f1_points {gain:.1f}")
+    # Workers' lines stay in their logs (stdout holds the figures); a failed run raises with its error.
+    init_ray(log_to_driver=False)
+    overrides, budget, target = PROFILES[args.profile]
+    budget = budget if args.budget_s is None else args.budget_s
+    target = target if args.target_f1 is None else args.target_f1
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"error: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}.")
+    print(f"budget_s {budget:.0f}\ntarget_f1 {target:.2f}\nseeds {args.seeds}", flush=True)
+    for recipe in recipes:
+        config, extra = RECIPES[recipe]
+        rows = []
+        for seed in range(args.seeds):
+            cfg = load_config(config, overrides + extra + args.set + [
+                f"data.source={args.data}", f"data.cache_dir={REPO / 'cache'}", "train.workers=1", f"train.seed={seed}",
+                f"run.storage={args.out}", f"run.name={args.profile}-{recipe}-s{seed}-{int(time.time())}",
+            ])  # fmt: skip
+            report = fit(cfg)
+            history = report["history"]
+            within, reached = budget_figures(history, budget, target)
+            rows.append(
+                (within, reached, report["macro_f1"], report["accuracy"], sum(h["epoch_time_s"] for h in history))
+            )
+            print(f"{recipe}_s{seed}_f1_within_budget {within:.4f}", flush=True)
+        summarize(f"{recipe}_f1_within_budget", [r[0] for r in rows], 4)
+        times = [r[1] for r in rows if r[1] is not None]
+        percent = f"{round(target * 100)}"  # figure names hold no dots: f1_50 is macro-F1 0.50
+        print(f"{recipe}_reached_f1_{percent} {len(times)}")
+        if times:
+            summarize(f"{recipe}_s_to_f1_{percent}", times, 0)
+        summarize(f"{recipe}_best_val_macro_f1", [r[2] for r in rows], 4)
+        summarize(f"{recipe}_best_val_acc", [r[3] for r in rows], 4)
+        summarize(f"{recipe}_train_s", [r[4] for r in rows], 0)
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, get_args_parser(), log_stream=sys.stderr)  # stdout holds only the figures

@@ -1,6 +1,7 @@
 """Top-k character predictions for images.
 
 python jobs/predict.py --checkpoint runs/local/best some.jpg other.png folder_of_images/ --top-k 3
+    python jobs/predict.py --checkpoint runs/local/best/model.pt2 some.jpg   # the exported model: torch alone
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from simpsons.cli import run_job  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a run's best/ folder or a checkpoint.pt")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run's best/ folder, a checkpoint.pt, or the exported best/model.pt2"
+    )
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")

@@ -43,11 +43,17 @@ _STATS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): constants of the graph, never cached
+        return (x - _stats(x)[0]) / _stats(x)[1]
     key = (x.device, x.dtype)
     if key not in _STATS:
-        _STATS[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1).to(x.device) for v in (MEAN, STD))
+        _STATS[key] = _stats(x)
     mean, std = _STATS[key]
     return (x - mean) / std
+
+
+def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1).to(x.device) for v in (MEAN, STD))
 
 
 def random_affine(

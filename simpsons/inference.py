@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from simpsons import checkpoint
+from simpsons.archive import MAX_FILE_BYTES
 from simpsons.augment import EvalPreset, create_eval_preset
 from simpsons.config import Config, ConfigError, from_dict
 from simpsons.data import (
@@ -21,6 +22,7 @@ from simpsons.data import (
     pack_split,
     too_large,
 )
+from simpsons.deploy import is_exported, load_exported
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model
 
@@ -131,8 +133,24 @@ def evaluate_folder(
 def predict_files(
     checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3, device: str | None = None
 ) -> list[dict]:
-    """Top-k labels with probabilities for each image file (folders are expanded to their images)."""
-    model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
+    """Top-k labels with probabilities for each image file (folders are expanded to their images).
+
+    `checkpoint` is a run's best/ folder or checkpoint.pt, or its exported model.pt2, which needs
+    none of the training code (it runs on the CPU, as exported)."""
+    if is_exported(checkpoint):
+        program, meta = load_exported(checkpoint)
+        class_names, stored, max_bytes = meta["class_names"], meta["stored_size"], MAX_FILE_BYTES
+
+        def probabilities(images: np.ndarray) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([program(torch.as_tensor(images[i : i + 128])) for i in range(0, len(images), 128)])
+    else:
+        model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
+        stored, max_bytes = cfg.data.stored_size, cfg.data.max_image_bytes
+
+        def probabilities(images: np.ndarray) -> torch.Tensor:
+            return predict_proba(model, images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
+
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -144,16 +162,16 @@ def predict_files(
     results, images, kept = [], [], []
     for f in files:
         size = f.stat().st_size
-        if size > cfg.data.max_image_bytes:
-            results.append({"path": str(f), "error": too_large(size, cfg.data.max_image_bytes)})
+        if size > max_bytes:
+            results.append({"path": str(f), "error": too_large(size, max_bytes)})
             continue
         try:
-            images.append(load_image(f.read_bytes(), cfg.data.stored_size))
+            images.append(load_image(f.read_bytes(), stored))
             kept.append(f)
         except Exception as exc:  # one unreadable file must not sink the others
             results.append({"path": str(f), "error": decode_failure(exc)})
     if kept:
-        probs = predict_proba(model, np.stack(images), create_eval_preset(cfg), flip=cfg.model.tta_flip)
+        probs = probabilities(np.stack(images))
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
             results.append(

@@ -1,6 +1,7 @@
 """The run report: the files a person opens after a run (or a sweep's best trial).
 
 best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history
+best/model.pt2         the deployable model: torch.export program, uint8 images in, probabilities out
 best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history
 best/per_class.csv     precision / recall / F1 / support per class
 best/confusion.png     42 x 42 confusion matrix with readable labels
@@ -20,11 +21,21 @@ import numpy as np
 
 from simpsons import checkpoint, storage
 from simpsons.config import Config, save_config
+from simpsons.deploy import MODEL_FILE, export_model
+from simpsons.inference import load_checkpoint
 from simpsons.metrics import per_class_csv, plot_confusion
 
 _logger = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "per_class.csv", "confusion.png", "curves.png", "config.yaml")
+OUTPUT_FILES = (
+    "checkpoint.pt",
+    "model.pt2",
+    "metrics.json",
+    "per_class.csv",
+    "confusion.png",
+    "curves.png",
+    "config.yaml",
+)
 
 
 def write_report(
@@ -56,6 +67,8 @@ def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: 
     history = history or saved["history"]
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(checkpoint_dir / checkpoint.CHECKPOINT_FILE, Path(tmp) / checkpoint.CHECKPOINT_FILE)
+        model, saved_cfg, class_names, _ = load_checkpoint(Path(tmp) / checkpoint.CHECKPOINT_FILE, "cpu")
+        export_model(model, saved_cfg, class_names, Path(tmp) / MODEL_FILE)
         save_config(cfg, Path(tmp) / "config.yaml")
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
         write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)

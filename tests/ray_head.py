@@ -68,6 +68,41 @@ def _die_with_parent(sig: int):
     return set_parent_death_signal
 
 
+# What keeps a test's training run small (its images are packed at 40 px).
+TINY_RUN = {
+    "data.stored_size": 40,
+    "data.train_size": 32,
+    "optim.batch_size": 32,
+    "train.cpus_per_worker": 1,
+    "train.histogram_every": 0,
+}
+
+
+# The training job on the smoke config, as a command after `python`.
+SMOKE_TRAIN = ("jobs/train.py", "--config", "configs/smoke.yaml")
+
+
+def sets(values: dict) -> list[str]:
+    """`--set key=value` flags for a job's command line, in order."""
+    return [flag for key, value in values.items() for flag in ("--set", f"{key}={value}")]
+
+
+def job_submit(job_id: str, *command: str) -> list[str]:
+    """`ray job submit` of `python <command>` from the repo root (the working dir it uploads)."""
+    return [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        *command,
+    ]
+
+
 def kill_all(pids: list[int]) -> None:
     """SIGKILL each process that still exists."""
     for pid in pids:

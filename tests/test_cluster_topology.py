@@ -28,7 +28,7 @@ import time
 
 import boto3
 import pytest
-from ray_head import VENV_BIN, RayHead
+from ray_head import SMOKE_TRAIN, TINY_RUN, VENV_BIN, RayHead, job_submit, sets
 from run_history import assert_finished_after_resuming, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 BUCKET = "topology"
 DATA = f"s3://{BUCKET}/datasets/tiny/v1"
 RUNS = "runs"
-PYTHON, RAY = str(VENV_BIN / "python"), str(VENV_BIN / "ray")
+PYTHON = str(VENV_BIN / "python")
 WORKER_CPUS = 4  # logical CPUs of the worker node (2 real cores here)
 WORKER_GPUS = {"simulated_gpu": 2}  # stands for the worker node's GPUs
 ON_GPUS = ["--set", "train.resources_per_worker={simulated_gpu: 1}"]  # one "GPU" per Train worker
@@ -65,23 +65,7 @@ def cluster(s3_server, packed_dataset):
 
 def small_run(*flags: str, data: str = DATA, storage_uri: str = f"s3://{BUCKET}/{RUNS}") -> list[str]:
     """Overrides that keep a run tiny, then `flags` (later --set values win)."""
-    return [
-        "--set",
-        f"data.uri={data}",
-        "--set",
-        "data.stored_size=40",
-        "--set",
-        "data.train_size=32",
-        "--set",
-        "optim.batch_size=32",
-        "--set",
-        "train.cpus_per_worker=1",
-        "--set",
-        "train.histogram_every=0",
-        "--set",
-        f"run.storage={storage_uri}",
-        *flags,
-    ]
+    return [*sets({"data.uri": data, **TINY_RUN, "run.storage": storage_uri}), *flags]
 
 
 def user_error(done) -> str:
@@ -155,21 +139,7 @@ def test_local_folders_are_refused_on_a_multinode_cluster(cluster, packed_datase
 def test_submitted_job_trains_on_the_worker_node_only(cluster):
     head, job_id = cluster.head, "topology-submit"
     submit = head.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            "--submission-id",
-            job_id,
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            "jobs/train.py",
-            "--config",
-            "configs/smoke.yaml",
-            *small_run("--set", "run.name=submitted", *ON_GPUS),
-        ],
+        job_submit(job_id, *SMOKE_TRAIN, *small_run("--set", "run.name=submitted", *ON_GPUS)),
         env=head.job_client_env(),
         timeout=400,
     )

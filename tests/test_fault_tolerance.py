@@ -18,7 +18,7 @@ import time
 
 import boto3
 import pytest
-from ray_head import VENV_BIN, RayHead
+from ray_head import SMOKE_TRAIN, TINY_RUN, VENV_BIN, RayHead, sets
 from run_history import assert_finished_after_resuming, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -35,32 +35,15 @@ def head(s3_server):
 
 
 def train_command(packed_dataset, run_name: str) -> list[str]:
-    return [
-        str(VENV_BIN / "python"),
-        "jobs/train.py",
-        "--config",
-        "configs/smoke.yaml",
-        "--set",
-        f"data.uri={packed_dataset}",
-        "--set",
-        "data.stored_size=40",
-        "--set",
-        "data.train_size=32",
-        "--set",
-        f"optim.epochs={EPOCHS}",
-        "--set",
-        "optim.batch_size=32",
-        "--set",
-        "train.workers=2",
-        "--set",
-        "train.cpus_per_worker=1",
-        "--set",
-        "train.histogram_every=0",
-        "--set",
-        f"run.storage=s3://{BUCKET}/{PREFIX}",
-        "--set",
-        f"run.name={run_name}",
-    ]
+    overrides = {
+        **TINY_RUN,
+        "data.uri": packed_dataset,
+        "optim.epochs": EPOCHS,
+        "train.workers": 2,
+        "run.storage": f"s3://{BUCKET}/{PREFIX}",
+        "run.name": run_name,
+    }
+    return [str(VENV_BIN / "python"), *SMOKE_TRAIN, *sets(overrides)]
 
 
 def wait_for_train_workers(head: RayHead, count: int, timeout: float = 180) -> list[dict]:

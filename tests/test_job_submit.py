@@ -13,7 +13,7 @@ import urllib.request
 
 import boto3
 import pytest
-from ray_head import VENV_BIN, RayHead
+from ray_head import SMOKE_TRAIN, TINY_RUN, VENV_BIN, RayHead, job_submit, sets
 
 from simpsons.report import OUTPUT_FILES
 
@@ -35,39 +35,16 @@ def test_submitted_job_trains_and_writes_best_to_s3(s3_server, packed_dataset):
 
         # The command a user runs, from the repo root: a relative config path plus overrides that
         # point at the test's packed images and keep the run small.
+        overrides = {
+            **TINY_RUN,
+            "data.uri": packed_dataset,
+            "optim.epochs": 2,
+            "train.workers": 2,
+            "run.storage": f"s3://{bucket}/{prefix}",
+            "run.name": run_name,
+        }
         submit = head.run(
-            [
-                RAY,
-                "job",
-                "submit",
-                "--submission-id",
-                job_id,
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "jobs/train.py",
-                "--config",
-                "configs/smoke.yaml",
-                "--set",
-                f"data.uri={packed_dataset}",
-                "--set",
-                "data.stored_size=40",
-                "--set",
-                "data.train_size=32",
-                "--set",
-                "optim.epochs=2",
-                "--set",
-                "optim.batch_size=32",
-                "--set",
-                "train.workers=2",
-                "--set",
-                "train.cpus_per_worker=1",
-                "--set",
-                f"run.storage=s3://{bucket}/{prefix}",
-                "--set",
-                f"run.name={run_name}",
-            ],
+            job_submit(job_id, *SMOKE_TRAIN, *sets(overrides)),
             env=head.job_client_env(),
             timeout=300,
         )

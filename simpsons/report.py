@@ -27,10 +27,11 @@ from simpsons.metrics import per_class_csv, plot_confusion
 
 _logger = logging.getLogger(__name__)
 
+REPORT_FILE = "metrics.json"  # the report's figures; written last, so its presence means complete
 OUTPUT_FILES = (
-    "checkpoint.pt",
-    "model.pt2",
-    "metrics.json",
+    checkpoint.CHECKPOINT_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
     "per_class.csv",
     "confusion.png",
     "curves.png",
@@ -52,7 +53,7 @@ def write_report(
     if history:
         plot_curves(history, out_dir / "curves.png")
     # metrics.json last: readers treat its presence as "the report is complete".
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / REPORT_FILE).write_text(json.dumps(payload, indent=1))
 
 
 def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: list[dict] | None = None) -> dict:

@@ -8,6 +8,9 @@
     a path      a local file or an s3:// URI holding a state dict (or a checkpoint.pt of this
                 project: its `model` is used)
 
+Inputs are normalised with ImageNet's mean and std whatever the weights: every torchvision preset
+these weights come with uses the same (tests/test_backbones.py checks it).
+
 Every tensor whose shape fits is loaded; the classifier's last layer, sized for other classes, is
 left as initialised. A tensor outside the classifier that does not fit is an error: those weights
 belong to another architecture.
@@ -30,21 +33,10 @@ from simpsons.model import is_head
 
 _logger = logging.getLogger(__name__)
 
-# (mean, std) per channel that inputs are normalised with when no preset says otherwise.
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
 
 def pretrained(spec: str | None) -> bool:
     """Whether `model.weights` loads anything."""
     return bool(spec) and spec != "none"
-
-
-def normalization(arch: str, spec: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) inputs are normalised with: the ImageNet preset's for `imagenet` weights."""
-    if spec == "imagenet":
-        preset = _imagenet_weights(arch).transforms()
-        return tuple(preset.mean), tuple(preset.std)
-    return IMAGENET_STATS
 
 
 def load_weights(

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torchvision
 
+from simpsons.augment import MEAN, STD
 from simpsons.config import load_config
 from simpsons.data import DataError
 from simpsons.model import ARCHS, create_model, is_head
 from simpsons.train import build_components
-from simpsons.weights import load_weights, normalization
+from simpsons.weights import load_weights
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -27,6 +28,12 @@ def test_every_architecture_gives_one_logit_per_class(arch):
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 42)
     assert any(is_head(arch, name) for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "original"])
+def test_the_weights_preset_normalises_as_the_project_does(arch):
+    preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    assert (tuple(preset.mean), tuple(preset.std)) == (MEAN, STD)
 
 
 def imagenet_like(arch: str, path) -> dict:
@@ -56,7 +63,6 @@ def test_imagenet_weights_are_downloaded_once_per_node_and_loaded_but_the_classi
     state = model.state_dict()
     assert torch.equal(state["layer4.1.conv2.weight"], published["layer4.1.conv2.weight"])
     assert state["fc.weight"].shape == (42, 512)  # sized for this run's classes, not ImageNet's 1000
-    assert normalization("resnet18", "imagenet") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_scaling_quick_runs_one_and_two_ray_workers(image_tree, tmp_path):
 def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     proc = run_bench(
         "accuracy.py", "--profile", "quick", "--data", str(image_tree), "--recipes", "candidate",
-        "--seeds", "2", "--target-f1", "0", "--out", str(tmp_path / "runs"), timeout=600,
+        "--seeds", "2", "--target-f1", "0", "--out", str(tmp_path / "runs"), "--set", "optim.epochs=1",timeout=600,
     )  # fmt: skip
     got = figures(proc.stdout)
     assert got["seeds"] == 2 and got["budget_s"] == 60

@@ -83,7 +83,7 @@ class TrainStep:
         self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
         self.cfg = cfg
         self.dtype = amp_dtype(cfg.train.precision, device)
-        self.device_type = device.type
+        self.device = device
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.preset = create_train_preset(cfg)
         self.per_step_schedule = cfg.optim.schedule == "cosine"
@@ -108,7 +108,7 @@ class TrainStep:
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.inputs(images, generator)
-        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(x)  # (B, C)
             loss = self.criterion(logits, labels)
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
@@ -316,72 +316,61 @@ def train_loop_per_worker(config: dict) -> None:
         trained = train_one_epoch(step, batches, epoch, cfg, rank, world, steps_per_epoch)
         if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
             writer.histograms(getattr(model, "module", model), epoch)  # the epoch's last gradients are still in .grad
-        raw_cm, raw_loss = evaluate(model, criterion, val_split, cfg, device, len(class_names), rank, world)
-        if cfg.optim.schedule == "plateau":
-            scheduler.step(raw_loss)
-        cm, val_loss = raw_cm, raw_loss
-        if step.ema is not None:  # the served weights are the average: they are scored and ranked
-            cm, val_loss = evaluate(step.ema, criterion, val_split, cfg, device, len(class_names), rank, world)
-        report = classification_report(cm, class_names)
-        metrics = epoch_metrics(
-            epoch, trained, val_loss, report, optimizer, time.perf_counter() - started, resumed=bool(resumed_from)
-        )
-        if step.ema is not None:
-            raw = classification_report(raw_cm, class_names)
-            metrics.update(raw_val_loss=raw_loss, raw_val_acc=raw["accuracy"], raw_val_macro_f1=raw["macro_f1"])
+        cm, report, validated = validate(step, val_split, cfg, class_names, rank, world)
+        metrics = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, **validated,
+                   "lr": optimizer.param_groups[0]["lr"], "train_img_per_s": trained.images_per_s,
+                   "epoch_time_s": time.perf_counter() - started, "resumed": bool(resumed_from)}  # fmt: skip
         history.append(metrics)
         best_score = max(best_score, metrics[SCORE])
         saved = None
         if rank == 0:
-            _logger.info(
-                "epoch %d/%d train loss %.3f acc %.3f | val loss %.3f acc %.3f macro-F1 %.3f | %.0f img/s",
-                epoch + 1,
-                cfg.optim.epochs,
-                trained.loss,
-                trained.accuracy,
-                val_loss,
-                metrics["val_acc"],
-                metrics[SCORE],
-                trained.images_per_s,
-            )
+            _logger.info(epoch_line(metrics, trained, cfg.optim.epochs))
             writer.scalars(metrics, epoch)
-            state = checkpoint.training_state(
-                model,
-                optimizer,
-                scheduler,
-                step.scaler,
-                step.ema,
-                epoch=epoch,
-                best_score=best_score,
-                history=history,
-                config=to_dict(cfg),
-                class_names=list(class_names),
-                provenance=origin,
-            )
+            state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
+                                              best_score=best_score, history=history, config=to_dict(cfg),
+                                              class_names=list(class_names), provenance=origin)  # fmt: skip
             folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")  # Ray deletes it once uploaded
-            checkpoint.save(
-                folder,
-                state,
-                {
-                    "epoch": epoch,
-                    "val": report,
-                    "confusion": cm.cpu().tolist(),
-                    "history": history,
-                    "provenance": origin,
-                },
+            figures = {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}
+            saved = ray.train.Checkpoint.from_directory(
+                checkpoint.save(folder, state, {**figures, "provenance": origin})
             )
-            saved = ray.train.Checkpoint.from_directory(folder)
         # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
         # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
         # copy has finished, and the worker's end waits for every pending copy.
+        upload = ray.train.CheckpointUploadMode.ASYNC
         ray.train.report(
-            metrics,
-            checkpoint=saved,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=True,
+            metrics, checkpoint=saved, checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True
         )
     if writer:
         writer.close()
+
+
+def validate(step: TrainStep, split: ResidentSplit, cfg: Config, class_names: list[str], rank: int, world: int):
+    """(confusion matrix, report, val_* figures) of the weights that are served: the moving average
+    when optim.ema_decay keeps one (the raw weights' scores then come as raw_val_*), else the trained
+    weights. A plateau schedule steps on the trained weights' loss."""
+    model, device, classes = step.model, step.device, len(class_names)
+    raw_cm, raw_loss = evaluate(model, step.criterion, split, cfg, device, classes, rank, world)
+    if cfg.optim.schedule == "plateau":
+        step.scheduler.step(raw_loss)
+    cm, loss = raw_cm, raw_loss
+    if step.ema is not None:
+        cm, loss = evaluate(step.ema, step.criterion, split, cfg, device, classes, rank, world)
+    report = classification_report(cm, class_names)
+    figures = {"val_loss": loss, "val_acc": report["accuracy"], "val_macro_precision": report["macro_precision"],
+               "val_macro_recall": report["macro_recall"], SCORE: report["macro_f1"],
+               "val_weighted_f1": report["weighted_f1"]}  # fmt: skip
+    if step.ema is not None:
+        raw = classification_report(raw_cm, class_names)
+        figures.update(raw_val_loss=raw_loss, raw_val_acc=raw["accuracy"], raw_val_macro_f1=raw["macro_f1"])
+    return cm, report, figures
+
+
+def epoch_line(metrics: dict, trained: EpochStats, epochs: int) -> str:
+    m = metrics
+    return (f"epoch {m['epoch'] + 1}/{epochs} train loss {m['train_loss']:.3f} acc {m['train_acc']:.3f} | "
+            f"val loss {m['val_loss']:.3f} acc {m['val_acc']:.3f} macro-F1 {m[SCORE]:.3f} | "
+            f"{trained.images_per_s:.0f} img/s")  # fmt: skip
 
 
 def resident_splits(
@@ -394,27 +383,6 @@ def resident_splits(
     if announce:  # every rank decides for its own device; one line in the log is enough
         _logger.info("Data: train + val %s.", placement)
     return tuple(ResidentSplit(*arrays[name], device=device, on_device=on_device) for name in ("train", "val"))
-
-
-def epoch_metrics(
-    epoch: int, trained: EpochStats, val_loss: float, report: dict, optimizer, seconds: float, resumed: bool
-) -> dict:
-    """The figures reported to Ray (and kept in every checkpoint's history) for one epoch."""
-    return {
-        "epoch": epoch,
-        "train_loss": trained.loss,
-        "train_acc": trained.accuracy,
-        "val_loss": val_loss,
-        "val_acc": report["accuracy"],
-        "val_macro_precision": report["macro_precision"],
-        "val_macro_recall": report["macro_recall"],
-        SCORE: report["macro_f1"],
-        "val_weighted_f1": report["weighted_f1"],
-        "lr": optimizer.param_groups[0]["lr"],
-        "train_img_per_s": trained.images_per_s,
-        "epoch_time_s": seconds,
-        "resumed": resumed,
-    }
 
 
 class _TensorBoard:

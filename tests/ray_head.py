@@ -107,6 +107,17 @@ TINY_RUN = {
 }
 
 
+# Two Train workers on the CPU with TINY_RUN's image and batch sizes, as `key=value` overrides.
+TWO_CPU_WORKERS = [
+    "data.stored_size=40",
+    "data.train_size=32",
+    "optim.batch_size=32",
+    "optim.warmup_epochs=0.5",
+    "train.workers=2",
+    "train.cpus_per_worker=1",
+    "train.use_gpu=false",
+]
+
 # The training job on the smoke config, as a command after `python`.
 SMOKE_TRAIN = ("jobs/train.py", "--config", "configs/smoke.yaml")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from job_scripts import run_job
+from ray_head import TWO_CPU_WORKERS
 from synthetic import CLASSES, make_image_tree
 
 from simpsons.config import load_config
@@ -23,13 +24,7 @@ def _cfg(storage, epochs, name="run", *overrides):
         None,
         [
             f"optim.epochs={epochs}",
-            "data.stored_size=40",
-            "data.train_size=32",
-            "optim.batch_size=32",
-            "optim.warmup_epochs=0.5",
-            "train.workers=2",
-            "train.cpus_per_worker=1",
-            "train.use_gpu=false",
+            *TWO_CPU_WORKERS,
             "train.histogram_every=1",
             f"run.storage={storage}",
             f"run.name={name}",

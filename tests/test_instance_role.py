@@ -20,6 +20,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 from ray_head import REPO, VENV_BIN, RayHead, sets
+from s3_objects import CREDENTIAL_VARIABLES
 from synthetic import make_image_tree
 
 from simpsons.cluster import free_port
@@ -32,18 +33,6 @@ SMALL_IMAGES = {"data.stored_size": 40, "data.train_size": 32}
 
 # What moto's metadata endpoint hands out as the role's temporary credentials.
 ROLE_KEY_ID, ROLE_SESSION_TOKEN = "test-key", "test-session-token"
-STATIC_CREDENTIALS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_EC2_METADATA_DISABLED",
-)
 SIGNED_BY = re.compile(r"Credential=([^/]+)/")
 
 
@@ -94,7 +83,7 @@ def role_server(monkeypatch, tmp_path):
     server = RecordingMotoServer()
     server.start()
     try:
-        for name in STATIC_CREDENTIALS:
+        for name in CREDENTIAL_VARIABLES:
             monkeypatch.delenv(name, raising=False)
         # No credentials or config files of the user either: the role is the only way in.
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))

@@ -20,6 +20,14 @@ CREDENTIAL_VARIABLES = (
 )
 
 
+def clear_credentials(monkeypatch, folder) -> None:
+    """No credentials from the environment or from the user's files (pointed at absent ones in `folder`)."""
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(folder / "no-config"))
+
+
 def objects(bucket: str, prefix: str = "") -> dict[str, dict]:
     """Every object under `prefix`: key -> its listing entry (Size, ETag, LastModified, ...)."""
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

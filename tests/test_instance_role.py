@@ -20,7 +20,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 from ray_head import REPO, VENV_BIN, RayHead, sets
-from s3_objects import CREDENTIAL_VARIABLES
+from s3_objects import clear_credentials
 from synthetic import make_image_tree
 
 from simpsons.cluster import free_port
@@ -83,11 +83,7 @@ def role_server(monkeypatch, tmp_path):
     server = RecordingMotoServer()
     server.start()
     try:
-        for name in CREDENTIAL_VARIABLES:
-            monkeypatch.delenv(name, raising=False)
-        # No credentials or config files of the user either: the role is the only way in.
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+        clear_credentials(monkeypatch, tmp_path)  # the role is the only way in
         monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", server.endpoint)
         monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
         monkeypatch.setenv("AWS_REGION", "us-east-1")

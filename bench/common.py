@@ -101,6 +101,13 @@ def bare_step_class():
     return BareStep
 
 
+def add_size_arg(parser) -> None:
+    """`--size`: the side of the training images, for the benchmarks that train."""
+    parser.add_argument(
+        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
+    )
+
+
 def add_common_args(parser, quick_help: str) -> None:
     parser.add_argument(
         "--images", help="image tree to use instead of the real sample (<root>/dataset/{train,val}/<class>/*.jpg)"
@@ -116,12 +123,11 @@ def add_common_args(parser, quick_help: str) -> None:
         default=str(DEFAULT_CACHE),
         help="where the unpacked and packed sample are kept (default: %(default)s)",
     )
-    parser.add_argument("--config", help="YAML config for this project's pipeline (default: the built-in defaults)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. --set train.precision=fp32",
+    from simpsons.cli import add_config_args
+
+    add_config_args(
+        parser,
+        config_help="YAML config for this project's pipeline (default: the built-in defaults)",
+        set_help="config override, e.g. --set train.precision=fp32",
     )
     parser.add_argument("--quick", action="store_true", help=quick_help)

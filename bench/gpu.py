@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from common import (
     add_common_args,
+    add_size_arg,
     bare_step_class,
     emit,
     forever,
@@ -110,9 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the code path without a GPU"
     )
-    parser.add_argument(
-        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
-    )
+    add_size_arg(parser)
     parser.add_argument("--batch", type=int, default=512, help="per-GPU batch (default: %(default)s)")
     parser.add_argument(
         "--warmup", type=int, default=30, help="untimed steps first (cudnn.benchmark tuning; default: %(default)s)"

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_common_args, emit, image_tree, load_average, note, stored_size_for
+from common import add_common_args, add_size_arg, emit, image_tree, load_average, note, stored_size_for
 
 # Before Ray starts: its workers inherit these (see RAY_NOTES.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -93,9 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", help="a running Ray cluster (e.g. auto); default: start a local one on 127.0.0.1 and stop it after"
     )
-    parser.add_argument(
-        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
-    )
+    add_size_arg(parser)
     parser.add_argument("--batch", type=int, default=32, help="per-worker batch (default: %(default)s)")
     parser.add_argument(
         "--epochs", type=int, default=2, help="epochs per fit; the last one is measured (default: %(default)s)"

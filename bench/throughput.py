@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     add_common_args,
+    add_size_arg,
     bare_step_class,
     emit,
     forever,
@@ -218,9 +219,7 @@ def measure(pipelines: dict, warmup: int, rounds: int, steps: int) -> dict[str, 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, "tiny run for tests: 32 px, batch 8, 1 thread, 1 warm-up step, 2 timed steps per pipeline")
-    parser.add_argument(
-        "--size", type=int, default=128, help="side of the training images in px (default: %(default)s)"
-    )
+    add_size_arg(parser)
     parser.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per pipeline first (default: %(default)s)")

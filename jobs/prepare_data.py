@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import run_job  # noqa: E402
+from simpsons.cli import add_config_args, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -37,17 +37,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.15, help="val share per class when the source has no split"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of that split")
-    parser.add_argument(
-        "--config",
-        help="YAML config; data.stored_size, data.pack_workers, data.cache_dir, data.classes, "
+    add_config_args(
+        parser,
+        config_help="YAML config; data.stored_size, data.pack_workers, data.cache_dir, data.classes, "
         "data.max_image_bytes and run.s3_endpoint are used",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set data.stored_size=128 (repeatable)",
+        set_help="override a config value, e.g. --set data.stored_size=128 (repeatable)",
     )
     return parser
 

@@ -13,24 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import load_job_config, run_job  # noqa: E402
+from simpsons.cli import add_config_args, add_shorthand_args, load_job_config, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/); defaults are in simpsons/config.py")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=0.001 (repeatable)",
+    add_config_args(
+        parser,
+        config_help="YAML config (see configs/); defaults are in simpsons/config.py",
+        set_help="override a config value, e.g. --set optim.lr=0.001 (repeatable)",
     )
-    parser.add_argument(
-        "--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=..."
-    )
-    parser.add_argument("--workers", type=int, help="Ray Train workers (same as --set train.workers=N)")
-    parser.add_argument("--gpu", action="store_true", help="train on GPUs, one per worker")
+    add_shorthand_args(parser)
     parser.add_argument("--smoke-test", action="store_true", help="one short epoch on little data, to check the wiring")
     return parser
 

@@ -14,29 +14,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simpsons.cli import job_overrides, run_job  # noqa: E402
+from simpsons.cli import add_config_args, add_shorthand_args, job_overrides, run_job  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config",
-        default="configs/tune.yaml",
-        help="YAML config: training sections plus a tune: section (default configs/tune.yaml)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value, e.g. --set optim.epochs=6, --set tune.num_samples=16, "
+    add_config_args(
+        parser,
+        "configs/tune.yaml",
+        config_help="YAML config: training sections plus a tune: section (default configs/tune.yaml)",
+        set_help="override a value, e.g. --set optim.epochs=6, --set tune.num_samples=16, "
         "--set 'tune.space.optim.lr={loguniform: [1.0e-4, 1.0e-2]}' (repeatable)",
     )
-    parser.add_argument(
-        "--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=..."
-    )
-    parser.add_argument("--workers", type=int, help="Ray Train workers per trial (same as --set train.workers=N)")
-    parser.add_argument("--gpu", action="store_true", help="train on GPUs, one per worker")
+    add_shorthand_args(parser, workers_help="Ray Train workers per trial (same as --set train.workers=N)")
     parser.add_argument(
         "--resume",
         action="store_true",

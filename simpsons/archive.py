@@ -16,6 +16,7 @@ process id, so one left by a killed process is removed by the next unpack into t
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import io
 import json
@@ -28,6 +29,7 @@ import tarfile
 import uuid
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -232,23 +234,35 @@ def _extract_tar_member(
     archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, budget: _Budget
 ) -> None:
     rel = _safe_relpath(archive, member.name)
-    if member.issym() or member.islnk():
-        raise ArchiveError(f"Refusing {archive.name}: member '{member.name}' is a link, and links are not allowed.")
-    if not (member.isreg() or member.isdir()):
-        raise ArchiveError(
-            f"Refusing {archive.name}: member '{member.name}' is a device or special file, which is not allowed."
-        )
+    _refuse_kind(archive, member.name, member.issym() or member.islnk(), not (member.isreg() or member.isdir()))
     budget.add_member(member.name, member.size if member.isreg() else 0)
+    # A member left out: tarfile skips its data, block by block, on the way to the next member.
+    _place_member(out, rel, member.isdir(), member.size, budget, functools.partial(tar.extractfile, member))
+
+
+def _refuse_kind(archive: Path, name: str, link: bool, special: bool) -> None:
+    """Links and device or special files are never unpacked: the whole archive is refused."""
+    if link:
+        raise ArchiveError(f"Refusing {archive.name}: member '{name}' is a link, and links are not allowed.")
+    if special:
+        raise ArchiveError(
+            f"Refusing {archive.name}: member '{name}' is a device or special file, which is not allowed."
+        )
+
+
+def _place_member(
+    out: Path, rel: PurePosixPath | None, is_dir: bool, size: int, budget: _Budget, open_data: Callable[[], BinaryIO]
+) -> None:
+    """A checked member under `out`: a folder is made; a file within the budget is written from `open_data()`."""
     if rel is None:
         return
-    if member.isdir():
+    if is_dir:
         (out / rel).mkdir(parents=True, exist_ok=True)
         return
-    if budget.too_large(rel, member.size):
-        return  # tarfile skips its data, block by block, on the way to the next member
-    source = tar.extractfile(member)
-    assert source is not None  # a regular file always has data
-    _write_member(source, out / rel, member.size)
+    if budget.too_large(rel, size):
+        return
+    with open_data() as source:
+        _write_member(source, out / rel, size)
 
 
 def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
@@ -259,26 +273,12 @@ def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
             for info in infos:
                 _safe_relpath(archive, info.filename)
                 mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    raise ArchiveError(
-                        f"Refusing {archive.name}: member '{info.filename}' is a link, and links are not allowed."
-                    )
-                if mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    raise ArchiveError(
-                        f"Refusing {archive.name}: member '{info.filename}' is a device or special file, which is not allowed."
-                    )
+                special = bool(mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)))
+                _refuse_kind(archive, info.filename, stat.S_ISLNK(mode), special)
                 budget.add_member(info.filename, info.file_size)
             for info in tqdm(infos, desc=f"unpack {archive.name}", unit="file", mininterval=1.0):
                 rel = _safe_relpath(archive, info.filename)
-                if rel is None:
-                    continue
-                if info.is_dir():
-                    (out / rel).mkdir(parents=True, exist_ok=True)
-                    continue
-                if budget.too_large(rel, info.file_size):
-                    continue
-                with zf.open(info) as source:
-                    _write_member(source, out / rel, info.file_size)
+                _place_member(out, rel, info.is_dir(), info.file_size, budget, functools.partial(zf.open, info))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
         raise ArchiveError(
             f"Cannot read {archive.name} as a zip archive ({exc}); download it again or check the file."

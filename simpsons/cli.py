@@ -25,6 +25,25 @@ def job_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def add_config_args(
+    parser: argparse.ArgumentParser, default_config: str | None = None, *, config_help: str, set_help: str
+) -> None:
+    """The `--config` file and the repeatable `--set KEY=VALUE` that job_overrides reads."""
+    parser.add_argument("--config", default=default_config, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def add_shorthand_args(
+    parser: argparse.ArgumentParser, workers_help: str = "Ray Train workers (same as --set train.workers=N)"
+) -> None:
+    """`--data`, `--workers` and `--gpu`: shorthands that job_overrides turns into their overrides."""
+    parser.add_argument(
+        "--data", help="raw data source (folder, archive, URL, Drive link); same as --set data.source=..."
+    )
+    parser.add_argument("--workers", type=int, help=workers_help)
+    parser.add_argument("--gpu", action="store_true", help="train on GPUs, one per worker")
+
+
 def load_job_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, job_overrides(args))
 

@@ -27,6 +27,14 @@ from simpsons.archive import MAX_FILE_BYTES
 DRIVE_FOLDER_URL = "https://drive.google.com/drive/folders/10ET4wN898yG2oiRshYxTH95p-Dpoor1S"
 
 
+# The values a choice field takes; the first of each is its default.
+CLASSIFIER_HEADS = ("original", "standard")
+SCHEDULES = ("cosine", "plateau")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("asha", "fifo")
+SEARCHES = ("random", "optuna", "hyperopt")
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key."""
 
@@ -77,7 +85,7 @@ class ModelConfig:
     weights: str = "none"
     # The original network's classifier: "original" is Linear-BN-Dropout-ReLU-Linear exactly as
     # published; "standard" is Linear-BN-ReLU-Dropout. (torchvision architectures keep their own.)
-    head: str = "original"
+    head: str = CLASSIFIER_HEADS[0]
     # Dropout probability in the classifier head.
     dropout: float = 0.5
     # Test-time flip: evaluation, evaluate.py, predict.py and the exported model average the
@@ -96,7 +104,7 @@ class LossConfig:
     # Focal exponent; 0 with alpha=1 is plain cross-entropy.
     gamma: float = 1.5
     # Label smoothing epsilon (0 = off).
-    label_smoothing: float = 0.05
+    label_smoothing: float = 5e-2
 
 
 @dataclass
@@ -108,7 +116,7 @@ class OptimConfig:
     # Peak learning rate for AdamW at the global batch size above.
     lr: float = 3e-3
     # AdamW decoupled weight decay.
-    weight_decay: float = 0.02
+    weight_decay: float = 2e-2
     # With model.weights loaded, the pretrained backbone learns at lr x this and the new classifier
     # at lr: full-rate updates to weights that already work would undo what they learnt while the
     # random classifier's gradients are still large (the usual fine-tuning practice). Without
@@ -121,7 +129,7 @@ class OptimConfig:
     ema_decay: float = 0.0
     # "cosine": linear warm-up then cosine decay per step; "plateau": the original project's
     # ReduceLROnPlateau on validation loss (factor 0.5, patience 4).
-    schedule: str = "cosine"
+    schedule: str = SCHEDULES[0]
     # Warm-up length in epochs for the cosine schedule.
     warmup_epochs: float = 1.0
     # ReduceLROnPlateau factor and patience (epochs), used with schedule = "plateau".
@@ -140,7 +148,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.0
     # "auto" (bf16 on the CPU and on GPUs with native bf16, compute capability 8.0+; fp16 with
     # a GradScaler on older GPUs), "bf16", "fp16" or "fp32".
-    precision: str = "auto"
+    precision: str = PRECISIONS[0]
     # Use the channels_last memory layout for activations and weights.
     channels_last: bool = True
     # Seed for weights, shuffling and augmentation.
@@ -196,13 +204,13 @@ class SweepConfig:
     # its Train workers' train.workers * train.cpus_per_worker. Fractions allowed; must be > 0.
     trial_cpus: float = 1.0
     # "asha": stop trials whose val_macro_f1 falls behind at a rung; "fifo": run all to the end.
-    scheduler: str = "asha"
+    scheduler: str = SCHEDULERS[0]
     # ASHA: epochs every trial runs before it can be stopped (the first rung).
     grace_period: int = 1
     # ASHA: rungs at grace_period * rf^k epochs; at each, trials below the top 1/rf are stopped.
     reduction_factor: float = 2.0
     # "random" (Tune's random and grid search), "optuna" or "hyperopt" (need those packages).
-    search: str = "random"
+    search: str = SEARCHES[0]
     # Seed of the search algorithm's sampling.
     seed: int = 0
     # Config key -> {uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]}
@@ -217,10 +225,8 @@ class SweepConfig:
     )
 
     def validate(self) -> SweepConfig:
-        if self.scheduler not in ("asha", "fifo"):
-            raise ConfigError(f"tune.scheduler must be one of asha, fifo; got {self.scheduler!r}.")
-        if self.search not in ("random", "optuna", "hyperopt"):
-            raise ConfigError(f"tune.search must be one of random, optuna, hyperopt; got {self.search!r}.")
+        _choice("tune.scheduler", self.scheduler, SCHEDULERS)
+        _choice("tune.search", self.search, SEARCHES)
         if self.num_samples < 1:
             raise ConfigError(f"tune.num_samples must be at least 1, not {self.num_samples}.")
         if self.max_concurrent_trials < 0:
@@ -281,12 +287,12 @@ class Config:
     tune: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> Config:
-        _choice("model.head", self.model.head, ("original", "standard"))
+        _choice("model.head", self.model.head, CLASSIFIER_HEADS)
         from simpsons.model import ARCHS  # torch and torchvision: imported only when a config is checked
 
         _choice("model.arch", self.model.arch, ARCHS)
-        _choice("optim.schedule", self.optim.schedule, ("cosine", "plateau"))
-        _choice("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32"))
+        _choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _choice("train.precision", self.train.precision, PRECISIONS)
         alpha = self.loss.alpha
         if not (alpha is None or alpha == "auto" or isinstance(alpha, (int, float, list))):
             raise ConfigError(
@@ -335,35 +341,39 @@ class Config:
 
 # Bounds of every numeric value: key -> (lowest, highest, whether the lowest itself is allowed).
 # None is no bound. Checked before anything starts, so a bad value never reaches Ray.
+_AT_LEAST_0 = (0, None, True)
+_AT_LEAST_1 = (1, None, True)
+_ABOVE_0 = (0, None, False)
+_FRACTION = (0, 1, True)
 _BOUNDS = {
     "data.stored_size": (16, 4096, True),
     "data.train_size": (16, 4096, True),
     "data.rotate": (0, 180, True),
-    "data.pack_workers": (0, None, True),
-    "data.max_image_bytes": (1, None, True),
-    "data.resident_share": (0, 1, True),
-    "model.dropout": (0, 1, True),
-    "loss.gamma": (0, None, True),
-    "loss.alpha_power": (0, 1, True),
-    "loss.label_smoothing": (0, 1, True),
-    "optim.epochs": (1, None, True),
-    "optim.batch_size": (1, None, True),
-    "optim.lr": (0, None, False),
-    "optim.weight_decay": (0, None, True),
-    "optim.backbone_lr_scale": (0, 1, True),
-    "optim.ema_decay": (0, 1, True),
-    "optim.warmup_epochs": (0, None, True),
+    "data.pack_workers": _AT_LEAST_0,
+    "data.max_image_bytes": _AT_LEAST_1,
+    "data.resident_share": _FRACTION,
+    "model.dropout": _FRACTION,
+    "loss.gamma": _AT_LEAST_0,
+    "loss.alpha_power": _FRACTION,
+    "loss.label_smoothing": _FRACTION,
+    "optim.epochs": _AT_LEAST_1,
+    "optim.batch_size": _AT_LEAST_1,
+    "optim.lr": _ABOVE_0,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.backbone_lr_scale": _FRACTION,
+    "optim.ema_decay": _FRACTION,
+    "optim.warmup_epochs": _AT_LEAST_0,
     "optim.plateau_factor": (0, 1, False),
-    "optim.plateau_patience": (0, None, True),
-    "train.workers": (1, None, True),
-    "train.cpus_per_worker": (0, None, True),
-    "train.seed": (0, None, True),
-    "train.checkpoints_to_keep": (1, None, True),
-    "train.histogram_every": (0, None, True),
-    "train.max_failures": (0, None, True),
-    "train.log_every": (0, None, True),
-    "train.tensorboard_every": (1, None, True),
-    "train.ddp_bucket_mb": (0, None, False),
+    "optim.plateau_patience": _AT_LEAST_0,
+    "train.workers": _AT_LEAST_1,
+    "train.cpus_per_worker": _AT_LEAST_0,
+    "train.seed": _AT_LEAST_0,
+    "train.checkpoints_to_keep": _AT_LEAST_1,
+    "train.histogram_every": _AT_LEAST_0,
+    "train.max_failures": _AT_LEAST_0,
+    "train.log_every": _AT_LEAST_0,
+    "train.tensorboard_every": _AT_LEAST_1,
+    "train.ddp_bucket_mb": _ABOVE_0,
 }
 
 

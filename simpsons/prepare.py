@@ -387,8 +387,8 @@ def _split_notes(packed: dict[str, PackedSplit], class_names) -> list[str]:
 def pack_tree(
     root: str | Path,
     out_dir: str | Path,
-    stored_size: int = 144,
-    workers: int = 0,
+    stored_size: int,
+    workers: int,
     class_names: Sequence[str] | str = CLASS_NAMES,
     max_bytes: int = MAX_FILE_BYTES,
 ) -> None:

@@ -68,6 +68,35 @@ def _die_with_parent(sig: int):
     return set_parent_death_signal
 
 
+def popen_group(cmd: list[str], env: dict, cwd: Path, stdout, death_signal: int | None, **popen) -> subprocess.Popen:
+    """`cmd` in a session (process group) of its own, its stderr into `stdout`; with `death_signal`
+    it gets that signal when this process dies first."""
+    preexec_fn = None if death_signal is None else _die_with_parent(death_signal)
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+        **popen,
+    )
+
+
+def _start_logged(cmd: list[str], env: dict, temp_dir: Path):
+    """A Ray node's process, its output into temp_dir/ray_start.log: (the Popen, the open log)."""
+    log = open(temp_dir / "ray_start.log", "w")
+    return popen_group(cmd, env, temp_dir, log, signal.SIGTERM), log
+
+
+def _log_tail(temp_dir: Path, chars: int) -> str:
+    try:
+        return (temp_dir / "ray_start.log").read_text()[-chars:]
+    except OSError:
+        return ""
+
+
 # What keeps a test's training run small (its images are packed at 40 px).
 TINY_RUN = {
     "data.stored_size": 40,
@@ -77,6 +106,17 @@ TINY_RUN = {
     "train.histogram_every": 0,
 }
 
+
+# Two Train workers on the CPU with TINY_RUN's image and batch sizes, as `key=value` overrides.
+TWO_CPU_WORKERS = [
+    "data.stored_size=40",
+    "data.train_size=32",
+    "optim.batch_size=32",
+    "optim.warmup_epochs=0.5",
+    "train.workers=2",
+    "train.cpus_per_worker=1",
+    "train.use_gpu=false",
+]
 
 # The training job on the smoke config, as a command after `python`.
 SMOKE_TRAIN = ("jobs/train.py", "--config", "configs/smoke.yaml")
@@ -120,16 +160,7 @@ class Process:
         self.lines: list[str] = []
         self.seconds: list[float] = []  # when each line arrived, since the start
         self.started = time.monotonic()
-        self.popen = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGKILL),
-        )
+        self.popen = popen_group(cmd, env, cwd, subprocess.PIPE, signal.SIGKILL, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -281,17 +312,7 @@ class RayHead:
             f"--ray-client-server-port={free_port()}",
             *_node_ports(),
         ]
-        env = self._base_env()
-        self._log = open(self.temp_dir / "ray_start.log", "w")
-        self._head = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=self.temp_dir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGTERM),
-        )
+        self._head, self._log = _start_logged(cmd, self._base_env(), self.temp_dir)
         deadline = time.monotonic() + timeout
         while True:
             if self._head.poll() is not None:
@@ -395,10 +416,7 @@ class RayHead:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return (self.temp_dir / "ray_start.log").read_text()[-chars:]
-        except OSError:
-            return ""
+        return _log_tail(self.temp_dir, chars)
 
 
 class RayNode:
@@ -433,16 +451,7 @@ class RayNode:
             },
         }
         cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("ray_node.py")), json.dumps(spec)]
-        self._log = open(self.temp_dir / "ray_start.log", "w")
-        self._process = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=self.temp_dir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGTERM),
-        )
+        self._process, self._log = _start_logged(cmd, env, self.temp_dir)
         deadline = time.monotonic() + timeout
         while not self.node_id:
             if self._process.poll() is not None:
@@ -471,7 +480,4 @@ class RayNode:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return (self.temp_dir / "ray_start.log").read_text()[-chars:]
-        except OSError:
-            return ""
+        return _log_tail(self.temp_dir, chars)

@@ -175,23 +175,17 @@ CASES = {
 
 def _command(job: str, args: list[str], inputs: dict) -> list[str]:
     root = inputs["root"]
+    training = [
+        "--data",
+        str(inputs["src"]),
+        "--set",
+        f"data.cache_dir={root}/cache",
+        "--set",
+        f"run.storage={root}/runs",
+    ]
     common = {
-        "train": [
-            "--data",
-            str(inputs["src"]),
-            "--set",
-            f"data.cache_dir={root}/cache",
-            "--set",
-            f"run.storage={root}/runs",
-        ],
-        "tune": [
-            "--data",
-            str(inputs["src"]),
-            "--set",
-            f"data.cache_dir={root}/cache",
-            "--set",
-            f"run.storage={root}/runs",
-        ],
+        "train": training,
+        "tune": training,
         "prepare_data": ["--source", str(inputs["src"]), "--set", f"data.cache_dir={root}/cache"],
         "evaluate": ["--data", str(inputs["src"]), "--out", f"{root}/eval"],
         "predict": [str(next((inputs["src"] / "dataset/val/bart_simpson").iterdir()))],

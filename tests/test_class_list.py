@@ -3,12 +3,10 @@ the checkpoint's class list. A real Ray Train run on test-written images."""
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from job_scripts import run_job
 from synthetic import make_image_tree
 
 from simpsons.cli import resolve_dataset
@@ -16,7 +14,6 @@ from simpsons.config import load_config
 from simpsons.dataset import read_manifest
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 INVENTED = ("zz_plopper", "aa_spider_pig", "mm_poochie")  # none of the 42; sorted: aa_, mm_, zz_
 
 
@@ -55,21 +52,7 @@ def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster
 
     image = next((src / "dataset" / "val" / "mm_poochie").glob("*.jpg"))
     (tmp_path / "notes.jpg").write_text("not a picture")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/predict.py",
-            "--checkpoint",
-            str(best),
-            str(image),
-            str(tmp_path / "notes.jpg"),
-            "--json",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_job("predict.py", "--checkpoint", best, image, tmp_path / "notes.jpg", "--json", timeout=180)
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
     predicted, unreadable = (next(r for r in results if key in r) for key in ("top", "error"))
@@ -79,23 +62,8 @@ def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster
         "error": "cannot decode: not an image in a format this job reads (JPEG, PNG, BMP, GIF, WebP)",
     }
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/evaluate.py",
-            "--checkpoint",
-            str(best),
-            "--data",
-            str(src),
-            "--split",
-            "val",
-            "--out",
-            str(tmp_path / "eval"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = run_job(
+        "evaluate.py", "--checkpoint", best, "--data", src, "--split", "val", "--out", tmp_path / "eval", timeout=180
     )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -68,6 +68,11 @@ def small_run(*flags: str, data: str = DATA, storage_uri: str = f"s3://{BUCKET}/
     return [*sets({"data.uri": data, **TINY_RUN, "run.storage": storage_uri}), *flags]
 
 
+def spawn_driver(head: RayHead, script: str, config: str, *flags: str):
+    """`python <script> --config <config>` as a driver on the head, with small_run's overrides, then `flags`."""
+    return head.spawn([PYTHON, script, "--config", config, *small_run(*flags)], head.driver_env())
+
+
 def user_error(done) -> str:
     """The one line a failed job prints for the user (cli.run_job: 'error: ...', exit 2)."""
     assert done.returncode == 2, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -164,29 +169,9 @@ def trial_drivers(head: RayHead) -> list[dict]:
 
 def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
     head, epochs, sweep = cluster.head, 8, "placed"
-    driver = head.spawn(
-        [
-            PYTHON,
-            "jobs/tune.py",
-            "--config",
-            "configs/tune.yaml",
-            *small_run(
-                "--set",
-                f"run.storage=s3://{BUCKET}/sweeps",
-                "--set",
-                f"tune.name={sweep}",
-                "--set",
-                "tune.num_samples=1",
-                "--set",
-                "tune.scheduler=fifo",
-                "--set",
-                f"optim.epochs={epochs}",
-                "--set",
-                "train.workers=1",
-            ),
-        ],
-        head.driver_env(),
-    )
+    one_trial = {"run.storage": f"s3://{BUCKET}/sweeps", "tune.name": sweep, "tune.num_samples": 1}
+    one_trial |= {"tune.scheduler": "fifo", "optim.epochs": epochs, "train.workers": 1}
+    driver = spawn_driver(head, "jobs/tune.py", "configs/tune.yaml", *sets(one_trial))
     wait_for_checkpoint(BUCKET, f"sweeps/{sweep}/runs", 2, driver)
     running = [a for a in trial_drivers(head) if a["state"] == "ALIVE"]
     assert len(running) == 1, trial_drivers(head)
@@ -220,15 +205,8 @@ def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
 def test_lost_worker_node_is_replaced_and_the_run_resumes(cluster):
     # 16 short epochs (1-3 s each here): the kill lands once epoch 2's checkpoint is in S3.
     head, epochs, run_name = cluster.head, 16, "node-lost"
-    driver = head.spawn(
-        [
-            PYTHON,
-            "jobs/train.py",
-            "--config",
-            "configs/smoke.yaml",
-            *small_run("--set", f"optim.epochs={epochs}", "--set", f"run.name={run_name}", *ON_GPUS),
-        ],
-        head.driver_env(),
+    driver = spawn_driver(
+        head, "jobs/train.py", "configs/smoke.yaml", *sets({"optim.epochs": epochs, "run.name": run_name}), *ON_GPUS
     )
     wait_for_checkpoint(BUCKET, f"{RUNS}/{run_name}", 2, driver)
     lost = cluster.worker

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from job_scripts import run_job
 from synthetic import CLASSES, make_image_tree
 
 from simpsons.augment import create_eval_preset
@@ -19,8 +20,6 @@ from simpsons.data import DataError, load_image
 from simpsons.deploy import EXPORT_ATOL, export_model, load_exported
 from simpsons.inference import load_checkpoint, predict_proba
 from simpsons.model import create_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def trained_checkpoint(folder: Path, *overrides: str) -> Path:
@@ -79,13 +78,7 @@ def test_predict_runs_from_the_exported_model_alone(tmp_path, images):
 
     tops = {}
     for source in (best, best / "model.pt2"):
-        done = subprocess.run(
-            [sys.executable, "jobs/predict.py", "--checkpoint", str(source), *map(str, images[:4]), "--json"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_job("predict.py", "--checkpoint", source, *images[:4], "--json")
         assert done.returncode == 0, done.stderr
         results = [json.loads(line) for line in done.stdout.strip().splitlines()]
         tops[source.name] = [(r["path"], r["top"][0]["label"], round(r["top"][0]["prob"], 4)) for r in results]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from job_scripts import run_job
 from synthetic import draw_example, make_image_tree
 
 from simpsons.checkpoint import FORMAT, save
@@ -26,7 +25,6 @@ from simpsons.inference import evaluate_folder
 from simpsons.model import create_model
 from simpsons.prepare import scan_tree
 
-REPO = Path(__file__).resolve().parents[1]
 TEST_COUNTS = {"abraham_grampa_simpson": 3, "bart_simpson": 2, "lisa_simpson": 1}  # flat test images per class
 
 
@@ -64,23 +62,8 @@ def test_evaluate_job_scores_the_flat_kaggle_test_set(checkpoint, tmp_path):
     root = kaggle_tree(tmp_path / "kaggle")
     assert set(scan_tree(root).groups) == {"unsplit", "testset"}  # the root training takes
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/evaluate.py",
-            "--checkpoint",
-            str(checkpoint),
-            "--data",
-            str(root),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_job(
+        "evaluate.py", "--checkpoint", checkpoint, "--data", root, "--out", out, "--device", "cpu", timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

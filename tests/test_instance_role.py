@@ -19,7 +19,8 @@ import uuid
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
-from ray_head import REPO, VENV_BIN, RayHead
+from ray_head import REPO, VENV_BIN, RayHead, sets
+from s3_objects import clear_credentials
 from synthetic import make_image_tree
 
 from simpsons.cluster import free_port
@@ -27,20 +28,11 @@ from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
 
+# The dataset's image sizes, for prepare and for training.
+SMALL_IMAGES = {"data.stored_size": 40, "data.train_size": 32}
+
 # What moto's metadata endpoint hands out as the role's temporary credentials.
 ROLE_KEY_ID, ROLE_SESSION_TOKEN = "test-key", "test-session-token"
-STATIC_CREDENTIALS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_EC2_METADATA_DISABLED",
-)
 SIGNED_BY = re.compile(r"Credential=([^/]+)/")
 
 
@@ -91,11 +83,7 @@ def role_server(monkeypatch, tmp_path):
     server = RecordingMotoServer()
     server.start()
     try:
-        for name in STATIC_CREDENTIALS:
-            monkeypatch.delenv(name, raising=False)
-        # No credentials or config files of the user either: the role is the only way in.
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+        clear_credentials(monkeypatch, tmp_path)  # the role is the only way in
         monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", server.endpoint)
         monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
         monkeypatch.setenv("AWS_REGION", "us-east-1")
@@ -134,14 +122,7 @@ def test_prepare_and_train_through_s3_with_the_instance_role_alone(role_server, 
         f"s3://{bucket}/simpsons",
         "--name",
         "synthetic",
-        "--set",
-        "data.stored_size=40",
-        "--set",
-        "data.train_size=32",
-        "--set",
-        "data.pack_workers=1",
-        "--set",
-        f"data.cache_dir={tmp_path / 'prepare_cache'}",
+        *sets({**SMALL_IMAGES, "data.pack_workers": 1, "data.cache_dir": tmp_path / "prepare_cache"}),
     ]
 
     # Without a metadata endpoint that answers, there are no credentials at all: the job says so.
@@ -167,28 +148,9 @@ def test_prepare_and_train_through_s3_with_the_instance_role_alone(role_server, 
                 "jobs/train.py",
                 "--config",
                 "configs/smoke.yaml",
-                "--set",
-                f"data.uri={data_uri}",
-                "--set",
-                "data.stored_size=40",
-                "--set",
-                "data.train_size=32",
-                "--set",
-                f"data.cache_dir={tmp_path / 'node_cache'}",
-                "--set",
-                "optim.epochs=1",
-                "--set",
-                "optim.batch_size=16",
-                "--set",
-                "train.workers=1",
-                "--set",
-                "train.cpus_per_worker=1",
-                "--set",
-                "train.histogram_every=0",
-                "--set",
-                f"run.storage=s3://{bucket}/runs",
-                "--set",
-                "run.name=role",
+                *sets({"data.uri": data_uri, **SMALL_IMAGES, "data.cache_dir": tmp_path / "node_cache"}),
+                *sets({"optim.epochs": 1, "optim.batch_size": 16, "train.workers": 1, "train.cpus_per_worker": 1}),
+                *sets({"train.histogram_every": 0, "run.storage": f"s3://{bucket}/runs", "run.name": "role"}),
             ],
             env=head.driver_env(),
             timeout=420,

@@ -3,8 +3,6 @@
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -13,6 +11,7 @@ import boto3
 import numpy as np
 import pytest
 from asserts import one_sentence
+from job_scripts import run_job
 from PIL import Image
 from s3_objects import objects
 from synthetic import draw_example, make_image_tree, write_zero_member_tar_xz
@@ -23,8 +22,6 @@ from simpsons.dataset import local_dataset_dir, read_manifest
 from simpsons.files import sha256_hex
 from simpsons.prepare import build_dataset, near_duplicate_pairs, prepare_dataset, scan_tree, thumbnails
 from simpsons.storage import StorageError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def get(bucket: str, key: str) -> bytes:
@@ -128,9 +125,18 @@ def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_pa
     (bart / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (bart / "notes.jpg").write_text("these are my notes, not a picture")
 
-    result = prepare_dataset(
-        str(root), f"s3://{bucket}/simpsons", "tiny", "v1", stored_size=32, workers=1, cache_dir=str(tmp_path / "cache")
-    )
+    def prepare_v1():
+        return prepare_dataset(
+            str(root),
+            f"s3://{bucket}/simpsons",
+            "tiny",
+            "v1",
+            stored_size=32,
+            workers=1,
+            cache_dir=str(tmp_path / "cache"),
+        )
+
+    result = prepare_v1()
     prefix = "simpsons/datasets/tiny/v1/"
     assert result.uri == f"s3://{bucket}/{prefix}".rstrip("/") and result.images == 4 * 8
     stored = {k[len(prefix) :]: o for k, o in objects(bucket).items()}
@@ -154,32 +160,13 @@ def test_prepare_uploads_a_complete_version_and_reports_bad_files(bucket, tmp_pa
 
     # Same inputs again: nothing is sent. Other inputs into the complete version: refused.
     before = {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket).items()}
-    assert (
-        prepare_dataset(
-            str(root),
-            f"s3://{bucket}/simpsons",
-            "tiny",
-            "v1",
-            stored_size=32,
-            workers=1,
-            cache_dir=str(tmp_path / "cache"),
-        ).files_sent
-        == 0
-    )
+    assert prepare_v1().files_sent == 0
     assert {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket).items()} == before
     (bart / "pic_0001.jpg").unlink()
     with pytest.raises(
         DataError, match="already holds a complete dataset made from other images or settings; pass a new --version"
     ):
-        prepare_dataset(
-            str(root),
-            f"s3://{bucket}/simpsons",
-            "tiny",
-            "v1",
-            stored_size=32,
-            workers=1,
-            cache_dir=str(tmp_path / "cache"),
-        )
+        prepare_v1()
 
 
 def test_every_problem_of_a_tree_is_named_in_one_error_and_nothing_is_stored(bucket, tmp_path):
@@ -276,21 +263,14 @@ def test_bad_files_are_reported_in_words_and_oversized_files_are_not_read(bucket
 
 def test_job_exits_with_one_sentence_for_a_missing_bucket(s3_server, tmp_path):
     root = make_image_tree(tmp_path / "src", per_split={"train": 1, "val": 1}, size=16)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs/prepare_data.py"),
-            "--source",
-            str(root),
-            "--dest",
-            "s3://not-a-bucket-yet/simpsons",
-            "--set",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+    done = run_job(
+        "prepare_data.py",
+        "--source",
+        root,
+        "--dest",
+        "s3://not-a-bucket-yet/simpsons",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
@@ -305,21 +285,15 @@ def test_archive_with_a_4_gib_image_is_refused_unread_and_nothing_is_published(b
     archive = write_zero_member_tar_xz(tmp_path / "bomb.tar.xz", "dataset/train/bart_simpson/huge.jpg", 4 << 30)
     assert archive.stat().st_size < 1 << 20
     cache = tmp_path / "cache"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs/prepare_data.py"),
-            "--source",
-            str(archive),
-            "--dest",
-            f"s3://{bucket}/p",
-            "--set",
-            f"data.cache_dir={cache}",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_job(
+        "prepare_data.py",
+        "--source",
+        archive,
+        "--dest",
+        f"s3://{bucket}/p",
+        "--set",
+        f"data.cache_dir={cache}",
         timeout=300,
-        cwd=REPO,
     )
     assert done.returncode == 2, done.stderr
     message = done.stderr.strip().splitlines()[-1]

@@ -11,6 +11,7 @@ import uuid
 
 import boto3
 import pytest
+from ray_head import TWO_CPU_WORKERS
 from s3_objects import objects
 from synthetic import CLASSES, make_image_tree
 
@@ -46,13 +47,7 @@ def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster
 
     overrides = [
         "optim.epochs=2",
-        "data.stored_size=40",
-        "data.train_size=32",
-        "optim.batch_size=32",
-        "optim.warmup_epochs=0.5",
-        "train.workers=2",
-        "train.cpus_per_worker=1",
-        "train.use_gpu=false",
+        *TWO_CPU_WORKERS,
         f"data.uri={prepared.uri}",
         f"data.cache_dir={tmp_path / 'node_cache'}",
         f"run.storage=s3://{bucket}/runs",

@@ -8,7 +8,7 @@ import boto3
 import numpy as np
 import pytest
 from asserts import one_sentence
-from s3_objects import objects
+from s3_objects import clear_credentials, objects
 
 from simpsons import storage
 from simpsons.cluster import free_port
@@ -77,18 +77,7 @@ def test_wrong_endpoint_is_one_sentence(s3_server):
 
 
 def test_no_credentials_is_one_sentence(bucket, tmp_path, monkeypatch):
-    for var in (
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_PROFILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    clear_credentials(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find here
     with pytest.raises(StorageError) as err:
         storage.check_bucket(f"s3://{bucket}/p")

@@ -4,20 +4,19 @@ import csv
 import hashlib
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from job_scripts import run_job
+from ray_head import TWO_CPU_WORKERS
 from synthetic import CLASSES, make_image_tree
 
 from simpsons.config import load_config
 from simpsons.report import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(storage, epochs, name="run", *overrides):
@@ -25,13 +24,7 @@ def _cfg(storage, epochs, name="run", *overrides):
         None,
         [
             f"optim.epochs={epochs}",
-            "data.stored_size=40",
-            "data.train_size=32",
-            "optim.batch_size=32",
-            "optim.warmup_epochs=0.5",
-            "train.workers=2",
-            "train.cpus_per_worker=1",
-            "train.use_gpu=false",
+            *TWO_CPU_WORKERS,
             "train.histogram_every=1",
             f"run.storage={storage}",
             f"run.name={name}",
@@ -120,21 +113,14 @@ def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights
     # evaluate.py serves the averaged weights (with the flip): on the validation images it scores
     # what training reported for the best epoch (bf16 there, fp32 here: one image may differ).
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/evaluate.py",
-            "--checkpoint",
-            str(tmp_path / "runs" / "ema" / "best"),
-            "--data",
-            str(image_tree / "dataset" / "val"),
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = run_job(
+        "evaluate.py",
+        "--checkpoint",
+        tmp_path / "runs" / "ema" / "best",
+        "--data",
+        image_tree / "dataset" / "val",
+        "--out",
+        out,
     )
     assert done.returncode == 0, done.stderr
     scored = json.loads((out / "metrics.json").read_text())
@@ -164,26 +150,14 @@ def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tm
     run_dir, _ = trained_run
     best = run_dir / "best"
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [sys.executable, "jobs/evaluate.py", "--checkpoint", str(best), "--data", str(image_tree), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_job("evaluate.py", "--checkpoint", best, "--data", image_tree, "--out", out)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 48 and metrics["accuracy"] >= 0.7
     assert (out / "confusion.png").exists() and (out / "per_class.csv").exists()
 
     image = next((image_tree / "dataset" / "val" / "lisa_simpson").glob("*.jpg"))
-    done = subprocess.run(
-        [sys.executable, "jobs/predict.py", "--checkpoint", str(best), str(image), "--json", "--top-k", "2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_job("predict.py", "--checkpoint", best, image, "--json", "--top-k", "2")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(result["top"]) == 2 and result["top"][0]["prob"] >= result["top"][1]["prob"]
@@ -191,13 +165,7 @@ def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tm
 
 
 def test_bad_checkpoint_path_is_one_clear_sentence(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "x.jpg"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_job("predict.py", "--checkpoint", tmp_path, "x.jpg")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: No checkpoint at {tmp_path}/checkpoint.pt; pass a run's best/ folder or its checkpoint.pt."
@@ -206,13 +174,7 @@ def test_bad_checkpoint_path_is_one_clear_sentence(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_asking_for_cuda_without_it_is_one_clear_sentence(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "jobs/predict.py", "--checkpoint", str(tmp_path), "--device", "cuda", "x.jpg"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_job("predict.py", "--checkpoint", tmp_path, "--device", "cuda", "x.jpg")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."

@@ -13,15 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import REPO, popen_group
 
 from simpsons.config import ConfigError, SweepConfig, load_sweep
 from simpsons.tune import create_searcher
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 
 # Small, quick trials on the test-written images: 2 workers x 0.5 CPU + 1 CPU for the trial's
@@ -179,14 +178,8 @@ class _Driver:
 
     def __init__(self, args: list[str], env: dict):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "jobs" / "tune.py"), *args],
-            cwd=REPO,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.proc = popen_group(
+            [sys.executable, str(REPO / "jobs" / "tune.py"), *args], env, REPO, subprocess.PIPE, None, text=True
         )
         self.reader = threading.Thread(
             target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True

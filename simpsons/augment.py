@@ -44,7 +44,8 @@ _STATS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): constants of the graph, never cached
-        return (x - _stats(x)[0]) / _stats(x)[1]
+        mean, std = _stats(x)
+        return (x - mean) / std
     key = (x.device, x.dtype)
     if key not in _STATS:
         _STATS[key] = _stats(x)

@@ -12,7 +12,6 @@ Provenance ties a result to what produced it: the dataset URI, the sha256 of its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from simpsons.data import DataError
+from simpsons.dataset import manifest_sha256
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -65,8 +65,7 @@ def save(folder: str | Path, state: dict, metrics: dict) -> Path:
 
 def provenance(dataset_uri: str, dataset_dir: str | Path, code: str) -> dict:
     """What produced a result: the dataset's URI, its manifest's sha256 and the code version."""
-    manifest = hashlib.sha256((Path(dataset_dir) / "manifest.json").read_bytes()).hexdigest()
-    return {"dataset_uri": dataset_uri, "manifest_sha256": manifest, "code_version": code}
+    return {"dataset_uri": dataset_uri, "manifest_sha256": manifest_sha256(dataset_dir), "code_version": code}
 
 
 def code_version() -> str:

@@ -487,7 +487,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # The config fields that name a place on disk (or an s3:// / http(s) / Drive URI).
-PATH_KEYS = ("data.source", "data.uri", "data.cache_dir", "run.storage")
+PATH_KEYS = ("data.source", "data.uri", "data.cache_dir", "run.storage", "model.weights")
+# Values of those keys that name no place.
+NOT_PATHS = ("none", "imagenet")
 
 
 def resolve_paths(cfg: Config, cwd: str | Path | None = None) -> Config:
@@ -503,7 +505,7 @@ def resolve_paths(cfg: Config, cwd: str | Path | None = None) -> Config:
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         value = nested[section][key]
-        if value and _is_relative_path(value):
+        if value and value not in NOT_PATHS and _is_relative_path(value):
             nested[section][key] = str((cwd / value).resolve())
     return from_dict(nested)
 

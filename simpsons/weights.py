@@ -106,7 +106,7 @@ def _read_state(spec: str, endpoint: str) -> dict:
             raise DataError(
                 f"model.weights: {spec} is not a file; give 'none', 'imagenet', a state dict file or an s3:// URI."
             )
-        buffer = io.BytesIO(path.read_bytes())
+        buffer = path
     try:
         state = torch.load(buffer, map_location="cpu", weights_only=True)
     except Exception:  # foreign bytes: UnpicklingError, RuntimeError, EOFError, ...

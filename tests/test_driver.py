@@ -55,6 +55,14 @@ def test_relative_paths_become_absolute_and_uris_stay(tmp_path):
     assert resolve_paths(resolved, cwd="/elsewhere") == resolved  # resolving twice changes nothing
 
 
+def test_a_relative_weights_file_is_resolved_on_the_driver_and_the_keywords_stay(tmp_path):
+    given = resolve_paths(load_config(None, ["model.arch=resnet18", "model.weights=weights/r18.pt"]), cwd=tmp_path)
+    assert given.model.weights == str(tmp_path / "weights" / "r18.pt")
+    for keyword in ("none", "imagenet"):
+        cfg = load_config(None, ["model.arch=resnet18", f"model.weights={keyword}"])
+        assert resolve_paths(cfg, cwd=tmp_path).model.weights == keyword
+
+
 def test_launcher_config_gives_worker_types_and_the_global_limit():
     types, limit = launcher_node_types(yaml.safe_load((REPO / "cluster.yaml").read_text()))
     assert limit == 4

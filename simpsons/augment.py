@@ -160,10 +160,28 @@ class TrainPreset:
         )
 
 
-def create_train_preset(cfg: Config) -> TrainPreset:
-    """The training preset of a simpsons.config.Config (its data section and train.channels_last)."""
+def train_size_at(cfg: Config, epoch: int) -> int:
+    """The side (px) epoch `epoch` (0-based) of cfg.optim.epochs trains at: data.train_size, or with
+    data.resize_from < 1 the progressive-resizing schedule (resize_from x train_size, a linear
+    ramp over the data.resize_ramp fraction of the run in multiples of 8, then train_size)."""
     d = cfg.data
-    return TrainPreset(d.train_size, tuple(d.crop_scale), d.rotate, d.hflip, d.augment, cfg.train.channels_last)
+    smallest = min(d.train_size, max(16, 8 * round(d.resize_from * d.train_size / 8)))
+    progress = epoch / max(1, cfg.optim.epochs - 1)
+    start, end = d.resize_ramp
+    if d.resize_from >= 1 or progress >= end:
+        return d.train_size
+    if progress <= start:
+        return smallest
+    size = smallest + (progress - start) / (end - start) * (d.train_size - smallest)
+    return min(d.train_size, 8 * round(size / 8))
+
+
+def create_train_preset(cfg: Config, epoch: int | None = None) -> TrainPreset:
+    """The training preset of a simpsons.config.Config (its data section and train.channels_last),
+    at data.train_size or, given an epoch, at that epoch's side (train_size_at)."""
+    d = cfg.data
+    size = d.train_size if epoch is None else train_size_at(cfg, epoch)
+    return TrainPreset(size, tuple(d.crop_scale), d.rotate, d.hflip, d.augment, cfg.train.channels_last)
 
 
 def create_eval_preset(cfg: Config) -> EvalPreset:

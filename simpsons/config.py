@@ -52,6 +52,12 @@ class DataConfig:
     stored_size: int = 144
     # Side (px) of the images the network sees in training and evaluation.
     train_size: int = 128
+    # Progressive resizing (FFCV's ImageNet recipe): epochs before the first `resize_ramp` fraction
+    # of the run train at `resize_from` x train_size, epochs after the second at train_size,
+    # linearly in between (sides in multiples of 8). Evaluation is always at train_size. Cheaper
+    # early epochs buy more epochs in the same time. 1 = off: every epoch at train_size.
+    resize_from: float = 1.0
+    resize_ramp: list = field(default_factory=lambda: [0.4, 0.85])
     # Random resized crop: range of the crop's area as a fraction of the stored image.
     crop_scale: list = field(default_factory=lambda: [0.6, 1.0])
     # Random rotation range in degrees (uniform in [-rotate, rotate]).
@@ -331,6 +337,10 @@ class Config:
                 f"data.train_size ({self.data.train_size}) must not exceed data.stored_size "
                 f"({self.data.stored_size}): training crops from the stored images."
             )
+        ramp = self.data.resize_ramp
+        numbers = len(ramp) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ramp)
+        if not (numbers and 0 <= ramp[0] <= ramp[1] <= 1):
+            raise ConfigError(f"data.resize_ramp must be two fractions of the run 0 <= start <= end <= 1, not {ramp}.")
         scale = self.data.crop_scale
         numbers = len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
         if not (numbers and 0 < scale[0] <= scale[1] <= 1):
@@ -348,6 +358,7 @@ _FRACTION = (0, 1, True)
 _BOUNDS = {
     "data.stored_size": (16, 4096, True),
     "data.train_size": (16, 4096, True),
+    "data.resize_from": (0, 1, False),
     "data.rotate": (0, 180, True),
     "data.pack_workers": _AT_LEAST_0,
     "data.max_image_bytes": _AT_LEAST_1,

@@ -101,7 +101,7 @@ class TrainStep:
             )
 
     def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = data.train_size
+        # images: (B, S, S, 3) uint8 -> (B, 3, T, T) float, T = this epoch's side (augment.train_size_at)
         return self.preset(images, generator)
 
     def __call__(
@@ -185,6 +185,7 @@ def train_one_epoch(
     world > 1 it all-reduces the sums, so every rank must call it with the same number of batches.
     """
     device = next(step.model.parameters()).device
+    step.preset = create_train_preset(cfg, epoch)  # this epoch's side (data.resize_from: progressive resizing)
     # Every rank draws its own augmentations and dropout masks: with one seed on all ranks, DDP
     # would average gradients of identically masked networks and waste the workers' diversity.
     generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.train.seed, epoch, rank, 0))
@@ -199,13 +200,14 @@ def train_one_epoch(
         images += len(labels)
         if log_every and (i + 1) % log_every == 0:
             _logger.info(
-                "epoch %d/%d step %d/%d loss %.3f %.0f img/s",
+                "epoch %d/%d step %d/%d loss %.3f %.0f img/s at %d px",
                 epoch + 1,
                 cfg.optim.epochs,
                 i + 1,
                 steps_per_epoch,
                 float(loss),
                 images * world / (time.perf_counter() - started),
+                step.preset.train_size,
             )
     synchronize(device)  # nothing in the steps waits for the GPU: the time must
     seconds = time.perf_counter() - started

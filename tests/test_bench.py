@@ -134,15 +134,15 @@ def test_scaling_quick_runs_one_and_two_ray_workers(image_tree, tmp_path):
 @pytest.mark.slow
 def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     proc = run_bench(
-        "accuracy.py", "--profile", "quick", "--data", str(image_tree), "--recipes", "candidate",
+        "accuracy.py", "--profile", "quick", "--data", str(image_tree), "--recipes", "ema",
         "--seeds", "2", "--target-f1", "0", "--out", str(tmp_path / "runs"), "--set", "optim.epochs=1",timeout=600,
     )  # fmt: skip
     got = figures(proc.stdout)
     assert got["seeds"] == 2 and got["budget_s"] == 60
-    seeds = [got[f"candidate_s{s}_f1_within_budget"] for s in (0, 1)]
-    assert got["candidate_f1_within_budget_mean"] == pytest.approx(sum(seeds) / 2, abs=1e-4)
-    assert 0 <= got["candidate_f1_within_budget_std"] and 0 < got["candidate_best_val_macro_f1_mean"] <= 1
+    seeds = [got[f"ema_s{s}_f1_within_budget"] for s in (0, 1)]
+    assert got["ema_f1_within_budget_mean"] == pytest.approx(sum(seeds) / 2, abs=1e-4)
+    assert 0 <= got["ema_f1_within_budget_std"] and 0 < got["ema_best_val_macro_f1_mean"] <= 1
     # Macro-F1 0 is reached by the first epoch, after its own time.
-    first = got["candidate_s_to_f1_0_mean"]
-    assert got["candidate_reached_f1_0"] == 2 and 0 < first <= got["candidate_train_s_mean"]
-    assert len(list((tmp_path / "runs").glob("quick-candidate-s*/best/model.pt2"))) == 2
+    first = got["ema_s_to_f1_0_mean"]
+    assert got["ema_reached_f1_0"] == 2 and 0 < first <= got["ema_train_s_mean"]
+    assert len(list((tmp_path / "runs").glob("quick-ema-s*/best/model.pt2"))) == 2

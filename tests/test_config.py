@@ -28,6 +28,8 @@ def test_int_and_exponent_strings_are_accepted_for_a_float_field():
         ("optim.schedule=linear", "optim.schedule must be one of cosine, plateau"),
         ("optim", "must look like section.key=value"),
         ("data.train_size=200", "must not exceed data.stored_size"),
+        ("data.resize_from=0", "data.resize_from"),
+        ("data.resize_ramp=[0.9, 0.5]", "data.resize_ramp must be two fractions of the run"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from simpsons.augment import train_size_at
 from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, mix_seed
@@ -239,3 +240,27 @@ def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
         symmetric = torch.cat([x[..., :16], x[..., :16].flip(3)], dim=3)  # its own mirror image
         assert torch.allclose(classify(model, symmetric, flip=True), model(symmetric), atol=1e-5)
         assert not torch.allclose(both, model(x))
+
+
+def test_progressive_resizing_schedule():
+    # Off: every epoch at train_size.
+    cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14"])
+    assert {train_size_at(cfg, e) for e in range(14)} == {64}
+    cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14", "data.resize_from=0.625"])
+    sizes = [train_size_at(cfg, e) for e in range(14)]
+    # Min size up to 40 % of the run, train_size from 85 %, in multiples of 8 and never shrinking.
+    assert sizes[:6] == [40] * 6 and sizes[-2:] == [64, 64]
+    assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes) and len(set(sizes)) >= 4
+    one = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=1", "data.resize_from=0.625"])
+    assert train_size_at(one, 0) == 40  # a one-epoch run is all ramp start
+
+
+def test_each_epoch_trains_at_its_side_and_evaluation_stays_at_train_size():
+    split = _split()
+    cfg = _cfg("optim.epochs=3", "data.resize_from=0.5", "data.resize_ramp=[0.0, 1.0]", "train.precision=fp32")
+    step = _step(cfg, split)
+    seen = []
+    step.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    for epoch in range(3):
+        train_one_epoch(step, split.train_batches(epoch, 8, 0), epoch, cfg)
+    assert seen == [16] * 4 + [24] * 4 + [32] * 4  # 32 images, batch 8, sides 16 -> 24 -> 32

@@ -94,6 +94,10 @@ class ModelConfig:
     head: str = CLASSIFIER_HEADS[0]
     # Dropout probability in the classifier head.
     dropout: float = 0.5
+    # Start every residual block as the identity: the last BatchNorm of each residual branch starts
+    # at weight 0 (Goyal et al. 2017; torchvision's zero_init_residual), so the first steps train a
+    # shallow network whose signal passes the blocks unchanged. Original network and ResNets.
+    zero_init_residual: bool = False
     # Test-time flip: evaluation, evaluate.py, predict.py and the exported model average the
     # logits of each image and its mirror image (twice the inference cost).
     tta_flip: bool = False
@@ -294,9 +298,17 @@ class Config:
 
     def validate(self) -> Config:
         _choice("model.head", self.model.head, CLASSIFIER_HEADS)
-        from simpsons.model import ARCHS  # torch and torchvision: imported only when a config is checked
+        from simpsons.model import (  # torch and torchvision: imported only when a config is checked
+            ARCHS,
+            RESIDUAL_ARCHS,
+        )
 
         _choice("model.arch", self.model.arch, ARCHS)
+        if self.model.zero_init_residual and self.model.arch not in RESIDUAL_ARCHS:
+            raise ConfigError(
+                f"model.zero_init_residual applies to {', '.join(RESIDUAL_ARCHS)}, not {self.model.arch}; "
+                "set it to false."
+            )
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _choice("train.precision", self.train.precision, PRECISIONS)
         alpha = self.loss.alpha

@@ -28,6 +28,7 @@ HEADS = {
     "mobilenet_v3_large": "classifier",
 }
 ARCHS = tuple(HEADS)
+RESIDUAL_ARCHS = ("original", "resnet18", "resnet50")  # what model.zero_init_residual applies to
 
 
 class ResidualBlock(nn.Module):
@@ -97,6 +98,19 @@ def create_model(num_classes: int, head: str = "original", dropout: float = 0.5,
     if arch not in HEADS:
         raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, not {arch!r}.")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def zero_init_residual(model: nn.Module) -> nn.Module:
+    """Every residual block starts as the identity: the last BatchNorm of its residual branch gets
+    weight 0 (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; torchvision's zero_init_residual)."""
+    for module in model.modules():
+        if isinstance(module, ResidualBlock):
+            nn.init.zeros_(module.conv2[1].weight)
+        elif isinstance(module, torchvision.models.resnet.BasicBlock):
+            nn.init.zeros_(module.bn2.weight)
+        elif isinstance(module, torchvision.models.resnet.Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
+    return model
 
 
 def is_head(arch: str, parameter_name: str) -> bool:

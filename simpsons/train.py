@@ -31,7 +31,7 @@ from simpsons.data import ResidentSplit, data_placement, mix_seed
 from simpsons.dataset import check_dataset, load_packed, local_dataset_dir, read_manifest
 from simpsons.loss import FocalLoss, resolve_alpha
 from simpsons.metrics import classification_report, confusion_matrix
-from simpsons.model import classify, create_model, is_head
+from simpsons.model import classify, create_model, is_head, zero_init_residual
 from simpsons.weights import load_weights, pretrained
 
 _logger = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ def build_components(cfg: Config, class_counts: list[int], device: torch.device,
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     model = create_model(len(class_counts), m.head, m.dropout, m.arch)
+    if m.zero_init_residual:
+        zero_init_residual(model)  # before any weights are loaded: pretrained weights replace it
     load_weights(model, m.arch, m.weights, cfg.data.cache_dir, cfg.run.s3_endpoint)
     groups = parameter_groups(model, cfg)
     model = model.to(device)

@@ -244,7 +244,7 @@ def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
 
 def test_progressive_resizing_schedule():
     # Off: every epoch at train_size.
-    cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14"])
+    cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14", "data.resize_from=1"])
     assert {train_size_at(cfg, e) for e in range(14)} == {64}
     cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14", "data.resize_from=0.625"])
     sizes = [train_size_at(cfg, e) for e in range(14)]

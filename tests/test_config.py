@@ -75,3 +75,18 @@ def test_a_dotted_key_below_a_mapping_sets_one_entry_and_copies_leave_the_origin
     assert (cfg.optim.lr, cfg.tune.num_samples) == (3e-3, 8)
     with pytest.raises(ConfigError, match="Unknown config key 'loss.alpha.x': 'alpha' is a value, not a section"):
         load_config(None, ["loss.alpha.x=1"])
+
+
+def test_the_original_recipe_pins_every_value_the_defaults_changed():
+    # configs/original.yaml is bench/accuracy.py's baseline: a default changed later must not leak into it.
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "original.yaml")
+    assert (cfg.data.augment, cfg.data.resize_from, cfg.model.dropout, cfg.model.head) == (False, 1, 0.5, "original")
+    assert (cfg.loss.alpha, cfg.loss.label_smoothing, cfg.optim.schedule, cfg.optim.ema_decay) == (
+        None,
+        0,
+        "plateau",
+        0,
+    )
+    assert (cfg.model.arch, cfg.model.weights, cfg.model.tta_flip) == ("original", "none", False)

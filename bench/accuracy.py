@@ -15,7 +15,7 @@ recipe the mean and standard deviation over the seeds:
     <recipe>_epochs                           the recipe's epochs in this profile (each fills the budget)
 
     python bench/accuracy.py --profile cpu --seeds 1     # 4 recipes x 10 min budget at 64 px: ~40 min on 2 cores
-    python bench/accuracy.py --profile gpu --seeds 3     # 128 px on one GPU
+    python bench/accuracy.py --profile gpu --seeds 1     # 128 px, 30 epochs a run, 600 s scored: <= ~40 min on one GPU (unmeasured)
     python bench/accuracy.py --recipes previous,default --seeds 2 --set optim.epochs=10
 
 Recipes: `original` (configs/original.yaml: the original project's recipe), `previous` (the

@@ -355,15 +355,18 @@ class Config:
                 f"({self.data.stored_size}): training crops from the stored images."
             )
         ramp = self.data.resize_ramp
-        numbers = len(ramp) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ramp)
-        if not (numbers and 0 <= ramp[0] <= ramp[1] <= 1):
+        if not (_two_numbers(ramp) and 0 <= ramp[0] <= ramp[1] <= 1):
             raise ConfigError(f"data.resize_ramp must be two fractions of the run 0 <= start <= end <= 1, not {ramp}.")
         scale = self.data.crop_scale
-        numbers = len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
-        if not (numbers and 0 < scale[0] <= scale[1] <= 1):
+        if not (_two_numbers(scale) and 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, not {self.data.crop_scale}.")
         self.tune.validate()
         return self
+
+
+def _two_numbers(value: Any) -> bool:
+    """Whether a config value is a pair of numbers (booleans are not numbers here)."""
+    return len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 # Bounds of every numeric value: key -> (lowest, highest, whether the lowest itself is allowed).

@@ -33,7 +33,15 @@ from packaging.version import Version
 from ray_head import VENV_BIN, RayHead
 
 from simpsons.cli import load_job_config
-from simpsons.config import load_sweep, read_config_file
+from simpsons.cluster import (
+    START_TIMEOUT_VARIABLE,
+    ClusterCapacity,
+    addable_node_types,
+    launcher_node_types,
+    resolve_resources,
+)
+from simpsons.config import ConfigError, load_config, load_sweep, read_config_file
+from simpsons.kuberay import autoscaling_config
 from simpsons.storage import is_s3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,7 +495,12 @@ def rayjob_problems(job: dict) -> list[str]:
     if not args.config or "name" not in read_config_file(ROOT / args.config).get("run", {}):
         problems.append("the config the job runs must state run.name, so that a retry resumes the same run")
     if not job["spec"].get("backoffLimit") or not job["spec"].get("activeDeadlineSeconds"):
-        problems.append("backoffLimit (retries) and activeDeadlineSeconds (no endless Initializing) are set")
+        problems.append("backoffLimit (retries) and activeDeadlineSeconds (a bound on the whole job) are set")
+    if not 0 < job["spec"].get("preRunningDeadlineSeconds", 0) <= 1800:
+        problems.append("preRunningDeadlineSeconds (at most 30 min) fails a cluster that never gets running")
+    variables = {v["name"] for t in pod_templates(job).values() for v in ray_container(t).get("env", [])}
+    if START_TIMEOUT_VARIABLE in variables:
+        problems.append(f"{START_TIMEOUT_VARIABLE} comes from the config's train.capacity_timeout_s, not the pods")
     if job["spec"].get("shutdownAfterJobFinishes") is not True or "ttlSecondsAfterFinished" not in job["spec"]:
         problems.append("the cluster is deleted after the job: shutdownAfterJobFinishes and ttlSecondsAfterFinished")
     return problems
@@ -533,6 +546,12 @@ def test_the_rayjob_runs_the_training_entrypoint_with_the_cluster_config():
         ("spec.rayClusterSpec.workerGroupSpecs.[0].template.spec.volumes", [], "/dev/shm"),
         ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].workingDir", "/home/ray", "workingDir"),
         ("spec.backoffLimit", 0, "backoffLimit (retries)"),
+        ("spec.preRunningDeadlineSeconds", 0, "preRunningDeadlineSeconds"),
+        (
+            "spec.rayClusterSpec.headGroupSpec.template.spec.containers.[0].env",
+            [{"name": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "value": "900"}],
+            "train.capacity_timeout_s",
+        ),
     ],
 )
 def test_the_repo_checks_refuse_a_rayjob_that_disagrees_with_the_repo(dotted, value, complaint):
@@ -597,3 +616,22 @@ def test_the_sweep_cluster_puts_trial_drivers_on_the_head_and_fits_its_submit_co
     assert 1 <= cfg.tune.max_concurrent_trials <= drivers["trial_driver"]
     gpus, short = gpu_capacity(cluster_spec(cluster), cfg.train.cpus_per_worker)
     assert short == [] and cfg.tune.max_concurrent_trials * cfg.train.workers <= gpus
+
+
+def test_the_driver_reads_the_shipped_rayjobs_node_types_as_kuberays_autoscaler_does():
+    """The RayCluster a RayJob makes, through Ray's own conversion (the one the KubeRay autoscaler
+    runs; a private Ray module, so a Ray upgrade that moves it fails here): the GPU group's pods,
+    and the config the job runs fits them with nothing running yet, and not with one worker more."""
+    ray_cluster = {"metadata": {"name": "simpsons-train-abcde"}, "spec": the("RayJob")["spec"]["rayClusterSpec"]}
+    types, limit = launcher_node_types(autoscaling_config(ray_cluster))
+    assert [(t.name, t.resources["CPU"], t.resources["GPU"], t.addable) for t in types] == [("gpu-4x", 44.0, 4.0, 2)]
+    assert limit == 2
+    types, room = addable_node_types(types, limit, live_workers=[])
+    head = ClusterCapacity(nodes=[{"memory": 1e10}], other_nodes=0, node_types=types, max_added=room)
+    cfg = resolve_resources(load_config(ROOT / "configs" / "cluster.yaml"), head)
+    assert cfg.train.use_gpu is True and cfg.train.workers == 8
+    with pytest.raises(ConfigError, match="can hold 8"):
+        resolve_resources(load_config(ROOT / "configs" / "cluster.yaml", ["train.workers=9"]), head)
+    # Without the in-tree autoscaler the pods that exist are all there is.
+    fixed = {**ray_cluster, "spec": {**ray_cluster["spec"], "enableInTreeAutoscaling": False}}
+    assert autoscaling_config(fixed) is None

@@ -2,6 +2,7 @@
 # PyTorch 2.14.1 built for CUDA 13.0, and this project installed.
 #
 #   docker build -t 123456789012.dkr.ecr.us-west-2.amazonaws.com/simpsons-train:0.1.0 .
+#       (with --build-arg SIMPSONS_COMMIT=$(git rev-parse --short=12 HEAD) checkpoints name the commit)
 #   docker push 123456789012.dkr.ecr.us-west-2.amazonaws.com/simpsons-train:0.1.0
 #
 # Replace 123456789012 and us-west-2 with your AWS account id and region (create the ECR repository
@@ -30,8 +31,19 @@ ARG TORCH_CUDA=cu130
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/${TORCH_CUDA} \
         torch==2.14.1 torchvision==0.29.1
 
+# The NVIDIA container runtime refuses to start this image on a node whose driver cannot run the
+# CUDA of the torch build above (13.0: driver >= 580, torch_cuda.toml), with a message naming the
+# requirement, instead of a container that advertises GPUs and fails at its first CUDA call. It
+# replaces the base image's cuda>=12.8; keep it equal to TORCH_CUDA (tests/test_cluster_config.py).
+ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0"
+
 # Stream print() to `ray job logs` as it happens.
 ENV PYTHONUNBUFFERED=1
+
+# The commit the image is built from (docker build --build-arg SIMPSONS_COMMIT=$(git rev-parse
+# --short=12 HEAD)): the image has no .git, and checkpoints record the code version from this.
+ARG SIMPSONS_COMMIT=""
+ENV SIMPSONS_COMMIT=${SIMPSONS_COMMIT}
 
 # Made by the ray user, not by WORKDIR: the legacy builder creates a missing WORKDIR as root, and
 # `pip install .` below writes its build files into this folder.

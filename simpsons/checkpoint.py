@@ -13,15 +13,23 @@ Provenance ties a result to what produced it: the dataset URI, the sha256 of its
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from simpsons import storage
+from simpsons.config import ConfigError
 from simpsons.data import DataError
-from simpsons.dataset import manifest_sha256
+from simpsons.dataset import manifest_bytes, manifest_sha256
+from simpsons.files import sha256_hex
+
+_logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -68,9 +76,16 @@ def provenance(dataset_uri: str, dataset_dir: str | Path, code: str) -> dict:
     return {"dataset_uri": dataset_uri, "manifest_sha256": manifest_sha256(dataset_dir), "code_version": code}
 
 
+# The commit of code that runs without its .git folder (the image, a `ray job submit` working
+# dir): the Dockerfile sets it from a build argument, and a submitter can pass it in the job's
+# runtime environment (docs/cluster.md).
+COMMIT_VARIABLE = "SIMPSONS_COMMIT"
+
+
 def code_version() -> str:
     """The package version, with the git commit when the code runs from a checkout (`-dirty`
-    when it has uncommitted changes). Asked on the driver: Ray ships workers no .git folder."""
+    when it has uncommitted changes) or when SIMPSONS_COMMIT names it. Asked on the driver: Ray
+    ships workers no .git folder."""
     try:
         version = metadata.version("simpsons")
     except metadata.PackageNotFoundError:
@@ -85,7 +100,8 @@ def code_version() -> str:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return version
+        commit = ""
+    commit = commit or os.environ.get(COMMIT_VARIABLE, "").strip()
     return f"{version}+git.{commit}" if commit else version
 
 
@@ -161,6 +177,38 @@ def read_history(checkpoint) -> list[dict]:
     """The per-epoch metrics recorded in a reported Ray checkpoint."""
     with checkpoint.as_directory() as folder:
         return read_metrics(folder)["history"]
+
+
+def check_resume(run_uri: str, dataset_uri: str, resume: bool, endpoint: str = "") -> None:
+    """Before a run starts at `run_uri`: when an earlier run there reported checkpoints, refuse to
+    resume it on other data (another manifest or class list: Ray Train would resume it silently),
+    or, with `resume` false, move it aside to <run_uri>.replaced-<UTC time> so this run starts over."""
+    reported = sorted(
+        k.split("/")[0] for k in storage.list_objects(run_uri, endpoint) if k.endswith(f"/{METRICS_FILE}")
+    )
+    checkpoints = [name for name in reported if name.startswith("checkpoint_")]
+    if not checkpoints:
+        return
+    if not resume:
+        aside = f"{run_uri.rstrip('/')}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        storage.move(run_uri, aside, endpoint)
+        _logger.info("run.resume=false: the earlier run at %s was moved to %s; starting over.", run_uri, aside)
+        return
+    earlier = json.loads(storage.read_bytes(storage.join(run_uri, checkpoints[-1], METRICS_FILE), endpoint) or b"{}")
+    raw = manifest_bytes(dataset_uri, endpoint)
+    ours = (sha256_hex(raw), json.loads(raw)["class_names"])
+    theirs = (
+        earlier.get("provenance", {}).get("manifest_sha256"),
+        [row["class"] for row in earlier.get("val", {}).get("per_class", [])] or None,
+    )
+    if ours[0] != theirs[0] or (theirs[1] is not None and ours[1] != theirs[1]):
+        were = earlier.get("provenance", {}).get("dataset_uri", "?")
+        raise ConfigError(
+            f"{run_uri} holds a run trained on {were} (manifest sha256 {str(theirs[0])[:12]}, "
+            f"{len(theirs[1] or [])} classes), but this run trains on {dataset_uri} (manifest sha256 "
+            f"{ours[0][:12]}, {len(ours[1])} classes) and would resume it; set run.resume=false to start it "
+            f"over (the earlier run is moved aside, not deleted) or choose another run.name."
+        )
 
 
 def _to_cpu(value):

@@ -74,11 +74,12 @@ def check_inputs(cfg: Config, dataset_uri: str | None = None) -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user: printed as one sentence, no traceback."""
+    from simpsons.cluster import CapacityError
     from simpsons.data import DataError
     from simpsons.sources import SourceError
     from simpsons.storage import StorageError
 
-    return (ConfigError, DataError, SourceError, StorageError)
+    return (ConfigError, CapacityError, DataError, SourceError, StorageError)
 
 
 def configure_logging(stream: TextIO | None = None) -> None:

@@ -178,6 +178,11 @@ class TrainConfig:
     resources_per_worker: Any = field(default_factory=dict)
     # Restarts of the worker group after a worker failure before the run fails.
     max_failures: int = 3
+    # Seconds the run waits for the nodes its workers need each time it starts them (at the
+    # start and after a lost node) before it stops with a sentence naming the missing capacity.
+    # On an autoscaling cluster this covers booting GPU nodes from zero (minutes); a GPU quota
+    # of 0 or a zone without capacity ends here instead of waiting for ever.
+    capacity_timeout_s: float = 1200.0
     # Log progress every N training steps on rank 0.
     log_every: int = 20
     # Copy TensorBoard logs to run.storage every N epochs and after the last (each copy is a
@@ -200,6 +205,9 @@ class RunConfig:
     storage: str = "./runs"
     # S3-compatible endpoint (MinIO, R2, a test server); empty = AWS or $AWS_ENDPOINT_URL.
     s3_endpoint: str = ""
+    # Resume a run found under the same storage and name (true), or start it over (false): the
+    # earlier run's folder is then moved aside to <name>.replaced-<UTC time>, nothing deleted.
+    resume: bool = True
 
 
 @dataclass
@@ -402,6 +410,7 @@ _BOUNDS = {
     "train.checkpoints_to_keep": _AT_LEAST_1,
     "train.histogram_every": _AT_LEAST_0,
     "train.max_failures": _AT_LEAST_0,
+    "train.capacity_timeout_s": _ABOVE_0,
     "train.log_every": _AT_LEAST_0,
     "train.tensorboard_every": _AT_LEAST_1,
     "train.ddp_bucket_mb": _ABOVE_0,
@@ -536,12 +545,12 @@ def resolve_paths(cfg: Config, cwd: str | Path | None = None) -> Config:
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         value = nested[section][key]
-        if value and value not in NOT_PATHS and _is_relative_path(value):
+        if value and value not in NOT_PATHS and is_relative_path(value):
             nested[section][key] = str((cwd / value).resolve())
     return from_dict(nested)
 
 
-def _is_relative_path(value: str) -> bool:
+def is_relative_path(value: str) -> bool:
     scheme = urlparse(value).scheme
     if len(scheme) > 1:  # s3://, http(s)://, file:// (absolute by definition); one letter is a drive
         return False

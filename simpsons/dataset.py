@@ -111,6 +111,11 @@ def load_packed(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
 # A version in S3 -> a node-local cache
 
 
+def manifest_bytes(uri: str, endpoint: str = "") -> bytes:
+    """manifest.json of the packed dataset at `uri` (a folder or an s3:// version), as stored."""
+    return _manifest_path(uri).read_bytes() if not storage.is_s3(uri) else _remote_manifest_bytes(uri, endpoint)
+
+
 def check_dataset(uri: str, endpoint: str = "") -> None:
     """StorageError when the packed dataset at an s3:// `uri` has no manifest (missing or incomplete)."""
     _remote_manifest_bytes(uri, endpoint)

@@ -311,6 +311,26 @@ def write_bytes(data: bytes, uri: str, endpoint: str = "") -> None:
         raise explain(exc, uri, endpoint) from None
 
 
+def move(uri: str, dest: str, endpoint: str = "") -> None:
+    """Move every object under `uri` to `dest` (same bucket or filesystem): a rename for a folder;
+    on S3 every object is copied before any is deleted, so an interrupted move loses nothing."""
+    if not is_s3(uri):
+        Path(uri).expanduser().rename(Path(dest).expanduser())
+        return
+    client = s3_client(endpoint)
+    keys = list(list_objects(uri, endpoint, client))
+    (bucket, prefix), (dest_bucket, dest_prefix) = split_uri(uri), split_uri(dest)
+    try:
+        for key in keys:
+            source = {"Bucket": bucket, "Key": f"{prefix}/{key}"}
+            client.copy(source, dest_bucket, f"{dest_prefix}/{key}", Config=_transfer_config())
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a call
+            batch = [{"Key": f"{prefix}/{key}"} for key in keys[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    except _s3_errors() as exc:
+        raise explain(exc, uri, endpoint) from None
+
+
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 

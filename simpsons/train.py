@@ -25,7 +25,14 @@ import torch.distributed as dist
 from simpsons import checkpoint, storage
 from simpsons.augment import create_eval_preset, create_train_preset
 from simpsons.cli import configure_logging
-from simpsons.cluster import absolute_dataset_uri, prepare_run, worker_resources
+from simpsons.cluster import (
+    CONTROLLER_FAILURE_LIMIT,
+    absolute_dataset_uri,
+    bound_capacity_wait,
+    capacity_error,
+    prepare_run,
+    worker_resources,
+)
 from simpsons.config import Config, config_text, from_dict, to_dict
 from simpsons.data import ResidentSplit, data_placement, mix_seed
 from simpsons.dataset import check_dataset, load_packed, local_dataset_dir, read_manifest
@@ -436,18 +443,13 @@ class _TensorBoard:
 # The driver
 
 
-# Restarts of the Train controller after a failure of its own (a worker group that did not start
-# in RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, e.g. while the autoscaler boots a cold node) before
-# the run fails. Ray's default, -1, retries for ever: a run that can never start would never end.
-CONTROLLER_FAILURE_LIMIT = 3
-
-
 def build_trainer(
     cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None
 ) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for this config (resources must be resolved: see cluster.prepare_run)."""
     name = name or cfg.run.name
     fs, path = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
+    bound_capacity_wait(cfg)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "dataset": dataset_uri, "code_version": checkpoint.code_version()},
@@ -469,6 +471,14 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def run_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None) -> ray.train.Result:
+    """build_trainer(...).fit(); a worker group that never started becomes a CapacityError."""
+    try:
+        return build_trainer(cfg, dataset_uri, name, callbacks).fit()
+    except ray.train.ControllerError as exc:
+        raise capacity_error(cfg, exc) from None
 
 
 def best_checkpoint(result) -> ray.train.Checkpoint:
@@ -495,6 +505,7 @@ def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
     else:
         check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
     run_uri = storage.join(cfg.run.storage, cfg.run.name)
+    checkpoint.check_resume(run_uri, dataset_uri, cfg.run.resume, cfg.run.s3_endpoint)
     # The resolved config beside the run from its start: a run stopped early still says how it was set.
     storage.write_bytes(config_text(cfg).encode(), storage.join(run_uri, "config.yaml"), cfg.run.s3_endpoint)
     _logger.info(
@@ -506,7 +517,7 @@ def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
         cfg.optim.epochs,
         cfg.run.storage,
     )
-    result = build_trainer(cfg, dataset_uri).fit()
+    result = run_trainer(cfg, dataset_uri)
     # Read the latest checkpoint before opening the best one: when they are the same checkpoint, a
     # nested as_directory() in one process shares its temp folder and deletes it on the inner exit.
     history = checkpoint.read_history(result.checkpoint)

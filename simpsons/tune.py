@@ -3,7 +3,7 @@
     sweep settings   the `tune:` section of the config (`simpsons.config.SweepConfig`, loaded
                      with the training sections by `simpsons.config.load_sweep`) + `--set tune.x=...`
     a trial          `run_trial`: the base config with the sampled values applied, fitted by the
-                     same TorchTrainer as a single run (`simpsons.train.build_trainer`); a
+                     same TorchTrainer as a single run (`simpsons.train.run_trainer`); a
                      TuneReportCallback hands every epoch's metrics to Tune, so ASHA can stop it
     the end          `simpsons.sweep_report`: trials.csv, trials.png and the best trial's best
                      checkpoint reported exactly like a single run (`simpsons.report.write_best`)
@@ -31,7 +31,7 @@ from simpsons import storage
 from simpsons.cluster import absolute_dataset_uri, prepare_run
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
-from simpsons.train import SCORE, build_trainer
+from simpsons.train import SCORE, run_trainer
 
 _logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_trial(params: dict, base: dict, dataset: str, sweep_uri: str) -> None:
     """
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base), params, trial_id, sweep_uri)
-    build_trainer(cfg, dataset, name=cfg.run.name, callbacks=[EpochReportCallback()]).fit()
+    run_trainer(cfg, dataset, name=cfg.run.name, callbacks=[EpochReportCallback()])
 
 
 class ProgressCallback(tune.Callback):

@@ -33,6 +33,7 @@ from image_files import SECRET, dockerfile_instructions, documented_image
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
+from simpsons.cluster import CONTROLLER_FAILURE_LIMIT, START_TIMEOUT_VARIABLE
 from simpsons.config import load_config
 from simpsons.storage import is_s3
 
@@ -226,8 +227,13 @@ def test_containers_get_gpus_explicitly_the_region_and_a_cold_node_start_timeout
     )
     env = dict(o[len("--env ") :].split("=", 1) for o in docker["run_options"] if o.startswith("--env "))
     assert env["AWS_REGION"] == prepared["provider"]["region"]
-    # Ray Train's own variable (imported, so a rename in Ray fails here), well above its 60 s default.
-    assert float(env[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR]) >= 600
+    # The wait for a cold GPU node is the job's train.capacity_timeout_s, which the driver hands to
+    # Ray Train's own variable (imported, so a rename in Ray fails here): a value set for the
+    # containers would only be overridden.
+    assert WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == START_TIMEOUT_VARIABLE
+    assert WORKER_GROUP_START_TIMEOUT_S_ENV_VAR not in env
+    share = load_config(ROOT / "configs" / "cluster.yaml").train.capacity_timeout_s / (CONTROLLER_FAILURE_LIMIT + 1)
+    assert share >= 300, "each of the controller's start attempts should outlast a cold node's boot and image pull"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +277,18 @@ def test_the_images_last_step_checks_the_torch_cuda_build_and_pip_check():
     other = "cu126" if installed != "cu126" else "cu130"
     done = subprocess.run(step, env=dict(env, TORCH_CUDA=other), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and f"not {other[2:-1]}.{other[-1]}" in done.stderr, done.stdout + done.stderr
+
+
+def test_the_image_refuses_to_start_on_a_driver_too_old_for_its_torch_build():
+    """NVIDIA_REQUIRE_CUDA names the CUDA of the image's torch build, whose driver floor
+    torch_cuda.toml gives: the container runtime checks it against the node's driver."""
+    variant = dockerfile_torch_pin()[2]
+    cuda = f"{variant[2:-1]}.{variant[-1]}"  # cu130 -> 13.0
+    env = [line for line in dockerfile_instructions() if line.startswith("ENV NVIDIA_REQUIRE_CUDA=")]
+    assert env == [f'ENV NVIDIA_REQUIRE_CUDA="cuda>={cuda}"'], env
+    assert driver_floor(variant) == {"12": 525, "13": 580}[cuda.split(".")[0]]  # NVIDIA's minor-version table
+    # The variable replaces the base image's requirement: no later line sets it again.
+    assert sum("NVIDIA_REQUIRE_CUDA" in line for line in dockerfile_instructions()) == 1
 
 
 def test_the_driver_floor_of_the_torch_build_is_stated_where_the_ami_is_chosen():

@@ -7,13 +7,23 @@ launcher's copy of it on the head (~/ray_bootstrap_config.yaml).
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from simpsons.cluster import ClusterCapacity, check_storage_reach, launcher_node_types, resolve_resources
+from simpsons.cluster import (
+    ClusterCapacity,
+    NodeType,
+    addable_node_types,
+    check_output_paths,
+    check_storage_reach,
+    launcher_node_types,
+    resolve_resources,
+)
 from simpsons.config import ConfigError, load_config, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +76,8 @@ def test_a_relative_weights_file_is_resolved_on_the_driver_and_the_keywords_stay
 def test_launcher_config_gives_worker_types_and_the_global_limit():
     types, limit = launcher_node_types(yaml.safe_load((REPO / "cluster.yaml").read_text()))
     assert limit == 4
-    assert ("gpu_4x_a10g", {"CPU": 48.0, "GPU": 4.0}, 4) in types
-    assert all(name != "head" for name, _, _ in types)
+    assert NodeType("gpu_4x_a10g", {"CPU": 48.0, "GPU": 4.0}, 4) in types
+    assert all(t.name != "head" for t in types)
 
 
 def test_auto_gpu_means_gpu_on_a_cluster_whose_node_types_have_gpus():
@@ -128,17 +138,19 @@ def test_local_folders_are_refused_when_the_autoscaler_can_add_nodes(tmp_path):
 @pytest.mark.slow
 def test_ray_train_gives_up_on_a_worker_group_that_never_starts(ray_cluster, packed_dataset, monkeypatch):
     """Past the driver's check (skipped here on purpose), a worker group that cannot start is
-    retried simpsons.train.CONTROLLER_FAILURE_LIMIT times, not for ever (Ray's default): without
-    the limit this test would hang until pytest's timeout."""
+    retried simpsons.cluster.CONTROLLER_FAILURE_LIMIT times within train.capacity_timeout_s in all,
+    not for ever (Ray's default): without the bound this test would hang until pytest's timeout.
+    The failure reaches the user as one sentence about capacity."""
     import ray.train
 
+    from simpsons.cluster import START_TIMEOUT_VARIABLE, CapacityError, capacity_error
     from simpsons.train import build_trainer
 
-    # The controller inherits RAY_TRAIN_* from the driver: give up on each start after 2 s.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")
+    monkeypatch.delenv(START_TIMEOUT_VARIABLE, raising=False)  # build_trainer sets it: restored after
     cfg = load_config(
         None,
         [
+            "train.capacity_timeout_s=8",  # 4 starts of 2 s each
             "train.workers=9",
             "train.cpus_per_worker=1",
             "train.use_gpu=false",
@@ -148,36 +160,116 @@ def test_ray_train_gives_up_on_a_worker_group_that_never_starts(ray_cluster, pac
             f"run.storage={packed_dataset.parent / 'never-started'}",
         ],
     )
+    started = time.monotonic()
     with pytest.raises(ray.train.ControllerError) as err:  # 9 workers x 1 CPU on a 4-CPU cluster
         build_trainer(cfg, str(packed_dataset)).fit()
     assert "worker group startup timed out after 2.0 seconds waiting for 9 workers" in str(err.value), err.value
+    assert time.monotonic() - started < 60
+    message = str(capacity_error(cfg, err.value))
+    assert isinstance(capacity_error(cfg, err.value), CapacityError)
+    assert message.startswith("No capacity came for the run: it waited 8 s for 9 Ray Train worker(s) with 1 CPU each")
+    assert message.endswith("or raise train.capacity_timeout_s.") and message.count(". ") == 0, message
 
 
-@pytest.mark.slow
-def test_the_driver_finds_the_autoscalers_node_types_where_ray_keeps_them(ray_cluster, tmp_path, monkeypatch):
-    """`ray up` leaves its config in the head's ~/ray_bootstrap_config.yaml; an autoscaler that
-    reports its node groups to the GCS (autoscaler_pb2.ClusterConfig) is read from there first."""
-    import ray._raylet
-    from ray.core.generated import autoscaler_pb2
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+def test_live_worker_nodes_are_not_counted_again_as_nodes_to_add():
+    """Two of cluster.yaml's 4 GPU nodes are up: the autoscaler may add 2 more, not 4 on top."""
+    types, limit = launcher_node_types(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    live = [{"CPU": 48.0, "GPU": 4.0, "memory": 1e11, "node:10.0.0.7": 1.0}] * 2
+    addable, room = addable_node_types(types, limit, live)
+    assert NodeType("gpu_4x_a10g", {"CPU": 48.0, "GPU": 4.0}, 2) in addable and room == 2
+    capacity = ClusterCapacity(
+        nodes=[{"CPU": 0.0, "trial_driver": 16.0}, *live], other_nodes=2, node_types=addable, max_added=room
+    )
+    assert capacity.bundles_that_fit({"CPU": 8.0, "GPU": 1.0}) == 16  # 2 live + 2 more, 4 workers each
+    with pytest.raises(ConfigError, match="can hold 16"):
+        resolve_resources(load_config(REPO / "configs" / "cluster.yaml", ["train.workers=17"]), capacity)
 
-    from simpsons.cluster import cluster_capacity
 
-    monkeypatch.setenv("HOME", str(tmp_path))  # the driver's home on the head
-    plain = cluster_capacity()  # a plain `ray.init()`: no autoscaler
-    assert (plain.node_types, plain.max_added, plain.other_nodes) == ([], None, 0) and not plain.can_add_nodes()
-    (tmp_path / "ray_bootstrap_config.yaml").write_text((REPO / "cluster.yaml").read_text())
-    capacity = cluster_capacity()
-    assert ("gpu_4x_a10g", {"CPU": 48.0, "GPU": 4.0}, 4) in capacity.node_types and capacity.max_added == 4
-    assert capacity.can_add_nodes() and capacity.has("GPU")
+def test_an_autoscaler_whose_node_types_are_unknown_decides_itself():
+    """Never refused for what the driver could not learn: the autoscaler's verdict and the bounded
+    wait (train.capacity_timeout_s) decide; local folders stay refused (nodes may come)."""
+    capacity = ClusterCapacity(nodes=[{"CPU": 0.0}], other_nodes=0, unknown_types="no RayCluster could be read")
+    cfg = resolve_resources(load_config(None, ["train.workers=8", "train.resources_per_worker={A10G: 1}"]), capacity)
+    assert cfg.train.workers == 8 and cfg.train.use_gpu is False
+    assert capacity.can_add_nodes() and "node types are unknown" in capacity.describe()
+    with pytest.raises(ConfigError, match="is a local folder"):
+        check_storage_reach(cfg, "/data/packed", capacity)
 
-    config = autoscaler_pb2.ClusterConfig()
-    group = config.node_group_configs.add()
-    group.name, group.max_count = "gpu-group", 2
-    group.resources.update({"CPU": 8, "GPU": 1})
-    namespace, key = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE, ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
-    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
-    try:
-        assert cluster_capacity().node_types == [("gpu-group", {"CPU": 8.0, "GPU": 1.0}, 2)]
-    finally:
-        _internal_kv_del(key, namespace=namespace)
+
+def test_a_local_weights_file_is_refused_when_other_nodes_would_load_it(tmp_path):
+    cfg = load_config(None, ["run.storage=s3://bucket/runs", "model.arch=resnet18", f"model.weights={tmp_path}/r18.pt"])
+    with pytest.raises(ConfigError, match=rf"model.weights {tmp_path}/r18.pt is a local file, but this Ray cluster"):
+        check_storage_reach(cfg, "s3://bucket/data/v1", launched_cluster())
+    for kept in ("none", "imagenet", "s3://bucket/weights/r18.pt"):
+        check_storage_reach(
+            load_config(None, ["run.storage=s3://b/r", f"model.weights={kept}"]), "s3://b/d", launched_cluster()
+        )
+    check_storage_reach(cfg, str(tmp_path), laptop())  # one machine: the file is where the worker runs
+
+
+def test_a_relative_run_storage_is_refused_in_rays_unpacked_working_dir(tmp_path):
+    """`ray job submit --working-dir .` runs the driver in Ray's copy of the folder, which Ray deletes."""
+    unpacked = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.storage=./runs-wd"])
+    with pytest.raises(ConfigError, match=r"run.storage ./runs-wd is relative, but this job runs in the copy"):
+        check_output_paths(cfg, cwd=unpacked)
+    check_output_paths(cfg, cwd=tmp_path)  # a plain run: resolved where the user typed it
+    for kept in ("s3://bucket/runs", str(tmp_path / "runs")):
+        check_output_paths(load_config(None, [f"run.storage={kept}"]), cwd=unpacked)
+
+
+def test_the_code_version_comes_from_the_environment_where_there_is_no_git(monkeypatch, tmp_path):
+    from simpsons.checkpoint import COMMIT_VARIABLE, code_version
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git: as in the image or Ray's unpacked working dir
+    monkeypatch.delenv(COMMIT_VARIABLE, raising=False)
+    assert "+git." not in code_version()
+    monkeypatch.setenv(COMMIT_VARIABLE, "0123456789ab")
+    assert code_version().endswith("+git.0123456789ab")
+
+
+def earlier_run(run: Path, manifest_sha256: str, classes: list[str]) -> None:
+    """What Ray Train leaves of a run that reported a checkpoint: its folder with metrics.json."""
+    folder = run / "checkpoint_2026-12-01_10-00-00.000000"
+    folder.mkdir(parents=True)
+    metrics = {
+        "provenance": {"dataset_uri": "s3://old/data/v1", "manifest_sha256": manifest_sha256},
+        "val": {"per_class": [{"class": name} for name in classes]},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_resuming_a_run_on_other_data_is_refused_and_resume_false_starts_over(tmp_path, packed_dataset):
+    from simpsons.checkpoint import check_resume
+    from simpsons.dataset import manifest_sha256, read_manifest
+
+    ours, classes = manifest_sha256(packed_dataset), read_manifest(packed_dataset)["class_names"]
+    run = tmp_path / "runs" / "smoke"
+    check_resume(str(run), str(packed_dataset), resume=True)  # nothing there yet
+    earlier_run(run, ours, classes)
+    check_resume(str(run), str(packed_dataset), resume=True)  # the same data: it resumes
+    earlier_run(tmp_path / "other", "f" * 64, classes[:2])
+    with pytest.raises(ConfigError) as err:
+        check_resume(str(tmp_path / "other"), str(packed_dataset), resume=True)
+    message = str(err.value)
+    assert "trained on s3://old/data/v1 (manifest sha256 ffffffffffff, 2 classes)" in message
+    assert f"this run trains on {packed_dataset} (manifest sha256 {ours[:12]}, {len(classes)} classes)" in message
+    assert message.endswith("or choose another run.name.") and message.count(". ") == 0
+    check_resume(str(tmp_path / "other"), str(packed_dataset), resume=False)
+    (aside,) = tmp_path.glob("other.replaced-*")
+    assert (aside / "checkpoint_2026-12-01_10-00-00.000000" / "metrics.json").is_file()
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_false_moves_an_s3_run_aside_without_losing_an_object(bucket, packed_dataset, tmp_path):
+    import boto3
+
+    from simpsons import storage
+    from simpsons.checkpoint import check_resume
+
+    earlier_run(tmp_path / "run", "f" * 64, ["a", "b"])
+    (tmp_path / "run" / "config.yaml").write_text("run: {}\n")
+    storage.upload_dir(tmp_path / "run", f"s3://{bucket}/runs/smoke")
+    check_resume(f"s3://{bucket}/runs/smoke", str(packed_dataset), resume=False)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert len(keys) == 2 and all(k.startswith("runs/smoke.replaced-") for k in keys), keys

@@ -78,3 +78,16 @@ def test_submitted_job_trains_and_writes_best_to_s3(s3_server, packed_dataset):
     names = {item["Key"].rsplit("/", 1)[-1]: item["Size"] for item in listed.get("Contents", [])}
     assert set(OUTPUT_FILES) <= set(names), sorted(names)
     assert all(names[name] > 0 for name in OUTPUT_FILES)
+
+
+def test_a_relative_run_storage_is_refused_under_a_working_dir_and_nothing_is_written(packed_dataset):
+    """The driver runs in Ray's unpacked copy of the working dir: `./runs-wd` would put checkpoints
+    in Ray's package cache (deleted later), not in the submitter's ./runs-wd."""
+    overrides = {**TINY_RUN, "data.uri": packed_dataset, "run.storage": "./runs-wd", "run.name": "wd"}
+    with RayHead(num_cpus=2) as head:
+        done = head.run(job_submit("relative-storage", *SMOKE_TRAIN, *sets(overrides)), head.job_client_env(), 240)
+        assert done.returncode != 0, done.stdout[-3000:]
+        logs = head.run([RAY, "job", "logs", "relative-storage"], env=head.job_client_env(), timeout=60).stdout
+        errors = {line for line in logs.splitlines() if line.startswith("error: ")}
+        assert len(errors) == 1 and "run.storage ./runs-wd is relative, but this job runs in the copy" in errors.pop()
+        assert not list(head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/*/runs-wd"))

@@ -246,9 +246,22 @@ def _pids_with_marker(marker: str) -> list[int]:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 4, resources: dict[str, float] | None = None):
+    """`autoscaling_config`: a cluster launcher config whose provider is Ray's fake multi-node one
+    (tests/autoscaling.py builds it): the head then runs Ray's own autoscaler, which starts worker
+    nodes as local processes with the resources their node type declares. `env`: variables every
+    process of the cluster (job drivers included) gets, e.g. what KubeRay sets in its pods."""
+
+    def __init__(
+        self,
+        num_cpus: int = 4,
+        resources: dict[str, float] | None = None,
+        autoscaling_config: dict | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.num_cpus = num_cpus
         self.resources = resources or {}
+        self.autoscaling_config = autoscaling_config
+        self.extra_env = env or {}
         self.nodes: list[RayNode] = []
         # Short path: Ray puts unix sockets under it (limit ~107 characters).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
@@ -277,6 +290,11 @@ class RayHead:
             RAY_API_SERVER_ADDRESS=self.dashboard_url,
             PYTHONUNBUFFERED="1",
         )
+        if self.autoscaling_config is not None:
+            # Ray's fake multi-node provider refuses to start without RAY_FAKE_CLUSTER; its nodes
+            # are started by the autoscaler (the monitor process) and inherit this environment.
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        env.update(self.extra_env)
         return env
 
     def job_client_env(self) -> dict:
@@ -312,6 +330,12 @@ class RayHead:
             f"--ray-client-server-port={free_port()}",
             *_node_ports(),
         ]
+        if self.autoscaling_config is not None:
+            config = dict(self.autoscaling_config)
+            config["provider"] = dict(config["provider"], gcs_address=self.address)  # else <outward IP>:6379
+            path = self.temp_dir / "autoscaling.json"
+            path.write_text(json.dumps(config))
+            cmd.append(f"--autoscaling-config={path}")
         self._head, self._log = _start_logged(cmd, self._base_env(), self.temp_dir)
         deadline = time.monotonic() + timeout
         while True:

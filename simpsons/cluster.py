@@ -8,7 +8,6 @@ autoscaler may add) and a placement that can never happen refused in one sentenc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from simpsons import kuberay, storage
+from simpsons import kuberay, ray_internals, storage
 from simpsons.config import NOT_PATHS, Config, ConfigError, from_dict, is_relative_path, resolve_paths, to_dict
 
 _logger = logging.getLogger(__name__)
@@ -163,24 +162,10 @@ def launcher_node_types(config: dict) -> tuple[list[NodeType], int | None]:
     return types, None if limit is None else int(limit)
 
 
-# The v1 autoscaler (KubeRay's default, `ray start --autoscaling-config`) writes its status here
-# every update (ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS, what `ray status` reads).
-_V1_STATUS_KEY = "__autoscaling_status"
-
-
 def autoscaler_state() -> dict[str, dict[str, int]] | None:
     """What the cluster's autoscaler says of its launches, {"pending": {type: n}, "failed": {type: n}},
     or None when no autoscaler reports (a plain `ray start --head` or `ray.init()`)."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    raw = _internal_kv_get(_V1_STATUS_KEY)
-    report = json.loads(raw).get("autoscaler_report") if raw else None
-    mapping = (report or {}).get("node_type_mapping") or {}
-    if mapping and all(kind == f"node_{node}" for node, kind in mapping.items()):
-        # A head started without --autoscaling-config runs Ray's read-only autoscaler, which names
-        # every node's type after the node (ray.autoscaler._private.util.format_readonly_node_type)
-        # and can add nothing.
-        return None
+    report = ray_internals.v1_autoscaler_report()
     if report:
         failed: dict[str, int] = {}
         for _, node_type in report.get("failed_nodes") or []:
@@ -258,9 +243,7 @@ def bound_capacity_wait(cfg: Config) -> None:
 def capacity_error(cfg: Config, failure: BaseException) -> BaseException:
     """`failure` of a Train run as the user should read it: a worker group that never started is a
     CapacityError naming what was asked for and what the autoscaler did; anything else as it is."""
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # tested in test_driver.py
-
-    if not isinstance(getattr(failure, "controller_failure", None), WorkerGroupStartupTimeoutError):
+    if not ray_internals.is_worker_group_start_timeout(getattr(failure, "controller_failure", None)):
         return failure
     bundle = worker_resources(cfg)
     asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items())

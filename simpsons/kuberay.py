@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from simpsons import ray_internals
+
 # Where Kubernetes mounts a pod's service account (token, CA certificate). Tests point
 # SIMPSONS_K8S_SERVICE_ACCOUNT at a folder of their own, beside a loopback stand-in API server.
 SERVICE_ACCOUNT = Path(os.environ.get("SIMPSONS_K8S_SERVICE_ACCOUNT", "/var/run/secrets/kubernetes.io/serviceaccount"))
@@ -63,9 +65,5 @@ def autoscaling_config(ray_cluster: dict) -> dict | None:
     the RayCluster, or None when the cluster has no in-tree autoscaler (its nodes are all there is)."""
     if not ray_cluster.get("spec", {}).get("enableInTreeAutoscaling"):
         return None
-    # Ray's private module: the conversion the KubeRay autoscaler runs on the same object.
-    # tests/test_kuberay.py feeds it the shipped manifests, so a Ray upgrade that moves it fails there.
-    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
-
     ray_cluster = {**ray_cluster, "metadata": {"namespace": "default", **ray_cluster.get("metadata", {})}}
-    return _derive_autoscaling_config_from_ray_cr(ray_cluster)
+    return ray_internals.kuberay_autoscaling_config(ray_cluster)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -196,23 +197,27 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
     )
 
 
-def fetch_model(checkpoint: str, folder: str | Path) -> Path:
-    """A local path load_classifier takes for `checkpoint`: a local path as it is, or the model of
-    an s3:// best/ folder (its checkpoint.pt, else its model.pt2) or file, downloaded into `folder`."""
+def open_classifier(checkpoint: str | Path, device: str | torch.device | None = None) -> Classifier:
+    """load_classifier for a local path or an s3:// URI of a run's best/ folder (its checkpoint.pt,
+    else its model.pt2) or of one of those files; `source` names the file read."""
     from simpsons import storage
 
-    if not storage.is_s3(checkpoint):
-        return Path(checkpoint).expanduser().resolve()
-    uri = checkpoint.rstrip("/")
-    names = [uri] if Path(uri).suffix in (".pt", ".pt2") else [storage.join(uri, n) for n in (CHECKPOINT_FILE, MODEL_FILE)]
+    if not storage.is_s3(str(checkpoint)):
+        return load_classifier(Path(checkpoint).expanduser().resolve(), device)
+    uri = str(checkpoint).rstrip("/")
+    names = (
+        [uri] if Path(uri).suffix in (".pt", ".pt2") else [storage.join(uri, n) for n in (CHECKPOINT_FILE, MODEL_FILE)]
+    )
     for name in names:
         data = storage.read_bytes(name)
         if data is not None:
-            local = Path(folder) / Path(name).name
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(data)
-            return local
-    raise DataError(f"No model at {checkpoint}; pass a run's best/ folder (with checkpoint.pt or model.pt2) or one of those files.")
+            with tempfile.TemporaryDirectory() as folder:  # the loaded model no longer needs the file
+                local = Path(folder) / Path(name).name
+                local.write_bytes(data)
+                return replace(load_classifier(local, device), source=name)
+    raise DataError(
+        f"No model at {checkpoint}; pass a run's best/ folder (with checkpoint.pt or model.pt2) or one of those files."
+    )
 
 
 def predict_files(

@@ -21,9 +21,8 @@ with its reason (and is not retried: delete its row's file to redo it) and never
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -34,7 +33,7 @@ import pyarrow.parquet as pq
 from simpsons import storage
 from simpsons.checkpoint import code_version
 from simpsons.data import IMAGE_SUFFIXES, DataError, decode_image, too_large
-from simpsons.inference import fetch_model, load_classifier
+from simpsons.inference import open_classifier
 
 _logger = logging.getLogger(__name__)
 
@@ -109,7 +108,9 @@ def list_images(data: str) -> tuple[list[tuple[str, int]], int]:
     except FileNotFoundError:
         raise DataError(f"{data} does not exist; pass the folder or s3:// prefix of the images to label.") from None
     except OSError as exc:
-        raise storage.StorageError(f"Cannot list {data} ({exc}); check the URI, the endpoint and the credentials.") from None
+        raise storage.StorageError(
+            f"Cannot list {data} ({exc}); check the URI, the endpoint and the credentials."
+        ) from None
     files = [info for info in infos if info.type == pafs.FileType.File]
     images = sorted((_uri(fs, f.path), f.size) for f in files if PurePosixPath(f.path).suffix.lower() in IMAGE_SUFFIXES)
     return images, len(files) - len(images)
@@ -171,8 +172,7 @@ class Labeller:
     """One model replica of the actor pool (a GPU when it was given one): top-k for decoded batches."""
 
     def __init__(self, checkpoint: str, top_k: int, code: str):
-        with tempfile.TemporaryDirectory() as folder:  # the loaded model no longer needs the file
-            self.classifier = replace(load_classifier(fetch_model(checkpoint, folder)), source=checkpoint)
+        self.classifier = open_classifier(checkpoint)
         self.top_k, self.code = top_k, code
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -236,8 +236,7 @@ def label(
     start = time.perf_counter()
     # Resolved here: the workers neither share this process's working directory nor parse `~`.
     checkpoint, data, out = (absolute_dataset_uri(uri.rstrip("/")) for uri in (checkpoint, data, out))
-    with tempfile.TemporaryDirectory() as folder:  # the driver loads the model once: fail here, not in an actor
-        probe = load_classifier(fetch_model(checkpoint, folder), device="cpu")
+    probe = open_classifier(checkpoint, device="cpu")  # the driver loads it once: fail here, not in an actor
     images, not_images = list_images(data)
     done = set(read_output(out, ["path"]).column("path").to_pylist())
     todo = [(path, size) for path, size in images if path not in done]

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
-from dataclasses import replace
 
 import numpy as np
 from ray import serve
@@ -36,7 +34,7 @@ from starlette.responses import JSONResponse
 
 from simpsons.cluster import absolute_dataset_uri
 from simpsons.data import decode_image
-from simpsons.inference import fetch_model, load_classifier
+from simpsons.inference import open_classifier
 
 _logger = logging.getLogger(__name__)
 
@@ -72,8 +70,7 @@ def refuse(status: int, sentence: str) -> JSONResponse:
 )
 class Classifier:
     def __init__(self, checkpoint: str, top_k: int = 3, max_bytes: int = MAX_BODY_BYTES):
-        with tempfile.TemporaryDirectory() as folder:  # the loaded model no longer needs the file
-            self.classifier = replace(load_classifier(fetch_model(checkpoint, folder)), source=checkpoint)
+        self.classifier = open_classifier(checkpoint)
         self.top_k, self.max_bytes = top_k, max_bytes
         _logger.info("serving %s on %s", checkpoint, self.classifier.device)
 

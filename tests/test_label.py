@@ -1,0 +1,144 @@
+"""Batch prediction with Ray Data (simpsons/label.py, jobs/label.py) on the loopback S3 server and a real
+local Ray cluster: one row per image, predict.py's labels, reruns that skip what is done, bad files
+listed, and memory that does not grow with the number of images."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pytest
+from job_scripts import run_job
+from memory_watch import MemoryWatch
+from synthetic import make_image_tree
+from test_deploy import trained_checkpoint
+
+from simpsons.label import label, read_output
+from simpsons.storage import upload_dir
+
+# 100 MB (Ray's smallest is 75 MB): the 10x run's decoded images (2,000 x 144 x 144 x 3 bytes = 124 MB)
+# do not fit in it, so a job that held them all would spill to disk or fail; a streaming one does neither.
+RAY_OBJECT_STORE_BYTES = 100 * 10**6
+STORED = 144  # the checkpoint's data.stored_size: 62 KB per decoded image
+MAX_IMAGE_BYTES = 100_000  # the checkpoint's data.max_image_bytes: the test's "too large" file is over it
+# The bound on the 10x run's peak. Object store: Ray Data's streaming executor keeps its blocks in
+# flight within half the store (resource_manager.DEFAULT_OBJECT_STORE_MEMORY_LIMIT_FRACTION), 50 MB
+# here whatever the number of images (measured: 18 MiB for 300 images, 32 MiB for 3,000). RSS of the
+# driver and every worker process of the node: at most 150 MiB over the 1x run's (measured: ~5.8 GB
+# for both, the Ray workers that import torch; 3,000 images peaked 92 MiB below 300).
+STORE_BOUND = RAY_OBJECT_STORE_BYTES // 2
+RSS_GROWTH_BOUND = 150 * 2**20
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def best(tmp_path_factory) -> Path:
+    return trained_checkpoint(
+        tmp_path_factory.mktemp("run") / "best",
+        f"data.stored_size={STORED}",
+        f"data.max_image_bytes={MAX_IMAGE_BYTES}",
+    )
+
+
+def image_folder(root: Path, per_class: int, seed: int = 0) -> Path:
+    """Written JPEG/PNG images of the 4 test classes (4 x per_class files), plus three bad files."""
+    make_image_tree(root, per_split={"frames": per_class}, size=56, seed=seed)
+    frames = root / "dataset" / "frames"
+    (frames / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (frames / "empty.png").write_bytes(b"")
+    (frames / "huge.jpg").write_bytes(os.urandom(MAX_IMAGE_BYTES + 1))
+    (frames / "notes.txt").write_text("not an image: left alone")
+    return frames
+
+
+def s3_uri(bucket: str, local: Path, prefix: str) -> str:
+    upload_dir(local, f"s3://{bucket}/{prefix}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def predictions(out: str) -> dict[str, tuple]:
+    rows = read_output(out, ["path", "label", "labels", "probs", "error"]).to_pylist()
+    counts = Counter(row["path"] for row in rows)
+    assert max(counts.values()) == 1, [path for path, n in counts.items() if n > 1][:5]
+    return {row["path"]: (row["labels"], row["probs"], row["error"]) for row in rows}
+
+
+def test_every_image_in_a_bucket_gets_one_row_with_predict_pys_labels(ray_cluster, s3_server, bucket, best, tmp_path):
+    frames = image_folder(tmp_path / "images", per_class=75)  # 300 images + 3 bad files
+    data = s3_uri(bucket, frames, "frames")
+    checkpoint = s3_uri(bucket, best, "runs/best")
+    out = f"s3://{bucket}/labels"
+
+    summary = label(checkpoint, data, out, top_k=3, cpu_actors=2)
+    rows = predictions(out)
+    names = sorted(p.relative_to(frames).as_posix() for p in frames.rglob("*") if p.is_file() and p.suffix != ".txt")
+    assert sorted(path.removeprefix(f"{data}/") for path in rows) == names and len(names) == 303
+    assert (summary.inputs, summary.already_done, summary.labelled, summary.not_images) == (303, 0, 303, 1)
+    reasons = {Path(u["path"]).name: u["error"] for u in summary.unreadable}
+    assert set(reasons) == {"corrupt.jpg", "empty.png", "huge.jpg"}
+    assert reasons["empty.png"] == "empty file (0 bytes)" and "over the per-image limit" in reasons["huge.jpg"]
+    assert reasons["corrupt.jpg"].startswith("cannot decode")
+
+    # predict.py on the same files, read from the local copies that were uploaded
+    done = run_job("predict.py", "--checkpoint", best, frames, "--json", "--top-k", "3")
+    assert done.returncode == 0, done.stderr
+    expected = {}
+    for line in done.stdout.strip().splitlines():
+        result = json.loads(line)
+        expected[Path(result["path"]).relative_to(frames).as_posix()] = result
+    assert len(expected) == 303  # predict.py expands the folder to its image files: all but notes.txt
+    for path, (labels, probs, error) in rows.items():
+        result = expected[path.removeprefix(f"{data}/")]
+        if "error" in result:
+            assert (labels, error) == ([], result["error"]), path
+        else:
+            assert labels == [t["label"] for t in result["top"]], path
+            assert probs == pytest.approx([t["prob"] for t in result["top"]], abs=1e-5), path
+    table = read_output(out, ["model", "model_sha256", "code_version"]).to_pylist()
+    assert {row["model"] for row in table} == {f"{checkpoint}/checkpoint.pt"}
+    assert all(len(row["model_sha256"]) == 64 and row["code_version"] for row in table)
+
+    # A rerun on the same output labels nothing again; new images alone get rows.
+    again = label(checkpoint, data, out, cpu_actors=2)
+    assert (again.already_done, again.labelled) == (303, 0)
+    new = image_folder(tmp_path / "more", per_class=2, seed=7)
+    client = boto3.client("s3")
+    for i, path in enumerate(sorted(new.glob("*/*.jpg"))[:5]):
+        client.put_object(Bucket=bucket, Key=f"frames/new/{i}.jpg", Body=path.read_bytes())
+    third = label(checkpoint, data, out, cpu_actors=2)
+    assert (third.inputs, third.already_done, third.labelled, third.unreadable) == (308, 303, 5, [])
+    assert len(predictions(out)) == 308
+
+
+def test_memory_does_not_grow_with_ten_times_the_images(ray_cluster, s3_server, bucket, best, tmp_path):
+    peaks = {}
+    for per_class in (50, 500):  # 200 images, then 2,000
+        frames = image_folder(tmp_path / f"images-{per_class}", per_class=per_class)
+        data = s3_uri(bucket, frames, f"frames-{per_class}")
+        with MemoryWatch() as watch:
+            summary = label(str(best), data, str(tmp_path / f"labels-{per_class}"), cpu_actors=2)
+        assert summary.labelled == 4 * per_class + 3
+        peaks[per_class] = watch
+        print(
+            f"{4 * per_class} images: peak object store {watch.peak_store / 2**20:.1f} MiB, "
+            f"peak RSS {watch.peak_rss / 2**20:.0f} MiB, spilled {watch.spilled / 2**20:.1f} MiB"
+        )
+        assert watch.spilled == 0
+    small, large = peaks[50], peaks[500]
+    decoded = 2000 * STORED * STORED * 3
+    assert decoded > RAY_OBJECT_STORE_BYTES
+    assert large.peak_store < STORE_BOUND, large.peak_store
+    assert large.peak_rss < small.peak_rss + RSS_GROWTH_BOUND, (small.peak_rss, large.peak_rss)
+
+
+def test_the_job_refuses_a_missing_checkpoint_in_one_sentence(tmp_path):
+    (tmp_path / "frames").mkdir()
+    done = run_job(
+        "label.py", "--checkpoint", tmp_path / "nothing", "--data", tmp_path / "frames", "--out", tmp_path / "out"
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("error: No checkpoint at") and len(done.stderr.strip().splitlines()) == 1

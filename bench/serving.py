@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DEFAULT_CACHE, REAL_ARCHIVE, emit, image_tree, note
+from common import add_image_args, default_best, emit, image_tree, note, stdout_to_stderr
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
@@ -79,26 +79,10 @@ def hammer(url: str, bodies: list[tuple[bytes, str]], clients: int, total: int) 
     return latencies, failures, time.perf_counter() - start
 
 
-def default_model(folder: Path) -> Path:
-    """The default config's network, initial weights, exported to folder/model.pt2."""
-    import torch
-
-    from simpsons.config import load_config
-    from simpsons.deploy import export_model
-    from simpsons.model import create_model
-
-    cfg = load_config(None, [])
-    torch.manual_seed(0)
-    model = create_model(42, cfg.model.head, cfg.model.dropout, cfg.model.arch).eval()
-    return export_model(model, cfg, [f"class_{i}" for i in range(42)], folder / "model.pt2")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="best/ folder, checkpoint.pt or model.pt2 (default: see above)")
-    parser.add_argument("--images", help="image tree to send (default: the real sample)")
-    parser.add_argument("--archive", type=Path, default=REAL_ARCHIVE)
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    add_image_args(parser)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="40 requests: checks that it runs")
@@ -106,14 +90,15 @@ def main() -> None:
     total = 40 if args.quick else args.requests
     bodies = image_bodies(image_tree(args.images, Path(args.cache), args.archive), 200)
 
+    import ray
     from ray import serve
 
     from simpsons.cluster import free_port, init_ray
     from simpsons.serve import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, app
 
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = args.checkpoint or str(default_model(Path(folder)))
-        init_ray(num_cpus=2)
+    with tempfile.TemporaryDirectory() as folder, stdout_to_stderr():
+        checkpoint = args.checkpoint or str(default_best(Path(folder)) / "model.pt2")
+        init_ray(num_cpus=2, log_to_driver=False)  # workers' lines stay in their logs: stdout holds the figures
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
@@ -127,6 +112,7 @@ def main() -> None:
             latencies, failures, wall = hammer(url, bodies, args.clients, total)
         finally:
             serve.shutdown()
+            ray.shutdown()
     ms = np.array(latencies) * 1000
     emit("p50_ms", float(np.percentile(ms, 50)) if len(ms) else 0.0)
     emit("p99_ms", float(np.percentile(ms, 99)) if len(ms) else 0.0)

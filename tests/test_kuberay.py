@@ -205,7 +205,11 @@ def test_every_manifest_passes_the_schemas_with_strict_field_validation(name, do
 
 def rayjob_with(dotted: str, value) -> dict:
     """The RayJob with one field set (path in dots; `[n]` picks a list item)."""
-    doc = copy.deepcopy(the("RayJob"))
+    return with_field(copy.deepcopy(the("RayJob")), dotted, value)
+
+
+def with_field(doc: dict, dotted: str, value) -> dict:
+    """`doc` with one field set in place (path in dots; `[n]` picks a list item)."""
     *parents, leaf = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
     target = doc
     for part in parents:
@@ -564,12 +568,7 @@ def rayservice_with(dotted: str, value) -> dict:
         target[key] = value
         doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
         return doc
-    *parents, leaf = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
-    target = doc
-    for part in parents:
-        target = target[int(part[1:-1])] if part.startswith("[") else target[part]
-    target[leaf] = value
-    return doc
+    return with_field(doc, dotted, value)
 
 
 @pytest.mark.parametrize(

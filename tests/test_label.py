@@ -135,10 +135,17 @@ def test_memory_does_not_grow_with_ten_times_the_images(ray_cluster, s3_server, 
     assert large.peak_rss < small.peak_rss + RSS_GROWTH_BOUND, (small.peak_rss, large.peak_rss)
 
 
-def test_the_job_refuses_a_missing_checkpoint_in_one_sentence(tmp_path):
+@pytest.mark.parametrize(
+    "what, sentence",
+    [("checkpoint", "No checkpoint at"), ("data", "does not exist; pass the folder or s3:// prefix")],
+)
+def test_the_job_refuses_a_missing_checkpoint_or_data_in_one_sentence(best, tmp_path, what, sentence):
+    # Refused before Ray starts (the model is loaded and the input listed on the driver first).
+    checkpoint = tmp_path / "nothing" if what == "checkpoint" else best
+    data = tmp_path / "frames" if what == "checkpoint" else tmp_path / "no-frames"
     (tmp_path / "frames").mkdir()
-    done = run_job(
-        "label.py", "--checkpoint", tmp_path / "nothing", "--data", tmp_path / "frames", "--out", tmp_path / "out"
-    )
+    done = run_job("label.py", "--checkpoint", checkpoint, "--data", data, "--out", tmp_path / "out")
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().startswith("error: No checkpoint at") and len(done.stderr.strip().splitlines()) == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and sentence in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -36,7 +36,10 @@ class MemoryWatch:
 
     peak_store   bytes in the object store (the raylet's own count, every node), where Ray Data's
                  blocks live: what grows with the images in flight
-    peak_rss     RSS of this process (the driver) plus every worker process of the node, summed
+    peak_rss     RSS of this process (the driver) plus every worker process of the node, summed:
+                 it moves with how many worker processes Ray keeps (each imports torch), not only
+                 with what they hold
+    peak_process_rss   the largest RSS of any one of those processes
     spilled      bytes the store spilled to disk while watched (a job that outgrew the store)
     """
 
@@ -44,7 +47,7 @@ class MemoryWatch:
         import ray
         from ray._private import internal_api
 
-        self.interval, self.peak_store, self.peak_rss, self.spilled = interval, 0, 0, 0
+        self.interval, self.peak_store, self.peak_rss, self.peak_process_rss, self.spilled = interval, 0, 0, 0, 0
         self._spilled_at_start: int | None = None
         self._state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
         node = ray._private.worker._global_node
@@ -64,8 +67,9 @@ class MemoryWatch:
             self._spilled_at_start if self._spilled_at_start is not None else stats.spilled_bytes_total
         )
         self.spilled = stats.spilled_bytes_total - self._spilled_at_start
-        rss = rss_bytes(os.getpid()) + sum(rss_bytes(pid) for pid in children(self._raylet))
-        self.peak_rss = max(self.peak_rss, rss)
+        each = [rss_bytes(os.getpid())] + [rss_bytes(pid) for pid in children(self._raylet)]
+        self.peak_rss = max(self.peak_rss, sum(each))
+        self.peak_process_rss = max(self.peak_process_rss, max(each))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

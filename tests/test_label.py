@@ -26,11 +26,13 @@ STORED = 144  # the checkpoint's data.stored_size: 62 KB per decoded image
 MAX_IMAGE_BYTES = 100_000  # the checkpoint's data.max_image_bytes: the test's "too large" file is over it
 # The bound on the 10x run's peak. Object store: Ray Data's streaming executor keeps its blocks in
 # flight within half the store (resource_manager.DEFAULT_OBJECT_STORE_MEMORY_LIMIT_FRACTION), 50 MB
-# here whatever the number of images (measured: 18 MiB for 300 images, 32 MiB for 3,000). RSS of the
-# driver and every worker process of the node: at most 150 MiB over the 1x run's (measured: ~5.8 GB
-# for both, the Ray workers that import torch; 3,000 images peaked 92 MiB below 300).
+# here whatever the number of images (measured: 4-18 MiB for 200-300 images, 12-32 MiB for
+# 2,000-3,000). Processes: no one process (the driver, a decode task's or a model actor's worker)
+# peaks more than 150 MiB above its 1x peak. The sum over all processes is printed, not bounded: it
+# moves by GBs with the number of idle workers Ray keeps (4.6 to 6.0 GB between two runs of this
+# test), not with the images.
 STORE_BOUND = RAY_OBJECT_STORE_BYTES // 2
-RSS_GROWTH_BOUND = 150 * 2**20
+PROCESS_GROWTH_BOUND = 150 * 2**20
 
 pytestmark = pytest.mark.slow
 
@@ -125,14 +127,18 @@ def test_memory_does_not_grow_with_ten_times_the_images(ray_cluster, s3_server, 
         peaks[per_class] = watch
         print(
             f"{4 * per_class} images: peak object store {watch.peak_store / 2**20:.1f} MiB, "
-            f"peak RSS {watch.peak_rss / 2**20:.0f} MiB, spilled {watch.spilled / 2**20:.1f} MiB"
+            f"largest process {watch.peak_process_rss / 2**20:.0f} MiB, all processes {watch.peak_rss / 2**20:.0f} MiB, "
+            f"spilled {watch.spilled / 2**20:.1f} MiB"
         )
         assert watch.spilled == 0
     small, large = peaks[50], peaks[500]
     decoded = 2000 * STORED * STORED * 3
     assert decoded > RAY_OBJECT_STORE_BYTES
     assert large.peak_store < STORE_BOUND, large.peak_store
-    assert large.peak_rss < small.peak_rss + RSS_GROWTH_BOUND, (small.peak_rss, large.peak_rss)
+    assert large.peak_process_rss < small.peak_process_rss + PROCESS_GROWTH_BOUND, (
+        small.peak_process_rss,
+        large.peak_process_rss,
+    )
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,15 @@ def test_a_bad_request_gets_a_4xx_and_one_sentence(endpoint, images, body, kind,
     assert post(endpoint, images[0].read_bytes(), CONTENT_TYPES[images[0].suffix]).status_code == 200
 
 
-def test_the_builder_refuses_unknown_or_missing_arguments():
+def test_the_builder_takes_serve_runs_string_arguments_and_refuses_unknown_or_missing_ones():
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    # What `serve run simpsons.serve:app checkpoint=... max_replicas=2 gpu=false` hands the builder.
+    built = call_user_app_builder_with_args_if_necessary(
+        app, {"checkpoint": "s3://b/best", "max_replicas": "2", "top_k": "5", "gpu": "false"}
+    )
+    assert isinstance(built, Application)
     with pytest.raises(ValueError, match="takes checkpoint=.*got no checkpoint"):
         app({})
     with pytest.raises(ValueError, match="got checkpont"):

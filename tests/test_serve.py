@@ -4,6 +4,7 @@ Ray cluster, the exported model read from the loopback S3 server."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,39 @@ def test_twenty_concurrent_clients_lose_no_request(endpoint, images):
     assert all(hammer.answers[i]["top"][0]["label"] == reference[i % len(bodies)] for i in range(200))
     p50, p99 = sorted(latencies)[99] * 1000, sorted(latencies)[197] * 1000
     print(f"20 clients, 200 requests: p50 {p50:.0f} ms, p99 {p99:.0f} ms, {200 / wall:.1f} requests/s")
+
+
+def test_replicas_scale_up_on_queue_length(endpoint, images):
+    # 48 clients keep 48 requests in flight: over one batch (target_ongoing_requests 32) per replica,
+    # so after upscale_delay_s the autoscaler asks for a second replica (max_replicas 2 here).
+    import threading
+
+    from ray import serve
+
+    def running() -> int:
+        states = serve.status().applications["default"].deployments["Classifier"].replica_states
+        return states.get("RUNNING", 0)
+
+    assert running() == 1
+    stop, body, kind = threading.Event(), images[0].read_bytes(), CONTENT_TYPES[images[0].suffix]
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                session.post(endpoint + "/predict", data=body, headers={"Content-Type": kind}, timeout=60)
+
+    clients = [threading.Thread(target=client) for _ in range(48)]
+    for thread in clients:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while running() < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert running() == 2
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
 
 
 @pytest.mark.parametrize(

@@ -238,6 +238,11 @@ def label(
     checkpoint, data, out = (absolute_dataset_uri(uri.rstrip("/")) for uri in (checkpoint, data, out))
     probe = open_classifier(checkpoint, device="cpu")  # the driver loads it once: fail here, not in an actor
     images, not_images = list_images(data)
+    if not images:
+        raise DataError(
+            f"No image files under {data} ({not_images} other files); pass the folder or s3:// prefix of the images."
+        )
+    storage.check_writable(out)  # a missing bucket or a read-only folder in one sentence, before any work
     done = set(read_output(out, ["path"]).column("path").to_pylist())
     todo = [(path, size) for path, size in images if path not in done]
     summary = LabelSummary(len(images), len(images) - len(todo), 0, not_images=not_images)
@@ -246,8 +251,6 @@ def label(
         return summary
     if not storage.is_s3(out):
         Path(out).mkdir(parents=True, exist_ok=True)
-    else:
-        storage.check_writable(out)
 
     init_ray()
     actors, resources, device_batch = model_resources(gpus, cpu_actors)

@@ -1,15 +1,16 @@
 """Offline checks of the KubeRay manifests in deploy/k8s/: no Kubernetes cluster, no operator.
 
 Three layers, in the order a manifest meets them on a real cluster:
-  schema    the API server: every RayJob / RayCluster against the KubeRay v1.7.0 CRD schema, read
+  schema    the API server: every RayJob / RayCluster / RayService against its KubeRay v1.7.0 CRD, read
             from ../shared/kuberay/v1.7.0/ beside the repo, with strict field validation emulated
             (an undeclared field is refused, not dropped); list-map keys unique; metadata, the
             embedded pod templates and plain Kubernetes objects against Kubernetes' own schemas
             (the kubernetes-validate package, which bundles them: no network);
   operator  the KubeRay operator's own checks before it acts (ray-operator/controllers/ray/utils/
-            validation.go, v1.7): names, backoffLimit, deadlines, TTL, auth and Ray version;
+            validation.go, v1.7): names, backoffLimit, deadlines, TTL, auth, Ray version, upgrade type;
   repo      the manifests agree with the project: the Dockerfile's image, WORKDIR and COPY lines,
-            the Ray that pyproject.toml pins, and the config each job runs.
+            the Ray that pyproject.toml pins, the config each job runs, and for the RayService its
+            Serve config (Ray's schema, simpsons.serve:app's own argument checks, GPUs, port).
 """
 
 from __future__ import annotations

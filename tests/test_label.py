@@ -143,14 +143,29 @@ def test_memory_does_not_grow_with_ten_times_the_images(ray_cluster, s3_server, 
 
 @pytest.mark.parametrize(
     "what, sentence",
-    [("checkpoint", "No checkpoint at"), ("data", "does not exist; pass the folder or s3:// prefix")],
+    [
+        ("checkpoint", "No checkpoint at"),
+        ("data", "does not exist; pass the folder or s3:// prefix"),
+        ("no-images", "No image files under"),
+        ("bucket", "Bucket 'no-such-bucket' does not exist"),
+    ],
 )
-def test_the_job_refuses_a_missing_checkpoint_or_data_in_one_sentence(best, tmp_path, what, sentence):
-    # Refused before Ray starts (the model is loaded and the input listed on the driver first).
-    checkpoint = tmp_path / "nothing" if what == "checkpoint" else best
-    data = tmp_path / "frames" if what == "checkpoint" else tmp_path / "no-frames"
+def test_the_job_refuses_a_bad_checkpoint_input_or_output_in_one_sentence(best, tmp_path, request, what, sentence):
+    # Refused before Ray starts: the model is loaded, the input listed and the output checked first.
     (tmp_path / "frames").mkdir()
-    done = run_job("label.py", "--checkpoint", checkpoint, "--data", data, "--out", tmp_path / "out")
+    (tmp_path / "frames" / "notes.txt").write_text("no images here")
+    make_image_tree(tmp_path / "images", per_split={"frames": 1}, size=32)
+    checkpoint, data, out = best, tmp_path / "images", str(tmp_path / "out")
+    if what == "checkpoint":
+        checkpoint = tmp_path / "nothing"
+    elif what == "data":
+        data = tmp_path / "no-frames"
+    elif what == "no-images":
+        data = tmp_path / "frames"
+    else:
+        request.getfixturevalue("s3_server")  # the loopback S3 server, in the job's environment
+        out = "s3://no-such-bucket/labels"
+    done = run_job("label.py", "--checkpoint", checkpoint, "--data", data, "--out", out)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and sentence in lines[0], lines

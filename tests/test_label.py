@@ -13,6 +13,7 @@ import boto3
 import pytest
 from job_scripts import run_job
 from memory_watch import MemoryWatch
+from ray_head import RayHead, job_submit
 from synthetic import make_image_tree
 from test_deploy import trained_checkpoint
 
@@ -114,6 +115,21 @@ def test_every_image_in_a_bucket_gets_one_row_with_predict_pys_labels(ray_cluste
     third = label(checkpoint, data, out, cpu_actors=2)
     assert (third.inputs, third.already_done, third.labelled, third.unreadable) == (308, 303, 5, [])
     assert len(predictions(out)) == 308
+
+
+def test_the_job_runs_as_a_submitted_ray_job(s3_server, bucket, best, tmp_path):
+    # `ray job submit -- python jobs/label.py ...` against a real `ray start --head` with token auth,
+    # everything in the loopback S3 server: the cluster-job form of the command above.
+    frames = image_folder(tmp_path / "images", per_class=5)  # 20 images + 3 bad files
+    data, checkpoint = s3_uri(bucket, frames, "frames"), s3_uri(bucket, best, "runs/best")
+    out = f"s3://{bucket}/labels"
+    with RayHead(num_cpus=4) as head:
+        command = ["jobs/label.py", "--checkpoint", checkpoint, "--data", data, "--out", out]
+        done = head.run(job_submit("simpsons-label-test", *command), env=head.job_client_env(), timeout=400)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Job 'simpsons-label-test' succeeded" in output, output[-6000:]
+    assert f"23 images labelled into {out} (0 of 23 already done" in output, output[-6000:]
+    assert "3 unreadable" in output and len(predictions(out)) == 23
 
 
 def test_memory_does_not_grow_with_ten_times_the_images(ray_cluster, s3_server, bucket, best, tmp_path):

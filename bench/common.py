@@ -7,6 +7,7 @@ here (no real sample, no CUDA) prints one line starting with `skipped ` and exit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,22 @@ def skip(reason: str) -> None:
     """Say in one line why this benchmark does not run here, and exit 0."""
     print(f"skipped {reason}", flush=True)
     sys.exit(0)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Inside, whatever is written to file descriptor 1 goes to stderr: Ray's driver prints lines of
+    its own there (e.g. `(raylet) Task ServeController.graceful_shutdown failed ...`), even with
+    log_to_driver off, and stdout must hold only figures."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def load_average() -> float:
@@ -109,6 +126,19 @@ def add_size_arg(parser) -> None:
 
 
 def add_common_args(parser, quick_help: str) -> None:
+    add_image_args(parser)
+    from simpsons.cli import add_config_args
+
+    add_config_args(
+        parser,
+        config_help="YAML config for this project's pipeline (default: the built-in defaults)",
+        set_help="config override, e.g. --set train.precision=fp32",
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def add_image_args(parser) -> None:
+    """`--images`, `--archive` and `--cache`: where image_tree() finds the images."""
     parser.add_argument(
         "--images", help="image tree to use instead of the real sample (<root>/dataset/{train,val}/<class>/*.jpg)"
     )
@@ -123,11 +153,23 @@ def add_common_args(parser, quick_help: str) -> None:
         default=str(DEFAULT_CACHE),
         help="where the unpacked and packed sample are kept (default: %(default)s)",
     )
-    from simpsons.cli import add_config_args
 
-    add_config_args(
-        parser,
-        config_help="YAML config for this project's pipeline (default: the built-in defaults)",
-        set_help="config override, e.g. --set train.precision=fp32",
-    )
-    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+def default_best(folder: Path) -> Path:
+    """A best/ folder as training writes it (checkpoint.pt, and the exported model.pt2) holding the
+    default config's network with its initial weights, for 42 classes: for benchmarks that time
+    inference, where the weights do not change the time."""
+    import torch
+
+    from simpsons.checkpoint import FORMAT, save
+    from simpsons.config import load_config, to_dict
+    from simpsons.deploy import MODEL_FILE, export_model
+    from simpsons.model import create_model
+
+    cfg = load_config(None, [])
+    torch.manual_seed(0)
+    model = create_model(42, cfg.model.head, cfg.model.dropout, cfg.model.arch).eval()
+    names = [f"class_{i}" for i in range(42)]
+    save(folder, {"model": model.state_dict(), "config": to_dict(cfg), "class_names": names, "format": FORMAT}, {})
+    export_model(model, cfg, names, Path(folder) / MODEL_FILE)
+    return Path(folder)

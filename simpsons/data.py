@@ -331,16 +331,21 @@ def decode_failure(exc: Exception) -> str:
     return f"cannot decode: {text}"
 
 
+def decode_image(data: bytes, size: int) -> tuple[np.ndarray | None, str]:
+    """(load_image's (size, size, 3) uint8 array, "") or (None, why the bytes are not usable)."""
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        return load_image(data, size), ""
+    except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
+        return None, decode_failure(exc)
+
+
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
     path, size = args
     data = Path(path).read_bytes()
-    digest = sha256_hex(data)
-    if not data:
-        return None, digest, "empty file (0 bytes)"
-    try:
-        return load_image(data, size), digest, ""
-    except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
-        return None, digest, decode_failure(exc)
+    image, reason = decode_image(data, size)
+    return image, sha256_hex(data), reason
 
 
 def pack_split(records: Sequence[ImageRecord], size: int, workers: int = 0, desc: str = "pack") -> PackedSplit:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +13,19 @@ import torch
 from simpsons import checkpoint
 from simpsons.archive import MAX_FILE_BYTES
 from simpsons.augment import EvalPreset, create_eval_preset
+from simpsons.checkpoint import CHECKPOINT_FILE, checkpoint_file
 from simpsons.config import Config, ConfigError, from_dict
 from simpsons.data import (
     IMAGE_SUFFIXES,
     DataError,
     TreeProblems,
-    decode_failure,
+    decode_image,
     find_layout,
-    load_image,
     pack_split,
     too_large,
 )
-from simpsons.deploy import is_exported, load_exported
+from simpsons.deploy import MODEL_FILE, is_exported, load_exported
+from simpsons.files import file_sha256
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model
 
@@ -130,6 +133,93 @@ def evaluate_folder(
     return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
 
 
+@dataclass
+class Classifier:
+    """A loaded model as every use of it sees one: decoded images in, top-k labels out.
+
+    `probabilities` takes (N, S, S, 3) uint8 images at `stored_size` S (what data.load_image
+    makes) and returns (N, C) fp32 softmax probabilities; `source` and `sha256` name the file the
+    weights came from (the provenance written beside every prediction)."""
+
+    probabilities: Callable[[np.ndarray], torch.Tensor]
+    class_names: list[str]
+    stored_size: int
+    max_bytes: int  # larger image files are refused unread
+    device: torch.device
+    source: str
+    sha256: str
+
+    def top_k(self, images: np.ndarray, k: int) -> list[list[dict]]:
+        """[[{"label", "prob"}, ... k of them, most probable first] per image]."""
+        if len(images) == 0:
+            return []
+        top = self.probabilities(images).topk(min(k, len(self.class_names)), dim=1)
+        return [
+            [{"label": self.class_names[i], "prob": v} for v, i in zip(values, indices)]
+            for values, indices in zip(top.values.tolist(), top.indices.tolist())
+        ]
+
+
+def load_classifier(checkpoint: str | Path, device: str | torch.device | None = None) -> Classifier:
+    """The model of a run's best/ folder (its checkpoint.pt), a checkpoint.pt, or an exported
+    model.pt2, which needs none of the training code (it runs on the CPU, as exported)."""
+    if is_exported(checkpoint):
+        program, meta = load_exported(checkpoint)
+
+        def exported_probabilities(images: np.ndarray) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([program(torch.as_tensor(images[i : i + 128])) for i in range(0, len(images), 128)])
+
+        return Classifier(
+            exported_probabilities,
+            list(meta["class_names"]),
+            meta["stored_size"],
+            MAX_FILE_BYTES,
+            torch.device("cpu"),
+            str(checkpoint),
+            file_sha256(checkpoint),
+        )
+    model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
+    preset = create_eval_preset(cfg)
+
+    def probabilities(images: np.ndarray) -> torch.Tensor:
+        return predict_proba(model, images, preset, flip=cfg.model.tta_flip)
+
+    path = checkpoint_file(checkpoint)
+    return Classifier(
+        probabilities,
+        class_names,
+        cfg.data.stored_size,
+        cfg.data.max_image_bytes,
+        next(model.parameters()).device,
+        str(path),
+        file_sha256(path),
+    )
+
+
+def open_classifier(checkpoint: str | Path, device: str | torch.device | None = None) -> Classifier:
+    """load_classifier for a local path or an s3:// URI of a run's best/ folder (its checkpoint.pt,
+    else its model.pt2) or of one of those files; `source` names the file read."""
+    from simpsons import storage
+
+    if not storage.is_s3(str(checkpoint)):
+        return load_classifier(Path(checkpoint).expanduser().resolve(), device)
+    uri = str(checkpoint).rstrip("/")
+    names = (
+        [uri] if Path(uri).suffix in (".pt", ".pt2") else [storage.join(uri, n) for n in (CHECKPOINT_FILE, MODEL_FILE)]
+    )
+    for name in names:
+        data = storage.read_bytes(name)
+        if data is not None:
+            with tempfile.TemporaryDirectory() as folder:  # the loaded model no longer needs the file
+                local = Path(folder) / Path(name).name
+                local.write_bytes(data)
+                return replace(load_classifier(local, device), source=name)
+    raise DataError(
+        f"No model at {checkpoint}; pass a run's best/ folder (with checkpoint.pt or model.pt2) or one of those files."
+    )
+
+
 def predict_files(
     checkpoint: str | Path, paths: Sequence[str | Path], top_k: int = 3, device: str | None = None
 ) -> list[dict]:
@@ -137,20 +227,7 @@ def predict_files(
 
     `checkpoint` is a run's best/ folder or checkpoint.pt, or its exported model.pt2, which needs
     none of the training code (it runs on the CPU, as exported)."""
-    if is_exported(checkpoint):
-        program, meta = load_exported(checkpoint)
-        class_names, stored, max_bytes = meta["class_names"], meta["stored_size"], MAX_FILE_BYTES
-
-        def probabilities(images: np.ndarray) -> torch.Tensor:
-            with torch.no_grad():
-                return torch.cat([program(torch.as_tensor(images[i : i + 128])) for i in range(0, len(images), 128)])
-    else:
-        model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
-        stored, max_bytes = cfg.data.stored_size, cfg.data.max_image_bytes
-
-        def probabilities(images: np.ndarray) -> torch.Tensor:
-            return predict_proba(model, images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
-
+    classifier = load_classifier(checkpoint, device)
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -162,19 +239,16 @@ def predict_files(
     results, images, kept = [], [], []
     for f in files:
         size = f.stat().st_size
-        if size > max_bytes:
-            results.append({"path": str(f), "error": too_large(size, max_bytes)})
+        if size > classifier.max_bytes:
+            results.append({"path": str(f), "error": too_large(size, classifier.max_bytes)})
             continue
-        try:
-            images.append(load_image(f.read_bytes(), stored))
+        image, reason = decode_image(f.read_bytes(), classifier.stored_size)
+        if image is None:  # one unreadable file must not sink the others
+            results.append({"path": str(f), "error": reason})
+        else:
+            images.append(image)
             kept.append(f)
-        except Exception as exc:  # one unreadable file must not sink the others
-            results.append({"path": str(f), "error": decode_failure(exc)})
     if kept:
-        probs = probabilities(np.stack(images))
-        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        for f, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-            results.append(
-                {"path": str(f), "top": [{"label": class_names[i], "prob": v} for v, i in zip(values, indices)]}
-            )
+        for f, top in zip(kept, classifier.top_k(np.stack(images), top_k)):
+            results.append({"path": str(f), "top": top})
     return results

@@ -75,7 +75,7 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
+def ray_cluster(s3_server, request):
     """A local Ray cluster per test module (4 logical CPUs on 2 cores), stopped at its end.
 
     Per module, not per session: a Train run in a long-lived session once waited forever for its
@@ -89,7 +89,8 @@ def ray_cluster(s3_server):
     # RAY_API_SERVER_ADDRESS for every Ray process (see init_ray), restored afterwards.
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     saved_address = os.environ.pop("RAY_ADDRESS", None)  # this fixture's cluster, never another
-    init_ray(num_cpus=4)
+    # A module may size the object store (RAY_OBJECT_STORE_BYTES), e.g. to show that a job streams.
+    init_ray(num_cpus=4, object_store_memory=getattr(request.module, "RAY_OBJECT_STORE_BYTES", None))
     try:
         yield ray
     finally:

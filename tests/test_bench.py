@@ -146,3 +146,17 @@ def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     first = got["ema_s_to_f1_0_mean"]
     assert got["ema_reached_f1_0"] == 2 and 0 < first <= got["ema_train_s_mean"]
     assert len(list((tmp_path / "runs").glob("quick-ema-s*/best/model.pt2"))) == 2
+
+
+@pytest.mark.slow
+def test_serving_quick_prints_every_figure(image_tree):
+    got = figures(run_bench("serving.py", "--quick", "--images", str(image_tree), "--clients", "4").stdout)
+    assert set(got) == {"p50_ms", "p99_ms", "requests_per_s", "failed"}
+    assert got["failed"] == 0 and 0 < got["p50_ms"] <= got["p99_ms"] and got["requests_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_label_quick_prints_every_figure(image_tree):
+    got = figures(run_bench("label.py", "--quick", "--images", str(image_tree)).stdout)
+    assert set(got) == {"predict_img_per_s", "label_img_per_s", "label_vs_predict"}
+    assert_ratio(got["label_vs_predict"], got["label_img_per_s"], got["predict_img_per_s"])

@@ -1,15 +1,16 @@
 """Offline checks of the KubeRay manifests in deploy/k8s/: no Kubernetes cluster, no operator.
 
 Three layers, in the order a manifest meets them on a real cluster:
-  schema    the API server: every RayJob / RayCluster against the KubeRay v1.7.0 CRD schema, read
+  schema    the API server: every RayJob / RayCluster / RayService against its KubeRay v1.7.0 CRD, read
             from ../shared/kuberay/v1.7.0/ beside the repo, with strict field validation emulated
             (an undeclared field is refused, not dropped); list-map keys unique; metadata, the
             embedded pod templates and plain Kubernetes objects against Kubernetes' own schemas
             (the kubernetes-validate package, which bundles them: no network);
   operator  the KubeRay operator's own checks before it acts (ray-operator/controllers/ray/utils/
-            validation.go, v1.7): names, backoffLimit, deadlines, TTL, auth and Ray version;
+            validation.go, v1.7): names, backoffLimit, deadlines, TTL, auth, Ray version, upgrade type;
   repo      the manifests agree with the project: the Dockerfile's image, WORKDIR and COPY lines,
-            the Ray that pyproject.toml pins, and the config each job runs.
+            the Ray that pyproject.toml pins, the config each job runs, and for the RayService its
+            Serve config (Ray's schema, simpsons.serve:app's own argument checks, GPUs, port).
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ from simpsons.storage import is_s3
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "k8s"
 KUBERAY = ROOT.parent / "shared" / "kuberay" / "v1.7.0"
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+CRD_FILES = {
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 # The oldest Kubernetes the README asks for, and the newest whose schemas kubernetes-validate holds.
 KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
-# validation.go: 53 = 63 minus the longest service suffix ("-serve-svc"); a RayJob's cluster adds 6.
-MAX_NAME = {"RayCluster": 53, "RayJob": 47}
+# validation.go: 53 = 63 minus the longest service suffix ("-serve-svc"); a RayJob's or a RayService's
+# cluster adds 6.
+MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
+UPGRADE_TYPES = ("NewClusterWithIncrementalUpgrade", "NewCluster", "None")  # validation.go, RayService
 DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 # rayStartParams that state resources; validation.go refuses them beside a group's `resources`.
@@ -78,7 +85,9 @@ def the(kind: str) -> dict:
 
 
 def cluster_spec(doc: dict) -> dict:
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    return {"RayJob": lambda: doc["spec"]["rayClusterSpec"], "RayService": lambda: doc["spec"]["rayClusterConfig"]}.get(
+        doc["kind"], lambda: doc["spec"]
+    )()
 
 
 def pod_templates(doc: dict) -> dict[str, dict]:
@@ -205,7 +214,11 @@ def test_every_manifest_passes_the_schemas_with_strict_field_validation(name, do
 
 def rayjob_with(dotted: str, value) -> dict:
     """The RayJob with one field set (path in dots; `[n]` picks a list item)."""
-    doc = copy.deepcopy(the("RayJob"))
+    return with_field(copy.deepcopy(the("RayJob")), dotted, value)
+
+
+def with_field(doc: dict, dotted: str, value) -> dict:
+    """`doc` with one field set in place (path in dots; `[n]` picks a list item)."""
     *parents, leaf = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
     target = doc
     for part in parents:
@@ -302,7 +315,15 @@ def operator_problems(doc: dict) -> list[str]:
             problems.append("backoffLimit is incompatible with InteractiveMode")
         if "activeDeadlineSeconds" in spec and spec["activeDeadlineSeconds"] <= 0:
             problems.append("activeDeadlineSeconds must be > 0")
-    if kind == "RayCluster" or "rayClusterSpec" in spec:
+    if kind == "RayService":
+        upgrade = spec.get("upgradeStrategy", {}).get("type")
+        if upgrade is not None and upgrade not in UPGRADE_TYPES:
+            problems.append(f"upgradeStrategy.type {upgrade!r} is not one of {', '.join(UPGRADE_TYPES)}")
+        if spec.get("rayClusterDeletionDelaySeconds", 0) < 0:
+            problems.append("rayClusterDeletionDelaySeconds must be >= 0")
+        if spec["rayClusterConfig"]["headGroupSpec"].get("headService", {}).get("metadata", {}).get("name"):
+            problems.append("a RayService's headService must not be named")
+    if kind in ("RayCluster", "RayService") or "rayClusterSpec" in spec:
         problems += cluster_spec_problems(cluster_spec(doc))
     return problems
 
@@ -467,6 +488,8 @@ def repo_problems(doc: dict) -> list[str]:
             problems.append(f"{group}: GPUs on the workers only")
     if doc["kind"] == "RayJob":
         problems += rayjob_problems(doc)
+    if doc["kind"] == "RayService":
+        problems += rayservice_problems(doc)
     return problems
 
 
@@ -504,6 +527,91 @@ def rayjob_problems(job: dict) -> list[str]:
     if job["spec"].get("shutdownAfterJobFinishes") is not True or "ttlSecondsAfterFinished" not in job["spec"]:
         problems.append("the cluster is deleted after the job: shutdownAfterJobFinishes and ttlSecondsAfterFinished")
     return problems
+
+
+SERVE_PORT = 8000  # Serve's HTTP proxy; KubeRay's serve service routes to the container port named "serve"
+
+
+def rayservice_problems(service: dict) -> list[str]:
+    """How a RayService's Serve config disagrees with Ray's schema, simpsons.serve:app and its cluster."""
+    from ray.serve.schema import ServeDeploySchema
+
+    problems = []
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    except Exception as error:  # pydantic's ValidationError, or YAML that is not a mapping
+        return [f"serveConfigV2 is not a Serve config Ray 2.60 accepts: {error}"]
+    spec = cluster_spec(service)
+    for application in config.applications:
+        module, _, attribute = application.import_path.partition(":")
+        source = module.replace(".", "/") + ".py"
+        if not (ROOT / source).is_file() or path_in_image(source) != f"{dockerfile_workdir()}/{source}":
+            problems.append(f"{application.import_path}: {source} is not a repo file that the Dockerfile copies")
+            continue
+        builder = getattr(importlib.import_module(module), attribute, None)
+        try:
+            builder(dict(application.args))  # the builder's own checks; builds, deploys nothing
+        except (TypeError, ValueError) as error:
+            problems.append(f"{application.import_path} refuses its args: {error}")
+            continue
+        args = application.args
+        if not is_s3(str(args.get("checkpoint", ""))):
+            problems.append("the checkpoint must be in S3: a new cluster's pods share no disk with anyone")
+        if application.route_prefix != "/":
+            problems.append("the application answers at route_prefix / (POST /predict, GET /healthz)")
+        gpus, _ = gpu_capacity(spec, 1)
+        if str(args.get("gpu")) == "true" and gpus < int(args.get("max_replicas", 1)):
+            problems.append(f"max_replicas {args.get('max_replicas')} GPU replicas, but the groups reach {gpus} GPUs")
+    for group, template in pod_templates(service).items():
+        ports = {(p.get("name"), p["containerPort"]) for p in ray_container(template).get("ports", [])}
+        if ("serve", SERVE_PORT) not in ports:
+            problems.append(f"{group}: the container declares the port serve: {SERVE_PORT} (Serve's HTTP proxy)")
+    return problems
+
+
+def rayservice_with(dotted: str, value) -> dict:
+    """The RayService with one field set (as rayjob_with); `serve.<key>` sets an application arg."""
+    doc = copy.deepcopy(the("RayService"))
+    if dotted.startswith("serve."):
+        config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        key = dotted.removeprefix("serve.")
+        target = config["applications"][0]
+        if key.startswith("args."):
+            target = target["args"]
+            key = key.removeprefix("args.")
+        target[key] = value
+        doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+        return doc
+    return with_field(doc, dotted, value)
+
+
+@pytest.mark.parametrize(
+    "dotted, value, complaint",
+    [
+        ("serve.import_path", "simpsons.serving:app", "simpsons/serving.py is not a repo file"),
+        ("serve.args.checkpont", "s3://b/best", "refuses its args"),
+        ("serve.args.checkpoint", "runs/local/best", "must be in S3"),
+        ("serve.args.max_replicas", 5, "the groups reach 4 GPUs"),
+        ("serve.route_prefix", "/simpsons", "route_prefix /"),
+        ("serve.deployments", [{"name": "Classifier", "num_replicas": "many"}], "not a Serve config"),
+        ("spec.rayClusterConfig.headGroupSpec.template.spec.containers.[0].ports", [], "the port serve"),
+        ("spec.rayClusterConfig.headGroupSpec.template.spec.serviceAccountName", "default", "service account"),
+    ],
+)
+def test_the_repo_checks_refuse_a_rayservice_that_disagrees_with_the_app(dotted, value, complaint):
+    problems = repo_problems(rayservice_with(dotted, value))
+    assert any(complaint in problem for problem in problems), problems
+
+
+def test_the_operator_rules_refuse_a_broken_rayservice():
+    assert operator_problems(rayservice_with("metadata.name", "simpsons-serve-" + "x" * 33))
+    assert any(
+        "upgradeStrategy" in p for p in operator_problems(rayservice_with("spec.upgradeStrategy", {"type": "Blue"}))
+    )
+    assert any(
+        "misspelt" in p or "'serveConfig' was unexpected" in p
+        for p in schema_problems(rayservice_with("spec.serveConfig", "x"))
+    )
 
 
 @kuberay_objects

@@ -122,19 +122,24 @@ def gcs_client(address: str | None):
     return GcsClient(address=services.canonicalize_bootstrap_address_or_die(address))
 
 
-def own_node_id(client, ip: str | None = None) -> str:
-    """The hex id of the live Ray node on this machine (found by its IP address)."""
+def own_node_id(client, ip: str | None = None, wait_s: float = 60) -> str:
+    """The hex id of the live Ray node on this machine (found by its IP address), waiting up to
+    `wait_s` for a node that `ray start` has just started to register."""
     from ray.core.generated import gcs_pb2
 
     ip = ip or _node_ip()
-    alive = [
-        node_id.hex()
-        for node_id, node in client.get_all_node_info(timeout=30).items()
-        if node.state == gcs_pb2.GcsNodeInfo.ALIVE and node.node_manager_address == ip
-    ]
-    if len(alive) != 1:
-        raise RuntimeError(f"Expected one live Ray node at {ip}, found {len(alive)}; pass --node-id.")
-    return alive[0]
+    give_up = time.monotonic() + wait_s
+    while True:
+        alive = [
+            node_id.hex()
+            for node_id, node in client.get_all_node_info(timeout=30).items()
+            if node.state == gcs_pb2.GcsNodeInfo.ALIVE and node.node_manager_address == ip
+        ]
+        if len(alive) == 1:
+            return alive[0]
+        if len(alive) > 1 or time.monotonic() > give_up:
+            raise RuntimeError(f"Expected one live Ray node at {ip}, found {len(alive)}; pass --node-id.")
+        time.sleep(1)
 
 
 def _node_ip() -> str:
@@ -161,7 +166,7 @@ def drain(client, node_id: str, deadline: float, message: str) -> None:
 # Command line
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simpsons.spot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=None, help="the GCS, host:port (default: the cluster this node joined)")
     parser.add_argument("--node-id", default="", help="the Ray node to drain (default: the one at this machine's IP)")
@@ -175,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     drain_cmd.add_argument("--deadline-s", type=float, required=True)
     drain_cmd.add_argument("--wait", action="store_true", help="return at the deadline, not at once")
     drain_cmd.add_argument("--reason", default="the pod is being terminated")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

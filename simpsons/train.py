@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -426,13 +427,18 @@ MID_EPOCH = "mid_epoch"  # set in the metrics of a mid-epoch report: no validati
 class _MidEpochCheckpoints:
     """train_one_epoch's hook in the worker: every train.preemption_check_steps it asks Ray whether
     a node of the run is being preempted and, on a new notice, reports a just-in-time checkpoint
-    (uploaded before training goes on); every train.checkpoint_every_steps it reports one anyway
-    (uploaded in the background).
+    (uploaded before training goes on); the run trains on, and when the deadline comes near it
+    reports a last one, so a reclaim loses only the steps after that. Every
+    train.checkpoint_every_steps it reports one anyway (uploaded in the background).
 
-    Every rank makes the same calls at the same steps: `get_preemption_info` (rank 0's answer,
-    broadcast) and `report` are barriers, and the progress is all-reduced. After the checkpoint the
-    run trains on until the node goes; Ray then restarts it, charged to train.max_preemptions.
+    Every rank makes the same calls at the same steps: `get_preemption_info` and the last call's
+    decision are rank 0's, broadcast (barriers), `report` is a barrier and the progress is
+    all-reduced. When the node goes, Ray restarts the run, charged to train.max_preemptions.
     """
+
+    # The last call comes when the deadline is nearer than twice the first checkpoint's time plus
+    # twice the time between checks plus this (seconds): it then ends well before the deadline.
+    LAST_CALL_SLACK_S = 5.0
 
     def __init__(self, cfg: Config, save: Callable, rank: int, steps_per_epoch: int):
         self.check, self.every = cfg.train.preemption_check_steps, cfg.train.checkpoint_every_steps
@@ -440,46 +446,58 @@ class _MidEpochCheckpoints:
         self.save, self.rank, self.steps_per_epoch = save, rank, steps_per_epoch
         self.epoch = 0  # set by the loop before each epoch
         self.noticed: set[str] = set()  # preempted nodes a checkpoint has been taken for
+        self.last_called = False  # the notice's last checkpoint is taken
+        self.save_s = 0.0  # how long the notice's first checkpoint took (rank 0)
+        self.checked_at = 0.0  # time.time() of the previous check
 
     def __call__(self, done: int, progress: Callable[[], EpochProgress]) -> None:
         if done >= self.steps_per_epoch:
             return  # the epoch's own checkpoint comes next
-        notice = None
+        notice, why = None, ""
         if self.check and done % self.check == 0:
             notice = ray.train.get_preemption_info()
-            if notice is not None and set(notice.preempted_node_ids) <= self.noticed:
-                notice = None  # this notice has its checkpoint
-        if notice is None and not (self.every and done % self.every == 0):
+            now = time.time()
+            since, self.checked_at = now - (self.checked_at or now), now  # seconds between checks
+            if notice is not None and set(notice.preempted_node_ids) - self.noticed:
+                why, self.last_called = "notice", False
+                self.noticed.update(notice.preempted_node_ids)
+            elif notice is not None and notice.deadline_ms and not self.last_called:
+                left = notice.deadline_ms / 1000 - now
+                due = left < 2 * self.save_s + 2 * since + self.LAST_CALL_SLACK_S
+                if ray.train.collective.broadcast_from_rank_zero(due):  # rank 0's clocks decide
+                    why, self.last_called = "last call", True
+        if not why and self.every and done % self.every == 0:
+            why = "periodic"
+        if not why:
             return
         started = time.time()
-        if notice is not None and self.rank == 0:
+        if why != "periodic" and self.rank == 0:
             _logger.warning(
-                "Preemption notice for node(s) %s (ranks %s, %s): checkpoint at epoch %d step %d.",
+                "Preemption of node(s) %s (ranks %s, %s): %s checkpoint at epoch %d step %d.",
                 ", ".join(notice.preempted_node_ids),
                 notice.preempted_ranks,
                 _time_left(notice.deadline_ms, started),
-                self.epoch + 1,
+                "a" if why == "notice" else "the last",
+                self.epoch,
                 done,
             )
-        current = progress()
         metrics = {"epoch": self.epoch, "step": done, SCORE: float("-inf"), MID_EPOCH: True}
-        mode = ray.train.CheckpointUploadMode.SYNC if notice else ray.train.CheckpointUploadMode.ASYNC
+        mode = ray.train.CheckpointUploadMode.ASYNC if why == "periodic" else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(
             metrics,
-            checkpoint=self.save(self.epoch, {"step": done}, current),
+            checkpoint=self.save(self.epoch, {"step": done}, progress()),
             checkpoint_upload_mode=mode,
             delete_local_checkpoint_after_upload=True,
         )
-        if notice is not None:
-            self.noticed.update(notice.preempted_node_ids)
-            if self.rank == 0:
-                _logger.warning(
-                    "Checkpoint of epoch %d step %d saved %.1f s after the check, %s; training on until the node goes.",
-                    self.epoch + 1,
-                    done,
-                    time.time() - started,
-                    _time_left(notice.deadline_ms, time.time()),
-                )
+        if why != "periodic" and self.rank == 0:
+            self.save_s = time.time() - started if why == "notice" else self.save_s
+            _logger.warning(
+                "Checkpoint of epoch %d step %d saved in %.1f s, %s; training on until the node goes.",
+                self.epoch,
+                done,
+                time.time() - started,
+                _time_left(notice.deadline_ms, time.time()),
+            )
 
 
 def _time_left(deadline_ms: int | None, now: float) -> str:

@@ -162,3 +162,18 @@ def test_resumed_batches_are_the_rest_of_the_epochs_permutation(world, resumed_w
     after = [i for steps in rest for b in steps for i in b]
     assert len(before + after) == len(set(before + after))  # no image twice in the epoch
     assert len(before + after) >= n - 2 * max(world, resumed_world)  # and none left out but the trim
+
+
+def test_mid_epoch_reports_stay_out_of_tune():
+    """Tune's scheduler counts epochs: a mid-epoch report (no validation) must not reach it."""
+    import queue
+
+    from simpsons.train import MID_EPOCH, SCORE
+    from simpsons.tune import EPOCHS, EpochReportCallback
+
+    callback = EpochReportCallback.__new__(EpochReportCallback)  # its __init__ needs a live Tune session
+    callback._training_actor_item_queue = sent = queue.Queue()  # what Tune's trial actor reads
+    callback.after_report(None, [{"epoch": 2, "step": 7, SCORE: float("-inf"), MID_EPOCH: True}], None)
+    assert sent.empty()
+    callback.after_report(None, [{"epoch": 2, SCORE: 0.5}], None)
+    assert sent.get_nowait() == {"epoch": 2, SCORE: 0.5, EPOCHS: 3}

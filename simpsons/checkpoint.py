@@ -3,8 +3,11 @@
     checkpoint.pt   one plain dict that `torch.load(weights_only=True)` reads: model (unwrapped),
                     optimizer, scheduler, scaler, epoch, best_score, history, config, class_names,
                     provenance, `format` (checked on load), and with optim.ema_decay the moving
-                    average's weights (`served`, what inference loads) and update count
-    metrics.json    the epoch's validation report, confusion matrix, history and provenance
+                    average's weights (`served`, what inference loads) and update count; a
+                    mid-epoch checkpoint (a preemption notice, train.checkpoint_every_steps) also
+                    holds `progress`: how far its `epoch` got (train.EpochProgress as a dict)
+    metrics.json    the epoch's validation report, confusion matrix, history and provenance (a
+                    mid-epoch checkpoint: epoch, step, history and provenance; no validation)
 
 Provenance ties a result to what produced it: the dataset URI, the sha256 of its manifest.json
 (which lists the sha256 of every packed file) and the code version.
@@ -161,6 +164,14 @@ def restore(state: dict, model, optimizer, scheduler, scaler, ema=None) -> None:
     # train.precision=fp16 starts its loss scale afresh instead.
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
+
+
+def resume_point(state: dict) -> tuple[int, dict | None]:
+    """(the epoch a run resumed from `state` trains first, how far into it `state` got: its
+    `progress` dict for a mid-epoch checkpoint, None for one saved at an epoch's end)."""
+    if state.get("progress"):
+        return state["epoch"], state["progress"]
+    return state["epoch"] + 1, None
 
 
 def served_weights(state: dict) -> dict:

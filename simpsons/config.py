@@ -188,6 +188,16 @@ class TrainConfig:
     # Copy TensorBoard logs to run.storage every N epochs and after the last (each copy is a
     # storage round trip the epoch waits for).
     tensorboard_every: int = 5
+    # Also save a checkpoint every N training steps, not only at each epoch's end (0 = off). A run
+    # resumed from one continues that epoch at the next batch, with the same batches and random draws.
+    checkpoint_every_steps: int = 0
+    # Ask Ray every N training steps whether a node of the run is being preempted (a spot reclaim
+    # drained with the preemption reason: docs/spot.md); on a notice every rank takes part in a
+    # just-in-time checkpoint. Each check is a barrier of the workers' host threads (a Ray actor
+    # round trip, about a millisecond), never a GPU sync; 0 = never check.
+    preemption_check_steps: int = 10
+    # Restarts after a preempted node before the run fails, counted apart from max_failures.
+    max_preemptions: int = 10
     # DDP gradient bucket size (MiB). Backward fills the buckets in reverse layer order and each
     # is all-reduced as soon as it is full; the last one (the first layers) only after backward
     # ends. This model has 11.2 MiB of fp32 gradients: DDP's default (a 1 MiB first bucket, then
@@ -412,6 +422,9 @@ _BOUNDS = {
     "train.max_failures": _AT_LEAST_0,
     "train.capacity_timeout_s": _ABOVE_0,
     "train.log_every": _AT_LEAST_0,
+    "train.checkpoint_every_steps": _AT_LEAST_0,
+    "train.preemption_check_steps": _AT_LEAST_0,
+    "train.max_preemptions": _AT_LEAST_0,
     "train.tensorboard_every": _AT_LEAST_1,
     "train.ddp_bucket_mb": _ABOVE_0,
 }

@@ -419,9 +419,9 @@ def data_placement(nbytes: int, device: torch.device | str, share: float) -> tup
 
 def mix_seed(seed: int, *parts: int) -> int:
     """One seed for one random stream, from the run's seed and what tells the streams apart
-    (epoch, rank, stream number), so that no two streams repeat each other."""
+    (epoch, rank, stream number, step), so that no two streams repeat each other."""
     for part in parts:
-        seed = seed * 1_000_003 + part  # a prime larger than any part (epochs, ranks, streams)
+        seed = seed * 1_000_003 + part  # a prime larger than any part (epochs, ranks, streams, steps of an epoch)
     return seed % (1 << 63)  # torch.manual_seed takes 64 bits
 
 
@@ -468,14 +468,23 @@ class ResidentSplit:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches(
-        self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+        self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of `epoch`, from position `start` of the epoch's permutation on.
+
+        Step i of every rank together takes the permutation's images [i * world * batch_size,
+        (i + 1) * world * batch_size), so a run resumed at step k skips exactly the first
+        k * world * batch_size (`start`) and trains the rest as an uninterrupted run would.
+        """
         generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
         order = torch.randperm(len(self), generator=generator)
-        per_rank = len(self) // world
-        mine = order[rank::world][:per_rank].to(self.images.device)
-        for start in range(0, per_rank, batch_size):
-            yield self._batch(mine[start : start + batch_size])
+        end = len(self) // world * world  # equal shares: DDP needs the same step count on every rank
+        start = min(start, end)
+        # (end - start) is a multiple of world unless the run resumes with another worker count
+        per_rank = (end - start) // world
+        mine = order[start : start + per_rank * world][rank::world].to(self.images.device)
+        for first in range(0, per_rank, batch_size):
+            yield self._batch(mine[first : first + batch_size])
 
     def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         return -(-(len(self) // world) // batch_size)

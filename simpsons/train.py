@@ -12,12 +12,13 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -172,10 +173,24 @@ class EpochStats:
     accuracy: float  # of the training predictions, on augmented images
     images: int  # trained on, all ranks together
     seconds: float  # wall time, the device's queued work included
+    steps: list[list[int]] = field(default_factory=list)  # [first, end) steps trained, one range per attempt
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has got, over every rank: what a mid-epoch checkpoint keeps so that the
+    resumed run trains the rest of the epoch, and reports its figures, as an uninterrupted one would."""
+
+    step: int = 0  # steps trained (the same on every rank)
+    images: int = 0  # images trained, all ranks together: the position in the epoch's permutation
+    loss_sum: float = 0.0  # sum of the images' training losses
+    correct: float = 0.0  # training predictions that were right
+    seconds: float = 0.0  # training time
+    steps: list[list[int]] = field(default_factory=list)  # [first, end) steps trained, one range per attempt
 
 
 def train_one_epoch(
@@ -186,45 +201,81 @@ def train_one_epoch(
     rank: int = 0,
     world: int = 1,
     steps_per_epoch: int = 0,
+    resume: EpochProgress | None = None,
+    hook: Callable[[int, Callable[[], EpochProgress]], None] | None = None,
+    hook_every: int = 0,
 ) -> EpochStats:
     """Run `step` over `batches` ((B, S, S, 3) uint8 images, (B,) labels) and return the epoch's
     loss and accuracy, summed on the device and read once at the end (no per-step sync).
 
+    `resume` continues an epoch where a mid-epoch checkpoint left it (`batches` then start at its
+    position: ResidentSplit.train_batches(start=resume.images)). Every `hook_every` steps it calls
+    `hook(steps of the epoch done, progress)`; `progress()` returns the EpochProgress so far, and
+    with world > 1 it is a collective: every rank calls it at the same step, or none does.
+
     Plain PyTorch: the Ray worker, the tests and the benchmarks all run this function. With
     world > 1 it all-reduces the sums, so every rank must call it with the same number of batches.
     """
+    resume = resume or EpochProgress()
     device = next(step.model.parameters()).device
     step.preset = create_train_preset(cfg, epoch)  # this epoch's side (data.resize_from: progressive resizing)
-    # Every rank draws its own augmentations and dropout masks: with one seed on all ranks, DDP
-    # would average gradients of identically masked networks and waste the workers' diversity.
-    generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.train.seed, epoch, rank, 0))
-    torch.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 1))  # dropout masks
+    generator = torch.Generator(device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct
+    if rank == 0 and resume.images:  # the part trained before the resume, counted once (on rank 0)
+        sums += torch.tensor([resume.loss_sum, resume.correct], dtype=torch.float64).to(device)
     images = 0  # on the host, where it is known: a per-step torch.tensor(n, device="cuda") would block
+    done = resume.step
     log_every = cfg.train.log_every if rank == 0 else 0
     started = time.perf_counter()
-    for i, (batch, labels) in enumerate(batches):
+
+    def progress() -> EpochProgress:
+        totals = sums.clone()
+        if world > 1:
+            dist.all_reduce(totals)
+        return EpochProgress(
+            step=done,
+            images=resume.images + images * world,
+            loss_sum=float(totals[0]),
+            correct=float(totals[1]),
+            seconds=resume.seconds + time.perf_counter() - started,
+            steps=[*resume.steps, [resume.step, done]],
+        )
+
+    for i, (batch, labels) in enumerate(batches, start=resume.step):
+        # Each step draws its augmentations and dropout masks from seeds of its own, so a run
+        # resumed at step i draws what an uninterrupted run draws there (seeding is host-side: no
+        # sync). Every rank draws its own: with one seed on all ranks, DDP would average gradients
+        # of identically masked networks and waste the workers' diversity.
+        generator.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 0, i))
+        torch.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 1, i))  # dropout masks
         loss, logits = step(batch, labels, generator)
         sums += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double()])
         images += len(labels)
-        if log_every and (i + 1) % log_every == 0:
+        done = i + 1
+        if log_every and done % log_every == 0:
             _logger.info(
                 "epoch %d/%d step %d/%d loss %.3f %.0f img/s at %d px",
                 epoch + 1,
                 cfg.optim.epochs,
-                i + 1,
+                done,
                 steps_per_epoch,
                 float(loss),
                 images * world / (time.perf_counter() - started),
                 step.preset.train_size,
             )
+        if hook and done % hook_every == 0:
+            hook(done, progress)
     synchronize(device)  # nothing in the steps waits for the GPU: the time must
-    seconds = time.perf_counter() - started
+    seconds = resume.seconds + time.perf_counter() - started
     if world > 1:
         dist.all_reduce(sums)
-    images *= world  # every rank takes the same number of images
+    images = resume.images + images * world  # every rank takes the same number of images
     return EpochStats(
-        loss=float(sums[0]) / max(1, images), accuracy=float(sums[1]) / max(1, images), images=images, seconds=seconds
+        loss=float(sums[0]) / max(1, images),
+        accuracy=float(sums[1]) / max(1, images),
+        images=images,
+        seconds=seconds,
+        steps=[*resume.steps, [resume.step, done]],
     )
 
 
@@ -308,43 +359,64 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
     step = TrainStep(model, criterion, optimizer, scheduler, cfg, device)
 
-    start_epoch, best_score, history = 0, -1.0, []
+    start_epoch, best_score, history, partial = 0, -1.0, [], None
     resumed_from = ray.train.get_checkpoint()
     if resumed_from:
         with resumed_from.as_directory() as folder:
             state = checkpoint.load(folder, device)
         checkpoint.restore(state, model, optimizer, scheduler, step.scaler, step.ema)
-        start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
-        if rank == 0:
+        best_score, history = state["best_score"], state["history"]
+        start_epoch, saved_progress = checkpoint.resume_point(state)
+        partial = EpochProgress(**saved_progress) if saved_progress else None
+        if rank == 0 and partial:
+            _logger.info(
+                "Resuming from the checkpoint of epoch %d step %d; continuing at its step %d.",
+                state["epoch"],
+                partial.step,
+                partial.step,
+            )
+        elif rank == 0:
             _logger.info(
                 "Resuming from the checkpoint of epoch %d; continuing at epoch %d.", state["epoch"], start_epoch
             )
 
+    def save(epoch: int, figures: dict, progress: EpochProgress | None = None) -> ray.train.Checkpoint | None:
+        """Rank 0 writes the checkpoint folder (Ray deletes it once uploaded); other ranks report None."""
+        if rank != 0:
+            return None
+        extra = {"progress": asdict(progress)} if progress else {}
+        state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
+                                          best_score=best_score, history=history, config=to_dict(cfg),
+                                          class_names=list(class_names), provenance=origin, **extra)  # fmt: skip
+        folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")
+        metrics = {"epoch": epoch, **figures, "history": history, "provenance": origin}
+        return ray.train.Checkpoint.from_directory(checkpoint.save(folder, state, metrics))
+
+    mid_epoch = _MidEpochCheckpoints(cfg, save, rank, steps_per_epoch)
     writer = _TensorBoard(cfg) if rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
-        batches = train_split.train_batches(epoch, per_worker_batch, cfg.train.seed, rank, world)
-        trained = train_one_epoch(step, batches, epoch, cfg, rank, world, steps_per_epoch)
+        resume, partial = (partial if epoch == start_epoch else None), None
+        batches = train_split.train_batches(
+            epoch, per_worker_batch, cfg.train.seed, rank, world, start=resume.images if resume else 0
+        )
+        mid_epoch.epoch = epoch
+        trained = train_one_epoch(
+            step, batches, epoch, cfg, rank, world, steps_per_epoch, resume, mid_epoch, mid_epoch.hook_every
+        )
         if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
             writer.histograms(getattr(model, "module", model), epoch)  # the epoch's last gradients are still in .grad
         cm, report, validated = validate(step, val_split, cfg, class_names, rank, world)
         metrics = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, **validated,
                    "lr": optimizer.param_groups[0]["lr"], "train_img_per_s": trained.images_per_s,
-                   "epoch_time_s": time.perf_counter() - started, "resumed": bool(resumed_from)}  # fmt: skip
+                   "epoch_time_s": time.perf_counter() - started, "resumed": bool(resumed_from),
+                   "trained_steps": trained.steps}  # fmt: skip
         history.append(metrics)
         best_score = max(best_score, metrics[SCORE])
-        saved = None
         if rank == 0:
             _logger.info(epoch_line(metrics, trained, cfg.optim.epochs))
             writer.scalars(metrics, epoch)
-            state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
-                                              best_score=best_score, history=history, config=to_dict(cfg),
-                                              class_names=list(class_names), provenance=origin)  # fmt: skip
-            folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")  # Ray deletes it once uploaded
-            figures = {"epoch": epoch, "val": report, "confusion": cm.cpu().tolist(), "history": history}
-            saved = ray.train.Checkpoint.from_directory(
-                checkpoint.save(folder, state, {**figures, "provenance": origin})
-            )
+        saved = save(epoch, {"val": report, "confusion": cm.cpu().tolist()})
         # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
         # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
         # copy has finished, and the worker's end waits for every pending copy.
@@ -354,6 +426,89 @@ def train_loop_per_worker(config: dict) -> None:
         )
     if writer:
         writer.close()
+
+
+MID_EPOCH = "mid_epoch"  # set in the metrics of a mid-epoch report: no validation, never the best checkpoint
+
+
+class _MidEpochCheckpoints:
+    """train_one_epoch's hook in the worker: every train.preemption_check_steps it asks Ray whether
+    a node of the run is being preempted and, on a new notice, reports a just-in-time checkpoint
+    (uploaded before training goes on); the run trains on, and when the deadline comes near it
+    reports a last one, so a reclaim loses only the steps after that. Every
+    train.checkpoint_every_steps it reports one anyway (uploaded in the background).
+
+    Every rank makes the same calls at the same steps: `get_preemption_info` and the last call's
+    decision are rank 0's, broadcast (barriers), `report` is a barrier and the progress is
+    all-reduced. When the node goes, Ray restarts the run, charged to train.max_preemptions.
+    """
+
+    # The last call comes when the deadline is nearer than twice the first checkpoint's time plus
+    # twice the time between checks plus this (seconds): it then ends well before the deadline.
+    LAST_CALL_SLACK_S = 5.0
+
+    def __init__(self, cfg: Config, save: Callable, rank: int, steps_per_epoch: int):
+        self.check, self.every = cfg.train.preemption_check_steps, cfg.train.checkpoint_every_steps
+        self.hook_every = math.gcd(self.check, self.every)  # 0 when both are off: no hook
+        self.save, self.rank, self.steps_per_epoch = save, rank, steps_per_epoch
+        self.epoch = 0  # set by the loop before each epoch
+        self.noticed: set[str] = set()  # preempted nodes a checkpoint has been taken for
+        self.last_called = False  # the notice's last checkpoint is taken
+        self.save_s = 0.0  # how long the notice's first checkpoint took (rank 0)
+        self.checked_at = 0.0  # time.time() of the previous check
+
+    def __call__(self, done: int, progress: Callable[[], EpochProgress]) -> None:
+        if done >= self.steps_per_epoch:
+            return  # the epoch's own checkpoint comes next
+        notice, why = None, ""
+        if self.check and done % self.check == 0:
+            notice = ray.train.get_preemption_info()
+            now = time.time()
+            since, self.checked_at = now - (self.checked_at or now), now  # seconds between checks
+            if notice is not None and set(notice.preempted_node_ids) - self.noticed:
+                why, self.last_called = "notice", False
+                self.noticed.update(notice.preempted_node_ids)
+            elif notice is not None and notice.deadline_ms and not self.last_called:
+                left = notice.deadline_ms / 1000 - now
+                due = left < 2 * self.save_s + 2 * since + self.LAST_CALL_SLACK_S
+                if ray.train.collective.broadcast_from_rank_zero(due):  # rank 0's clocks decide
+                    why, self.last_called = "last call", True
+        if not why and self.every and done % self.every == 0:
+            why = "periodic"
+        if not why:
+            return
+        started = time.time()
+        if why != "periodic" and self.rank == 0:
+            _logger.warning(
+                "Preemption of node(s) %s (ranks %s, %s): %s checkpoint at epoch %d step %d.",
+                ", ".join(notice.preempted_node_ids),
+                notice.preempted_ranks,
+                _time_left(notice.deadline_ms, started),
+                "a" if why == "notice" else "the last",
+                self.epoch,
+                done,
+            )
+        metrics = {"epoch": self.epoch, "step": done, SCORE: float("-inf"), MID_EPOCH: True}
+        mode = ray.train.CheckpointUploadMode.ASYNC if why == "periodic" else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(
+            metrics,
+            checkpoint=self.save(self.epoch, {"step": done}, progress()),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+        )
+        if why != "periodic" and self.rank == 0:
+            self.save_s = time.time() - started if why == "notice" else self.save_s
+            _logger.warning(
+                "Checkpoint of epoch %d step %d saved in %.1f s, %s; training on until the node goes.",
+                self.epoch,
+                done,
+                time.time() - started,
+                _time_left(notice.deadline_ms, time.time()),
+            )
+
+
+def _time_left(deadline_ms: int | None, now: float) -> str:
+    return f"{deadline_ms / 1000 - now:.1f} s before its deadline" if deadline_ms else "no deadline given"
 
 
 def validate(step: TrainStep, split: ResidentSplit, cfg: Config, class_names: list[str], rank: int, world: int):
@@ -466,7 +621,9 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(
-                max_failures=cfg.train.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+                max_failures=cfg.train.max_failures,
+                controller_failure_limit=CONTROLLER_FAILURE_LIMIT,
+                max_preemption_failures=cfg.train.max_preemptions,  # reclaimed spot nodes: docs/spot.md
             ),
             callbacks=callbacks,
         ),

@@ -31,7 +31,7 @@ from simpsons import storage
 from simpsons.cluster import absolute_dataset_uri, prepare_run
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
-from simpsons.train import SCORE, run_trainer
+from simpsons.train import MID_EPOCH, SCORE, run_trainer
 
 _logger = logging.getLogger(__name__)
 
@@ -66,10 +66,13 @@ class EpochReportCallback(TuneReportCallback):
     """TuneReportCallback that also reports `epochs` (epochs completed), the scheduler's clock.
 
     Tune's own `training_iteration` restarts at 1 when an interrupted trial resumes from its
-    Train checkpoint in the middle of training; the epoch count does not.
+    Train checkpoint in the middle of training; the epoch count does not. Mid-epoch reports (a
+    preemption's checkpoint, train.checkpoint_every_steps) have no validation: Tune never sees them.
     """
 
     def after_report(self, run_context, metrics, checkpoint):
+        if metrics and metrics[0].get(MID_EPOCH):
+            return
         metrics = [dict(m, **{EPOCHS: m["epoch"] + 1}) for m in metrics]
         super().after_report(run_context, metrics, checkpoint)
 

@@ -413,7 +413,8 @@ class RayHead:
         done = self.run([str(VENV_BIN / "python"), "-c", _LIST_NODES, self.address], self.driver_env(), timeout=90)
         if done.returncode != 0:
             raise AssertionError(f"Listing the nodes failed:\n{done.stdout}\n{done.stderr}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        # Ray may print a warning after the list (seen: a lost node's "raylet has lagging heartbeats").
+        return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("[")))
 
     def node_id_of_head(self) -> str:
         return next(n["node_id"] for n in self.live_nodes() if n["socket"].startswith(str(self.temp_dir)))

@@ -112,7 +112,7 @@ def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
 
     def masks(rank: int, epoch: int = 0) -> torch.Tensor:
         model = create_model(len(CLASS_NAMES), cfg.model.head, cfg.model.dropout).train()
-        torch.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 1))  # what the worker loop does per epoch
+        torch.manual_seed(mix_seed(cfg.train.seed, epoch, rank, 1, 0))  # what train_one_epoch does at step 0
         dropout = next(m for m in model.fc if isinstance(m, torch.nn.Dropout))
         return dropout(torch.ones(64, 512)) == 0
 
@@ -120,9 +120,9 @@ def test_dropout_masks_differ_across_ranks_and_repeat_per_rank():
     assert rank0.float().mean().item() == pytest.approx(cfg.model.dropout, abs=0.05)
     assert torch.equal(rank0, masks(0))  # seeded: a restarted worker draws the same
     assert not torch.equal(rank0, rank1) and not torch.equal(rank0, masks(0, epoch=1))
-    # The augmentation stream (0) and the dropout stream (1) never share a seed.
-    seeds = {mix_seed(0, e, r, s) for e in range(3) for r in range(8) for s in range(2)}
-    assert len(seeds) == 3 * 8 * 2
+    # The augmentation stream (0) and the dropout stream (1) of every step never share a seed.
+    seeds = {mix_seed(0, e, r, s, i) for e in range(3) for r in range(8) for s in range(2) for i in range(500)}
+    assert len(seeds) == 3 * 8 * 2 * 500
 
 
 def test_resume_with_fp16_and_flipped_channels_last():

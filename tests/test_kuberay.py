@@ -732,7 +732,10 @@ def test_the_driver_reads_the_shipped_rayjobs_node_types_as_kuberays_autoscaler_
     and the config the job runs fits them with nothing running yet, and not with one worker more."""
     ray_cluster = {"metadata": {"name": "simpsons-train-abcde"}, "spec": the("RayJob")["spec"]["rayClusterSpec"]}
     types, limit = launcher_node_types(autoscaling_config(ray_cluster))
-    assert [(t.name, t.resources["CPU"], t.resources["GPU"], t.addable) for t in types] == [("gpu-4x", 44.0, 4.0, 2)]
+    assert [(t.name, t.resources["CPU"], t.resources["GPU"], t.addable) for t in types] == [
+        ("gpu-4x", 44.0, 4.0, 2),
+        ("gpu-4x-spot", 44.0, 4.0, 0),  # off until a user switches to spot (docs/spot.md)
+    ]
     assert limit == 2
     types, room = addable_node_types(types, limit, live_workers=[])
     head = ClusterCapacity(nodes=[{"memory": 1e10}], other_nodes=0, node_types=types, max_added=room)

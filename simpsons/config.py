@@ -200,6 +200,12 @@ class RunConfig:
     storage: str = "./runs"
     # S3-compatible endpoint (MinIO, R2, a test server); empty = AWS or $AWS_ENDPOINT_URL.
     s3_endpoint: str = ""
+    # MLflow tracking server, e.g. http://mlflow.internal:5000 (needs the `mlflow` extra); empty =
+    # $MLFLOW_TRACKING_URI, and no tracking when that is unset too. See docs/tracking.md.
+    tracking_uri: str = ""
+    # MLflow experiment the run (or a sweep's parent and trials) is logged in; empty = run.name
+    # (tune.name for a sweep), created when missing.
+    experiment: str = ""
 
 
 @dataclass

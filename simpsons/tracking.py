@@ -231,9 +231,10 @@ class _Patience:
                         _reason(exc),
                         what,
                     )
-                if time.monotonic() + delay > self.deadline:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
                     raise GaveUp(f"MLflow at {self.uri} did not answer in time") from exc
-                time.sleep(delay)
+                time.sleep(min(delay, remaining))  # the last try comes at the deadline
                 delay = min(2 * delay, 15.0)
                 continue
             if self.down_since:

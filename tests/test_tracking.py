@@ -266,3 +266,94 @@ def test_a_run_is_one_finished_mlflow_run_with_its_config_history_and_best(head,
     import torch
 
     assert torch.load(checkpoint, weights_only=True)["tracking_run"] == run.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(540)
+def test_a_killed_driver_rerun_continues_the_same_mlflow_run_and_logs_each_epoch_once(
+    head, mlflow_server, packed_dataset
+):
+    name, epochs = f"killed-{uuid.uuid4().hex[:6]}", 8
+    command = train_command(packed_dataset, name, epochs, "--set", f"run.tracking_uri={mlflow_server.uri}")
+    client = mlflow_server.client()
+    first = head.spawn(command, head.driver_env())
+    run_id = wait_for_epoch(client, name, f"s3://{BUCKET}/runs/{name}", 1, first)
+    wait_for_checkpoint(BUCKET, f"runs/{name}", 1, first)  # what the second driver resumes from
+    first.kill()  # SIGKILL: the MLflow run is left RUNNING, as when a job's process or node dies
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    second = head.spawn(command, head.driver_env())
+    assert second.wait(timeout=300) == 0, second.output[-6000:]
+    assert f"MLflow: continuing run {run_id}" in second.output
+    runs = runs_tagged(client, name, RUN_TAG, f"s3://{BUCKET}/runs/{name}")
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    assert score_steps(client, run_id) == list(range(epochs)), "every epoch once"
+    history = s3_json(f"runs/{name}/best/metrics.json")["history"]
+    assert any(h["resumed"] for h in history), "the second driver resumed from a checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(540)
+def test_a_tracking_server_outage_mid_run_loses_no_epoch(head, mlflow_server, packed_dataset):
+    name, epochs = f"outage-{uuid.uuid4().hex[:6]}", 45  # epochs take 1-2 s here: the run outlasts the outage
+    command = train_command(packed_dataset, name, epochs, "--set", f"run.tracking_uri={mlflow_server.uri}")
+    client = mlflow_server.client()
+    driver = head.spawn(command, head.driver_env())
+    run_id = wait_for_epoch(client, name, f"s3://{BUCKET}/runs/{name}", 0, driver)
+    mlflow_server.stop()
+    try:
+        time.sleep(20)
+        assert driver.popen.poll() is None, "the run ended during the outage: more epochs?"
+    finally:
+        mlflow_server.start()
+    # Still training once the server is back: what it missed is caught up by rank 0, not the driver.
+    assert epochs - 1 not in score_steps(client, run_id), "the run ended during the outage: more epochs?"
+    assert driver.wait(timeout=300) == 0, driver.output[-6000:]
+    said = [line for line in driver.lines if "MLflow" in line]
+    assert sum(f"MLflow at {mlflow_server.uri} does not answer" in line for line in said) == 1, said
+    assert any(f"MLflow at {mlflow_server.uri} answers again" in line for line in said), said
+    assert score_steps(client, run_id) == list(range(epochs)), "every epoch once"
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(540)
+def test_a_sweep_is_a_parent_run_with_one_child_per_trial_and_the_scheduler_decision(
+    head, mlflow_server, packed_dataset
+):
+    sweep = f"sweep-{uuid.uuid4().hex[:6]}"
+    overrides = {
+        **TINY_RUN,
+        "data.uri": packed_dataset,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0,
+        "train.workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "run.storage": f"s3://{BUCKET}/sweeps",
+        "run.tracking_uri": mlflow_server.uri,
+        "tune.name": sweep,
+        "tune.num_samples": 1,
+        "tune.max_concurrent_trials": 1,  # in grid order: the hopeless lr meets the sane one's score at the rung
+        "tune.grace_period": 1,
+        "tune.reduction_factor": 2,
+        "tune.space": "{optim.lr: {grid: [1.0e-3, 5.0]}}",
+    }
+    driver = head.spawn([str(VENV_BIN / "python"), "jobs/tune.py", *sets(overrides)], head.driver_env())
+    assert driver.wait(timeout=420) == 0, driver.output[-6000:]
+
+    client = mlflow_server.client()
+    parents = runs_tagged(client, sweep, SWEEP_TAG, f"s3://{BUCKET}/sweeps/{sweep}")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+    parent = parents[0]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_lr = {float(child.data.params["optim.lr"]): child for child in children}
+    assert sorted(by_lr) == [1e-3, 5.0], [c.data.params.get("optim.lr") for c in children]
+    assert by_lr[5.0].data.tags[TRIAL_STATUS_TAG] == "stopped early"
+    assert by_lr[1e-3].data.tags[TRIAL_STATUS_TAG] == "completed"
+    assert score_steps(client, by_lr[1e-3].info.run_id) == [0, 1] and score_steps(client, by_lr[5.0].info.run_id) == [0]
+    assert {child.info.status for child in children} == {"FINISHED"}
+    assert parent.data.params["tune.name"] == sweep
+    assert parent.data.tags["simpsons.best_trial"] in by_lr[1e-3].info.run_name
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "trials.png", "best"} <= top
+    assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(parent.info.run_id, "best")} == BEST_ARTIFACTS

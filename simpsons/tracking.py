@@ -147,9 +147,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a refused request, None for a request that got no answer."""
     from mlflow.exceptions import RestException
 
-    return exc.get_http_status_code() if isinstance(exc, RestException) else None
+    if isinstance(exc, RestException):  # the server answered with an MLflow error (JSON)
+        return exc.get_http_status_code()
+    # Any other answer (the basic-auth app's "Permission denied" is plain text) reaches us as
+    # "... failed with error code 403 != 200. Response body: ...".
+    code = re.search(r"failed with error code (\d{3}) != 200", str(exc))
+    return int(code.group(1)) if code else None
 
 
 # ---------------------------------------------------------------------------------------------

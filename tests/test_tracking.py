@@ -41,12 +41,12 @@ class MlflowServer:
     """`mlflow server` with a SQLite store and S3 artifacts, in a process group of its own; it can be
     stopped and started again on the same port and database (an outage)."""
 
-    def __init__(self, workdir: Path, artifacts: str, s3_endpoint: str):
-        self.workdir, self.artifacts = workdir, artifacts
+    def __init__(self, workdir: Path, artifacts: str, s3_endpoint: str, *extra: str, **env: str):
+        self.workdir, self.artifacts, self.extra = workdir, artifacts, extra
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         # The server writes artifacts to S3 with boto3: the test's keys and the moto endpoint.
-        self.env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+        self.env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **env}
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> MlflowServer:
@@ -63,6 +63,7 @@ class MlflowServer:
             str(self.port),
             "--workers",
             "1",
+            *self.extra,
         ]
         log = open(self.workdir / "server.log", "a")
         self.process = popen_group(cmd, self.env, self.workdir, log, signal.SIGTERM)
@@ -207,6 +208,53 @@ def test_a_tracking_uri_without_mlflow_installed_is_refused_in_one_sentence(pack
         "pip install -e '.[mlflow]' (or pip install mlflow-skinny), or set run.tracking_uri empty to train "
         "without tracking."
     ], done.stderr
+
+
+def test_an_experiment_the_user_may_not_write_to_is_refused_before_ray_in_one_sentence(
+    s3_server, packed_dataset, tmp_path
+):
+    import requests
+
+    # MLflow's basic-auth app: every user may read every experiment (default_permission READ), not write.
+    admin = ("admin", uuid.uuid4().hex + "A1!")
+    auth_config = tmp_path / "basic_auth.ini"
+    auth_config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = {admin[0]}\nadmin_password = {admin[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    server = MlflowServer(
+        tmp_path,
+        f"s3://{BUCKET}/auth",
+        s3_server,
+        "--app-name",
+        "basic-auth",
+        MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
+        MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex,
+    )
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        server.start()
+        user = ("reader", uuid.uuid4().hex + "B2?")
+        api = f"{server.uri}/api/2.0/mlflow"
+        for path, body in (
+            ("users/create", {"username": user[0], "password": user[1]}),
+            ("experiments/create", {"name": "team"}),
+        ):
+            response = requests.post(f"{api}/{path}", json=body, auth=admin, timeout=30)
+            assert response.ok, response.text
+        args = sets({"data.uri": packed_dataset, "run.storage": tmp_path / "runs", "run.experiment": "team"})
+        creds = {"MLFLOW_TRACKING_USERNAME": user[0], "MLFLOW_TRACKING_PASSWORD": user[1]}
+        done = _job([sys.executable, *SMOKE_TRAIN, *args], _env(MLFLOW_TRACKING_URI=server.uri, **creds))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"error: The MLflow server at {server.uri} refuses this user write access to experiment 'team' "
+            "(HTTP 403); set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, ask for "
+            "EDIT permission on it, or set run.experiment to one you may write to."
+        ], done.stderr + server.log_tail()
+        assert "Ray" not in done.stdout + done.stderr and user[1] not in done.stdout + done.stderr
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------

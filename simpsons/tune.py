@@ -231,9 +231,8 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
     from simpsons.cli import resolve_dataset
 
     sweep = cfg.tune
-    cfg, concurrent = resolve_sweep_resources(
-        tracking.for_sweep(cfg), dataset_uri
-    )  # prepare_run's checks, Ray, the placement
+    # prepare_run's checks, Ray, the placement; the MLflow experiment defaults to the sweep's name
+    cfg, concurrent = resolve_sweep_resources(tracking.for_sweep(cfg), dataset_uri)
     dataset_uri = absolute_dataset_uri(dataset_uri or resolve_dataset(cfg))  # trials run in folders of their own
     sweep_uri = storage.join(cfg.run.storage, sweep.name)
     fs, root = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)

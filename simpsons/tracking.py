@@ -42,7 +42,7 @@ SCORE = "val_macro_f1"  # an epoch is in MLflow when this metric has its step (o
 NOT_METRICS = ("epoch", "resumed")  # entries of an epoch's figures that are no metric
 SKIPPED_ARTIFACTS = ("checkpoint.pt",)  # stays in run storage (tagged simpsons.best_uri): tens of MB
 REQUEST_TIMEOUT_S = "20"  # one HTTP request to the server
-FLUSH_S = 30.0  # how long rank 0 goes on sending after its last epoch before it leaves the rest to the driver
+FLUSH_S = 60.0  # how long rank 0 goes on sending after its last epoch before it leaves the rest to the driver
 CATCH_UP_S = 300.0  # how long the driver goes on trying at the end before it gives up with a warning
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param's value
 

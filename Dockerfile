@@ -52,8 +52,9 @@ WORKDIR /home/ray/simpsons
 
 # Dependencies first, from pyproject.toml alone, so that editing the code does not reinstall them.
 # The torch above and the base image's ray already satisfy their requirements and stay as they are.
+# With them the `mlflow` extra: MLflow's client, for run.tracking_uri (docs/tracking.md).
 COPY --chown=1000:100 pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['mlflow']))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt torch==2.14.1 torchvision==0.29.1 \
     && rm /tmp/requirements.txt

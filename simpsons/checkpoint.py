@@ -3,7 +3,8 @@
     checkpoint.pt   one plain dict that `torch.load(weights_only=True)` reads: model (unwrapped),
                     optimizer, scheduler, scaler, epoch, best_score, history, config, class_names,
                     provenance, `format` (checked on load), and with optim.ema_decay the moving
-                    average's weights (`served`, what inference loads) and update count; a
+                    average's weights (`served`, what inference loads) and update count,
+                    `tracking_run` (the MLflow run id with run.tracking_uri set, else ""); a
                     mid-epoch checkpoint (a preemption notice, train.checkpoint_every_steps) also
                     holds `progress`: how far its `epoch` got (train.EpochProgress as a dict)
     metrics.json    the epoch's validation report, confusion matrix, history and provenance (a

@@ -62,12 +62,14 @@ def resolve_dataset(cfg: Config) -> str:
 
 def check_inputs(cfg: Config, dataset_uri: str | None = None) -> None:
     """What a job can refuse in seconds, before Ray starts and data is prepared: the run's storage
-    (reachable, bucket exists, writable) and a raw data source that cannot exist (when neither
-    `dataset_uri` nor data.uri names a packed dataset)."""
+    (reachable, bucket exists, writable), the MLflow tracking server (with run.tracking_uri set) and
+    a raw data source that cannot exist (when neither `dataset_uri` nor data.uri names a packed dataset)."""
+    from simpsons import tracking
     from simpsons.sources import check_source
     from simpsons.storage import check_writable
 
     check_writable(cfg.run.storage, cfg.run.s3_endpoint)
+    tracking.check(cfg)
     if not (dataset_uri or cfg.data.uri):
         check_source(cfg.data.source)
 

@@ -383,9 +383,11 @@ def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
     folders refused on a multi-node cluster, resources resolved and the placement shown possible.
     `dataset_uri` defaults to data.uri (empty: prepared from data.source into the local cache).
     """
+    from simpsons import tracking
     from simpsons.cli import check_inputs
 
     check_output_paths(cfg)
+    cfg = tracking.resolve(cfg)  # MLFLOW_TRACKING_URI and the experiment's default, settled on the driver
     check_inputs(cfg, dataset_uri)
     init_ray()
     cfg = resolve_paths(cfg)

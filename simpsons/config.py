@@ -218,6 +218,12 @@ class RunConfig:
     # Resume a run found under the same storage and name (true), or start it over (false): the
     # earlier run's folder is then moved aside to <name>.replaced-<UTC time>, nothing deleted.
     resume: bool = True
+    # MLflow tracking server, e.g. http://mlflow.internal:5000 (needs the `mlflow` extra); empty =
+    # $MLFLOW_TRACKING_URI, and no tracking when that is unset too. See docs/tracking.md.
+    tracking_uri: str = ""
+    # MLflow experiment the run (or a sweep's parent and trials) is logged in; empty = run.name
+    # (tune.name for a sweep), created when missing.
+    experiment: str = ""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,18 @@ def write_report(
     (out_dir / REPORT_FILE).write_text(json.dumps(payload, indent=1))
 
 
-def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: list[dict] | None = None) -> dict:
+def write_best(
+    checkpoint_dir: str | Path,
+    dest_uri: str,
+    cfg: Config,
+    history: list[dict] | None = None,
+    publish: Callable[[Path], None] | None = None,
+) -> dict:
     """Write the report of a reported checkpoint folder as the best/ folder at dest_uri (local or s3://).
 
     `history` is the whole run's per-epoch metrics (from the latest checkpoint); by default the
-    best checkpoint's own, which stops at the best epoch.
+    best checkpoint's own, which stops at the best epoch. `publish` is given the local best/ folder
+    once it is complete (the MLflow run's artifacts: `tracking.TrackedRun.log_best`).
     """
     checkpoint_dir = Path(checkpoint_dir)
     saved = checkpoint.read_metrics(checkpoint_dir)
@@ -74,6 +82,8 @@ def write_best(checkpoint_dir: str | Path, dest_uri: str, cfg: Config, history: 
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
         write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)
         storage.upload_dir(tmp, dest_uri, cfg.run.s3_endpoint)
+        if publish:
+            publish(Path(tmp))
     _logger.info(
         "Best epoch %d: val macro-F1 %.4f, accuracy %.4f -> %s",
         saved["epoch"] + 1,

@@ -15,6 +15,7 @@ import io
 import logging
 import posixpath
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,12 @@ def searched_keys(rows: list[dict]) -> list[str]:
     return [k for k in rows[0] if "." in k]
 
 
-def write_sweep_report(rows: list[dict], sweep_uri: str, best_cfg: Config) -> None:
+def write_sweep_report(
+    rows: list[dict], sweep_uri: str, best_cfg: Config, publish: Callable[[Path, str], None] | None = None
+) -> None:
     """trials.csv and trials.png into the sweep folder, the table in the log, and best/ written from
-    the best trial (rows[0], from `summarize_trials`) trained with `best_cfg`."""
+    the best trial (rows[0], from `summarize_trials`) trained with `best_cfg`. `publish(folder, path)`
+    is given each local folder once it is complete (the sweep's MLflow run: trials at "", best/ at "best")."""
     params = searched_keys(rows)
     columns = [
         "trial_id",
@@ -107,6 +111,8 @@ def write_sweep_report(rows: list[dict], sweep_uri: str, best_cfg: Config) -> No
         title = f"{posixpath.basename(sweep_uri)}: {len(rows)} trials"
         plot_trials(rows, params, Path(tmp) / "trials.png", title=title)
         storage.upload_dir(tmp, sweep_uri, endpoint)
+        if publish:
+            publish(Path(tmp), "")
     _logger.info("%s", format_table(rows, params))
 
     import ray.train
@@ -122,7 +128,8 @@ def write_sweep_report(rows: list[dict], sweep_uri: str, best_cfg: Config) -> No
         # ran (Tune's copy of them, with the keys the training loop reports).
         keys = read_metrics(ckpt_dir)["history"][0].keys()
         history = [{k: epoch[k] for k in keys if k in epoch} for epoch in best["history"]]
-        write_best(ckpt_dir, storage.join(sweep_uri, "best"), best_cfg, history=history)
+        best_publish = (lambda folder: publish(folder, "best")) if publish else None
+        write_best(ckpt_dir, storage.join(sweep_uri, "best"), best_cfg, history=history, publish=best_publish)
 
 
 def format_table(rows: list[dict], params: list[str]) -> str:

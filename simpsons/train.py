@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from simpsons import checkpoint, storage
+from simpsons import checkpoint, storage, tracking
 from simpsons.augment import create_eval_preset, create_train_preset
 from simpsons.cli import configure_logging
 from simpsons.cluster import (
@@ -387,13 +387,19 @@ def train_loop_per_worker(config: dict) -> None:
         extra = {"progress": asdict(progress)} if progress else {}
         state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
                                           best_score=best_score, history=history, config=to_dict(cfg),
-                                          class_names=list(class_names), provenance=origin, **extra)  # fmt: skip
+                                          class_names=list(class_names), provenance=origin,
+                                          tracking_run=tracker.run_id if tracker else "", **extra)  # fmt: skip
         folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")
         metrics = {"epoch": epoch, **figures, "history": history, "provenance": origin}
         return ray.train.Checkpoint.from_directory(checkpoint.save(folder, state, metrics))
 
     mid_epoch = _MidEpochCheckpoints(cfg, save, rank, steps_per_epoch)
     writer = _TensorBoard(cfg) if rank == 0 else None
+    tracker = None  # rank 0's MLflow logger (run.tracking_uri), sending from a thread of its own
+    if rank == 0:
+        tracker = tracking.EpochLogger.create(
+            config.get("tracking"), lambda: tracking.run_tags(origin, world, device, step.dtype)
+        )
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
         resume, partial = (partial if epoch == start_epoch else None), None
@@ -416,6 +422,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             _logger.info(epoch_line(metrics, trained, cfg.optim.epochs))
             writer.scalars(metrics, epoch)
+        if rank == 0 and tracker:
+            tracker.log_epoch(metrics)
         saved = save(epoch, {"val": report, "confusion": cm.cpu().tolist()})
         # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
         # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
@@ -426,6 +434,8 @@ def train_loop_per_worker(config: dict) -> None:
         )
     if writer:
         writer.close()
+    if tracker:
+        tracker.close()
 
 
 MID_EPOCH = "mid_epoch"  # set in the metrics of a mid-epoch report: no validation, never the best checkpoint
@@ -599,15 +609,21 @@ class _TensorBoard:
 
 
 def build_trainer(
-    cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None
+    cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None, tracking_spec: dict | None = None
 ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for this config (resources must be resolved: see cluster.prepare_run)."""
+    """A TorchTrainer for this config (resources must be resolved: see cluster.prepare_run);
+    `tracking_spec` names the MLflow run rank 0 logs into (`tracking.TrackedRun.spec`)."""
     name = name or cfg.run.name
     fs, path = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     bound_capacity_wait(cfg)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "dataset": dataset_uri, "code_version": checkpoint.code_version()},
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "dataset": dataset_uri,
+            "code_version": checkpoint.code_version(),
+            "tracking": tracking_spec,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=worker_resources(cfg)
         ),
@@ -630,10 +646,12 @@ def build_trainer(
     )
 
 
-def run_trainer(cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None) -> ray.train.Result:
+def run_trainer(
+    cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None, tracking_spec: dict | None = None
+) -> ray.train.Result:
     """build_trainer(...).fit(); a worker group that never started becomes a CapacityError."""
     try:
-        return build_trainer(cfg, dataset_uri, name, callbacks).fit()
+        return build_trainer(cfg, dataset_uri, name, callbacks, tracking_spec=tracking_spec).fit()
     except ray.train.ControllerError as exc:
         raise capacity_error(cfg, exc) from None
 
@@ -663,8 +681,12 @@ def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
         check_dataset(dataset_uri, cfg.run.s3_endpoint)  # the same for an incomplete S3 version
     run_uri = storage.join(cfg.run.storage, cfg.run.name)
     checkpoint.check_resume(run_uri, dataset_uri, cfg.run.resume, cfg.run.s3_endpoint)
+    config_uri, best_uri = storage.join(run_uri, "config.yaml"), storage.join(run_uri, "best")
+    # The MLflow run of this run (none without run.tracking_uri): found again when the run resumes,
+    # a new one when its storage holds nothing of it yet.
+    tracked = tracking.open_run(cfg, run_uri, fresh=storage.read_bytes(config_uri, cfg.run.s3_endpoint) is None)
     # The resolved config beside the run from its start: a run stopped early still says how it was set.
-    storage.write_bytes(config_text(cfg).encode(), storage.join(run_uri, "config.yaml"), cfg.run.s3_endpoint)
+    storage.write_bytes(config_text(cfg).encode(), config_uri, cfg.run.s3_endpoint)
     _logger.info(
         "Training %s: %d worker(s), %s, %g CPU(s) each, %d epochs -> %s",
         cfg.run.name,
@@ -674,9 +696,15 @@ def fit(cfg: Config, dataset_uri: str | None = None) -> dict:
         cfg.optim.epochs,
         cfg.run.storage,
     )
-    result = run_trainer(cfg, dataset_uri)
+    try:
+        result = run_trainer(cfg, dataset_uri, tracking_spec=tracked.spec)
+    except BaseException:
+        tracked.fail()
+        raise
     # Read the latest checkpoint before opening the best one: when they are the same checkpoint, a
     # nested as_directory() in one process shares its temp folder and deletes it on the inner exit.
     history = checkpoint.read_history(result.checkpoint)
     with best_checkpoint(result).as_directory() as folder:
-        return write_best(folder, storage.join(run_uri, "best"), cfg, history=history)
+        report = write_best(folder, best_uri, cfg, history=history, publish=lambda d: tracked.log_best(d, best_uri))
+    tracked.finish(history)  # the epochs MLflow missed (an outage), then FINISHED
+    return report

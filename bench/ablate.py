@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from simpsons.augment import create_eval_preset
 from simpsons.cli import run_job
 from simpsons.dataset import load_packed
 from simpsons.inference import load_checkpoint, predict_proba
 from simpsons.metrics import classification_report, confusion_matrix
+from simpsons.recipe import create_eval_preset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"skipped: the shared real sample is not at {SHARED_SAMPLE}")
         return
     from simpsons.cluster import init_ray
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     # Workers' lines stay in their logs (stdout holds the figures); a failed run raises with its error.
     init_ray(log_to_driver=False)

@@ -8,7 +8,7 @@
 The packed uint8 images and labels live in GPU memory (simpsons.data.ResidentSplit on cuda; in
 pinned host memory when they do not fit data.resident_share of the free memory), each
 batch is augmented on the GPU in one grid_sample (simpsons.augment), and the step is
-simpsons.train.TrainStep: bf16 autocast (the config's "auto" on a GPU with bf16), channels_last,
+simpsons.engine.TrainStep: bf16 autocast (the config's "auto" on a GPU with bf16), channels_last,
 fused AdamW (build_components), cudnn.benchmark, per-GPU batch 512 by default. One process
 drives one GPU, so every figure is per GPU.
 
@@ -17,7 +17,7 @@ Figures (stdout, `name value`):
   model_step_img_per_s   the same step on a ready input tensor (the network alone)
   data_path_fraction     train_step / model_step
   epoch_img_per_s        training images / wall time of a whole epoch: train + evaluation of the
-                         val split + metrics, as simpsons.train's loop does (no checkpoint writing)
+                         val split + metrics, as the worker's loop does (no checkpoint writing)
   epoch_s, eval_img_per_s, peak_mem_gib
 Without CUDA it prints one line `skipped ...` and exits 0.
 """
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
+    ReadyInputs,
     add_common_args,
     add_size_arg,
-    bare_step_class,
     emit,
     forever,
     note,
@@ -48,8 +48,9 @@ from common import (
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
 from simpsons.dataset import load_packed, read_manifest
+from simpsons.engine import evaluate, synchronize, train_one_epoch
 from simpsons.metrics import classification_report
-from simpsons.train import TrainStep, build_components, create_scheduler, evaluate, synchronize, train_one_epoch
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_preset, create_train_step
 
 # The real sample's split sizes, used for random data when no images are at hand.
 RANDOM_TRAIN, RANDOM_VAL = 11903, 2337
@@ -79,27 +80,21 @@ def load_splits(args, stored: int, device: torch.device, share: float):
     return train, val, counts, source
 
 
-def time_steps(step, batches, steps: int, cfg, device: torch.device) -> tuple[int, float]:
-    """(images, seconds) of `steps` steps of simpsons.train.train_one_epoch, from an idle GPU to an idle GPU."""
-    synchronize(device)
-    trained = train_one_epoch(step, itertools.islice(batches, steps), 0, cfg, steps_per_epoch=steps)
+def time_steps(step, batches, steps: int, preset, seed: int) -> tuple[int, float]:
+    """(images, seconds) of `steps` steps of simpsons.engine.train_one_epoch at `preset`'s side,
+    from an idle GPU to an idle GPU."""
+    synchronize(step.device)
+    trained = train_one_epoch(step, itertools.islice(batches, steps), preset, seed, epoch=0)
     return trained.images, trained.seconds
 
 
-def run_epoch(step, train, val, cfg, device, epoch: int) -> tuple[float, float]:
-    """One epoch as simpsons.train's loop runs it -> (train + eval seconds, eval seconds)."""
-    synchronize(device)
+def run_epoch(step, train, val, plan: Plan, batch: int, epoch: int) -> tuple[float, float]:
+    """One epoch as the worker runs it, at a fixed side -> (train + eval seconds, eval seconds)."""
+    synchronize(step.device)
     started = time.perf_counter()
-    batch = cfg.optim.batch_size
-    train_one_epoch(
-        step,
-        train.train_batches(epoch, batch, cfg.train.seed),
-        epoch,
-        cfg,
-        steps_per_epoch=train.steps_per_epoch(batch),
-    )
+    train_one_epoch(step, train.train_batches(epoch, batch, plan.seed), plan.train, plan.seed, epoch)
     eval_started = time.perf_counter()
-    cm, _ = evaluate(step.model, step.criterion, val, cfg, device, len(CLASS_NAMES))
+    cm, _ = evaluate(step.model, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES))
     classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
     finished = time.perf_counter()
     return finished - started, finished - eval_started
@@ -141,7 +136,7 @@ def main(args: argparse.Namespace) -> None:
         if device.type == "cpu":
             torch.set_num_threads(1)  # on a busy machine two threads of tiny ops stall on each other
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as simpsons.train does: fixed shapes, pick the fastest kernels
+        torch.backends.cudnn.benchmark = True  # as the worker does: fixed shapes, pick the fastest kernels
         name = torch.cuda.get_device_name(device)
     else:
         name = "CPU (code-path check only)"
@@ -154,14 +149,17 @@ def main(args: argparse.Namespace) -> None:
             f"error: the train split has {len(train)} images, fewer than one batch of {args.batch}; use a smaller --batch."
         )
 
-    def make_step(step_class):
+    def make_step():
         model, criterion, optimizer = build_components(cfg, counts, device)
         if args.compile:
             model = torch.compile(model)
         scheduler = create_scheduler(optimizer, cfg, train.steps_per_epoch(args.batch))
-        return step_class(model, criterion, optimizer, scheduler, cfg, device)
+        return create_train_step(cfg, model, criterion, optimizer, scheduler)
 
-    step, bare = make_step(TrainStep), make_step(bare_step_class())
+    # Every timed step at --size: the full step's preset and the bare step's ready inputs alike.
+    step, bare = make_step(), make_step()
+    preset, ready_inputs = create_train_preset(cfg, args.size), ReadyInputs(args.size)
+    plan = Plan.of(cfg, device)
     note(
         f"bench/gpu.py on {name}, torch {torch.__version__}: {source}, {args.size} px, batch {args.batch}, "
         f"precision {cfg.train.precision} ({step.dtype}), channels_last {cfg.train.channels_last}, "
@@ -175,23 +173,23 @@ def main(args: argparse.Namespace) -> None:
     y = torch.randint(0, len(CLASS_NAMES), (args.batch,), device=device)
     ready = forever(lambda: [(x, y)])
 
-    time_steps(step, batches, args.warmup, cfg, device)
-    time_steps(bare, ready, args.warmup, cfg, device)
+    time_steps(step, batches, args.warmup, preset, cfg.train.seed)
+    time_steps(bare, ready, args.warmup, ready_inputs, cfg.train.seed)
     # Two halves each, interleaved, so drift (clocks, other jobs) falls on both alike.
     half = max(1, args.steps // 2)
     timed = {"train": [0, 0.0], "bare": [0, 0.0]}
     for _ in range(2):
-        for key, fn, source in (("train", step, batches), ("bare", bare, ready)):
-            images, seconds = time_steps(fn, source, half, cfg, device)
+        for key, fn, source, inputs in (("train", step, batches, preset), ("bare", bare, ready, ready_inputs)):
+            images, seconds = time_steps(fn, source, half, inputs, cfg.train.seed)
             timed[key][0] += images
             timed[key][1] += seconds
     train_rate, bare_rate = (images / seconds for images, seconds in timed.values())
     note(f"steps: train {train_rate:.0f} img/s, model {bare_rate:.0f} img/s")
 
-    run_epoch(step, train, val, cfg, device, 0)  # untimed: tunes the last partial batch's shapes
+    run_epoch(step, train, val, plan, args.batch, 0)  # untimed: tunes the last partial batch's shapes
     epoch_times, eval_times = [], []
     for epoch in range(1, args.epochs + 1):
-        total, in_eval = run_epoch(step, train, val, cfg, device, epoch)
+        total, in_eval = run_epoch(step, train, val, plan, args.batch, epoch)
         epoch_times.append(total)
         eval_times.append(in_eval)
         note(f"epoch {epoch}: {total:.2f} s ({in_eval:.2f} s evaluating {len(val)} images)")

@@ -5,7 +5,7 @@
 
 Weak scaling, as when nodes are added: every worker keeps the same per-worker batch and the same
 resources (train.cpus_per_worker CPUs and as many torch threads, or one GPU), so the global batch
-grows with the number of workers. Each run is the real job (simpsons.train.build_trainer(...).fit()
+grows with the number of workers. Each run is the real job (simpsons.driver.build_trainer(...).fit()
 on a packed dataset): resident data, augmentation, DDP all-reduce, per-epoch evaluation and
 checkpoint. The figure is the job's own per-epoch metric `train_img_per_s` (all workers' training
 images over the epoch's training time) of the LAST epoch, as the first includes warm-up.
@@ -67,7 +67,7 @@ def subset_dataset(tree: Path, cache: Path, stored: int, train_images: int, val_
 def run_job(cfg, dataset: str, workers: int) -> tuple[float, float]:
     """(training img/s of all workers in the last epoch, wall seconds of the fit)."""
     from simpsons.cluster import resolve_resources
-    from simpsons.train import build_trainer
+    from simpsons.driver import build_trainer
 
     cfg = resolve_resources(cfg)
     note(

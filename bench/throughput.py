@@ -13,7 +13,7 @@ processes on the machine falls on all of them alike:
                Normalize]) inside every __getitem__, DataLoader(num_workers=0), the same network in
                fp32 NCHW, its FocalLoss(gamma=1.5) and AdamW
   train        this project's step: packed uint8 images resident in memory (simpsons.data), batched
-               augmentation (simpsons.augment.train_transform), simpsons.train.TrainStep with the
+               augmentation (simpsons.augment.train_transform), simpsons.engine.TrainStep with the
                config's precision and layout (defaults: bf16 autocast, channels_last), cosine schedule
   model_step   the same TrainStep on a ready random input tensor: the cost of the network alone
 
@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
+    ReadyInputs,
     add_common_args,
     add_size_arg,
-    bare_step_class,
     emit,
     forever,
     image_tree,
@@ -57,8 +57,9 @@ from simpsons.augment import MEAN, STD
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, find_layout
 from simpsons.dataset import load_packed, read_manifest
+from simpsons.engine import train_one_epoch
 from simpsons.model import create_model
-from simpsons.train import TrainStep, build_components, create_scheduler, train_one_epoch
+from simpsons.recipe import build_components, create_scheduler, create_train_preset, create_train_step
 
 # Extra pipelines that show what each choice is worth: name -> config overrides.
 VARIANTS = {
@@ -151,7 +152,8 @@ class OriginalPipeline:
 
 
 class ProjectPipeline:
-    """One training step of simpsons.train's loop: next resident batch -> TrainStep -> running sums."""
+    """One training step of the worker's loop at data.train_size (an explicit side, whatever the
+    config's progressive resizing): next resident batch -> TrainStep -> running sums."""
 
     def __init__(
         self, cfg: Config, split: ResidentSplit, class_counts: list[int], bare: bool = False, data_only: bool = False
@@ -161,12 +163,12 @@ class ProjectPipeline:
         batch = cfg.optim.batch_size
         model, criterion, optimizer = build_components(cfg, class_counts, device)
         scheduler = create_scheduler(optimizer, cfg, split.steps_per_epoch(batch))
-        step_class = bare_step_class() if bare else TrainStep  # the preset gives the config's layout
-        self.train_step = step_class(model, criterion, optimizer, scheduler, cfg, device)
+        self.train_step = create_train_step(cfg, model, criterion, optimizer, scheduler)
+        size = cfg.data.train_size
+        self.preset = ReadyInputs(size) if bare else create_train_preset(cfg, size)
         self.steps = itertools.count()
         if bare:
-            # The input TrainStep.inputs would produce: (B, 3, T, T) float32 in the config's layout.
-            size = cfg.data.train_size
+            # The input the preset would produce: (B, 3, T, T) float32 in the config's layout.
             x = torch.randn(batch, 3, size, size)
             x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
             y = torch.randint(0, len(class_counts), (batch,))
@@ -178,10 +180,12 @@ class ProjectPipeline:
     def step(self) -> int:
         if self.data_only:
             images, labels = next(self.batches)
-            self.train_step.inputs(images, torch.Generator().manual_seed(self.cfg.train.seed))
+            self.preset(images, torch.Generator().manual_seed(self.cfg.train.seed))
             return len(labels)
         # The training loop's own function, one step at a time: its per-step bookkeeping included.
-        trained = train_one_epoch(self.train_step, itertools.islice(self.batches, 1), next(self.steps), self.cfg)
+        trained = train_one_epoch(
+            self.train_step, itertools.islice(self.batches, 1), self.preset, self.cfg.train.seed, next(self.steps)
+        )
         return trained.images
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from simpsons.cli import run_job  # noqa: E402
+from simpsons.names import CACHE_DIR  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder for metrics.json, per_class.csv, confusion.png")
     parser.add_argument(
         "--cache-dir",
-        default="~/.cache/simpsons",
+        default=CACHE_DIR,
         help="where an archive or URL is fetched and unpacked (default: %(default)s)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one, else the CPU)")

@@ -30,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_job_config(args)  # a bad config is refused before Ray is imported
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     fit(cfg)  # checks first: a run that cannot happen fails in seconds, before any data is prepared
 

@@ -5,12 +5,11 @@ resized crop (area fraction in `scale`, aspect ratio in [3/4, 4/3]), a horizonta
 rotation, all folded into one (2, 3) affine matrix so the whole batch is a single
 `grid_sample` to the output size. Evaluation resizes the full image with antialiasing.
 
-The training loop and inference use presets built once from the config (torchvision's
-references/classification/presets.py shape), then called per batch:
+The training loop and inference use presets (torchvision's references/classification/presets.py
+shape), built from the config by simpsons.recipe, then called per batch:
 
-    train_inputs = create_train_preset(cfg)    # cfg.data + cfg.train.channels_last, read once
-    x = train_inputs(images, generator)       # (B, S, S, 3) uint8 -> (B, 3, T, T) float32
-    x = create_eval_preset(cfg)(images)       # the whole image resized, no randomness
+    x = train_preset(images, generator)       # (B, S, S, 3) uint8 -> (B, 3, T, T) float32
+    x = eval_preset(images)                   # the whole image resized, no randomness
 
 Outputs are in the layout the config asks for: channels_last memory, or contiguous NCHW.
 """
@@ -19,13 +18,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from simpsons.config import Config
 
 # ImageNet statistics, as the original project normalised with.
 MEAN = (0.485, 0.456, 0.406)
@@ -96,9 +91,9 @@ def _layout(channels_last: bool) -> torch.memory_format:
 def train_transform(
     images: torch.Tensor,
     out_size: int,
-    scale=(0.6, 1.0),
-    rotate_deg: float = 15.0,
-    hflip: bool = True,
+    scale: tuple[float, float],
+    rotate_deg: float,
+    hflip: bool,
     generator: torch.Generator | None = None,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     channels_last: bool = True,
@@ -120,7 +115,7 @@ def eval_transform(images: torch.Tensor, out_size: int, channels_last: bool = Tr
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: the config read once
+# Presets: the settings read once (simpsons.recipe builds them from a config)
 
 
 @dataclass(frozen=True)
@@ -128,7 +123,7 @@ class EvalPreset:
     """Evaluation and inference inputs: (B, S, S, 3) uint8 -> (B, 3, T, T) float32, the whole image resized."""
 
     train_size: int  # T, the side (px) the network sees
-    channels_last: bool = True  # output memory layout: channels_last, or contiguous NCHW
+    channels_last: bool  # output memory layout: channels_last, or contiguous NCHW
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return eval_transform(images, self.train_size, self.channels_last)
@@ -140,11 +135,11 @@ class TrainPreset:
     rotated with `generator` (or, with augment off, resized as in evaluation)."""
 
     train_size: int  # T, the side (px) the network sees
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # crop area as a fraction of the stored image
-    rotate_deg: float = 15.0  # rotation uniform in [-rotate_deg, rotate_deg]
-    hflip: bool = True  # horizontal flip with probability 0.5
-    augment: bool = True  # False: no randomness at all (the original project's recipe)
-    channels_last: bool = True  # output memory layout: channels_last, or contiguous NCHW
+    crop_scale: tuple[float, float]  # crop area as a fraction of the stored image
+    rotate_deg: float  # rotation uniform in [-rotate_deg, rotate_deg]
+    hflip: bool  # horizontal flip with probability 0.5
+    augment: bool  # False: no randomness at all (the original project's recipe)
+    channels_last: bool  # output memory layout: channels_last, or contiguous NCHW
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if not self.augment:
@@ -158,32 +153,3 @@ class TrainPreset:
             generator,
             channels_last=self.channels_last,
         )
-
-
-def train_size_at(cfg: Config, epoch: int) -> int:
-    """The side (px) epoch `epoch` (0-based) of cfg.optim.epochs trains at: data.train_size, or with
-    data.resize_from < 1 the progressive-resizing schedule (resize_from x train_size, a linear
-    ramp over the data.resize_ramp fraction of the run in multiples of 8, then train_size)."""
-    d = cfg.data
-    smallest = min(d.train_size, max(16, 8 * round(d.resize_from * d.train_size / 8)))
-    progress = epoch / max(1, cfg.optim.epochs - 1)
-    start, end = d.resize_ramp
-    if d.resize_from >= 1 or progress >= end:
-        return d.train_size
-    if progress <= start:
-        return smallest
-    size = smallest + (progress - start) / (end - start) * (d.train_size - smallest)
-    return min(d.train_size, 8 * round(size / 8))
-
-
-def create_train_preset(cfg: Config, epoch: int | None = None) -> TrainPreset:
-    """The training preset of a simpsons.config.Config (its data section and train.channels_last),
-    at data.train_size or, given an epoch, at that epoch's side (train_size_at)."""
-    d = cfg.data
-    size = d.train_size if epoch is None else train_size_at(cfg, epoch)
-    return TrainPreset(size, tuple(d.crop_scale), d.rotate, d.hflip, d.augment, cfg.train.channels_last)
-
-
-def create_eval_preset(cfg: Config) -> EvalPreset:
-    """The evaluation preset of a simpsons.config.Config (data.train_size and train.channels_last)."""
-    return EvalPreset(cfg.data.train_size, cfg.train.channels_last)

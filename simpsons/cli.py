@@ -1,14 +1,21 @@
-"""What every job in jobs/ shares: config from arguments, dataset resolution, clean error exits."""
+"""What every job in jobs/ shares: arguments, the config they make, and clean error exits.
+
+Job plumbing only: the library never imports this module.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from simpsons.cluster import CapacityError
 from simpsons.config import Config, ConfigError, load_config
+from simpsons.data import DataError
+from simpsons.logs import configure_logging
+from simpsons.sources import SourceError
+from simpsons.storage import StorageError
 
 
 def job_overrides(args: argparse.Namespace) -> list[str]:
@@ -48,57 +55,9 @@ def load_job_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, job_overrides(args))
 
 
-def resolve_dataset(cfg: Config) -> str:
-    """The packed dataset the run trains on: `data.uri`, or `data.source` prepared into the cache."""
-    if cfg.data.uri:
-        return cfg.data.uri
-    from simpsons.prepare import cached_pack
-    from simpsons.sources import fetch_source
-
-    d = cfg.data
-    tree = fetch_source(d.source, d.cache_dir, max_image_bytes=d.max_image_bytes)
-    return str(cached_pack(tree, d.cache_dir, d.stored_size, d.pack_workers, d.classes, d.max_image_bytes))
-
-
-def check_inputs(cfg: Config, dataset_uri: str | None = None) -> None:
-    """What a job can refuse in seconds, before Ray starts and data is prepared: the run's storage
-    (reachable, bucket exists, writable), the MLflow tracking server (with run.tracking_uri set) and
-    a raw data source that cannot exist (when neither `dataset_uri` nor data.uri names a packed dataset)."""
-    from simpsons import tracking
-    from simpsons.sources import check_source
-    from simpsons.storage import check_writable
-
-    check_writable(cfg.run.storage, cfg.run.s3_endpoint)
-    tracking.check(cfg)
-    if not (dataset_uri or cfg.data.uri):
-        check_source(cfg.data.source)
-
-
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user: printed as one sentence, no traceback."""
-    from simpsons.cluster import CapacityError
-    from simpsons.data import DataError
-    from simpsons.sources import SourceError
-    from simpsons.storage import StorageError
-
     return (ConfigError, CapacityError, DataError, SourceError, StorageError)
-
-
-def configure_logging(stream: TextIO | None = None) -> None:
-    """The library logs, jobs print: messages of `simpsons.*` loggers go to `stream` (default
-    stdout) as plain lines at INFO; other libraries' records keep the usual timestamped format.
-
-    Benchmarks pass sys.stderr so that their stdout holds only figures.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger = logging.getLogger("simpsons")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def run_job(

@@ -19,7 +19,7 @@ import ray
 import yaml
 
 from simpsons import kuberay, ray_internals, storage
-from simpsons.config import NOT_PATHS, Config, ConfigError, from_dict, is_relative_path, resolve_paths, to_dict
+from simpsons.config import NOT_PATHS, Config, ConfigError, from_dict, is_relative_path, to_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -189,9 +189,14 @@ def autoscaler_state() -> dict[str, dict[str, int]] | None:
     return {"pending": by_type(status.pending_launches), "failed": by_type(status.failed_launches)}
 
 
-def resolve_resources(cfg: Config, capacity: ClusterCapacity | None = None) -> Config:
+def resolve_resources(
+    cfg: Config, capacity: ClusterCapacity | None = None, runs_at_once: int = 1, driver_cpus: float = 0.0
+) -> Config:
     """Fill in train.use_gpu="auto" and cpus_per_worker=0 from the Ray cluster, and refuse a
-    placement the cluster can never satisfy (Ray Train would otherwise wait for capacity)."""
+    placement the cluster can never satisfy (Ray Train would otherwise wait for capacity).
+
+    cpus_per_worker=0 shares the cluster's CPUs evenly between the workers of the `runs_at_once`
+    runs that train at once (a sweep's concurrent trials), less `driver_cpus` for each run's driver."""
     cfg = from_dict(to_dict(cfg))
     capacity = capacity or cluster_capacity()
     if cfg.train.use_gpu == "auto":
@@ -199,8 +204,8 @@ def resolve_resources(cfg: Config, capacity: ClusterCapacity | None = None) -> C
         # types decide, or "auto" would quietly train on the GPU nodes' CPUs.
         cfg.train.use_gpu = capacity.has("GPU")
     if not cfg.train.cpus_per_worker:
-        cpus = sum(node.get("CPU", 0) for node in capacity.nodes)
-        cfg.train.cpus_per_worker = float(max(1, int(cpus // cfg.train.workers)))
+        cpus = sum(node.get("CPU", 0) for node in capacity.nodes) - runs_at_once * driver_cpus
+        cfg.train.cpus_per_worker = float(max(1, int(cpus // (cfg.train.workers * runs_at_once))))
     bundle = worker_resources(cfg)
     asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
     if capacity.unknown_types:
@@ -405,25 +410,3 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
             f"No Ray cluster answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start it "
             f"(ray start --head) or unset RAY_ADDRESS to run on a local Ray instance."
         ) from None
-
-
-def prepare_run(cfg: Config, dataset_uri: str | None = None) -> Config:
-    """The driver's checks, each once, before data is prepared and anything travels to a worker.
-
-    First what is refused in seconds without Ray: the run's storage (reachable, bucket exists,
-    writable: said now, not by Ray's controller an epoch later) and a raw data source that cannot
-    exist. Then, joined to the Ray cluster (or a local one started): paths made absolute, local
-    folders refused on a multi-node cluster, resources resolved and the placement shown possible.
-    `dataset_uri` defaults to data.uri (empty: prepared from data.source into the local cache).
-    """
-    from simpsons import tracking
-    from simpsons.cli import check_inputs
-
-    check_output_paths(cfg)
-    cfg = tracking.resolve(cfg)  # MLFLOW_TRACKING_URI and the experiment's default, settled on the driver
-    check_inputs(cfg, dataset_uri)
-    init_ray()
-    cfg = resolve_paths(cfg)
-    capacity = cluster_capacity()
-    check_storage_reach(cfg, cfg.data.uri if dataset_uri is None else dataset_uri, capacity)
-    return resolve_resources(cfg, capacity)

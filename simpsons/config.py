@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import yaml
 
 from simpsons.archive import MAX_FILE_BYTES
+from simpsons.names import ARCHS, CACHE_DIR, CLASS_NAMES, RESIDUAL_ARCHS, STORED_SIZE
 
 # The original project's published Google Drive folder; it holds `dataset.tar.xz`.
 DRIVE_FOLDER_URL = "https://drive.google.com/drive/folders/10ET4wN898yG2oiRshYxTH95p-Dpoor1S"
@@ -47,9 +48,9 @@ class DataConfig:
     # A packed dataset (folder with manifest.json): local path or s3://bucket/.../<name>/<version>.
     uri: str = ""
     # Node-local cache for downloads, unpacked archives and packed datasets.
-    cache_dir: str = "~/.cache/simpsons"
+    cache_dir: str = CACHE_DIR
     # Side (px) of the square uint8 images stored by `pack`; training crops from these.
-    stored_size: int = 144
+    stored_size: int = STORED_SIZE
     # Side (px) of the images the network sees in training and evaluation.
     train_size: int = 128
     # Progressive resizing (FFCV's ImageNet recipe): epochs before the first `resize_ramp` fraction
@@ -76,7 +77,7 @@ class DataConfig:
     # Class names in label order: a list (default: the original project's 42 characters) or
     # "auto" (the source tree's class folders, sorted). The packed dataset and every checkpoint
     # carry the list, so evaluation and prediction never depend on this setting.
-    classes: Any = field(default_factory=lambda: list(_default_classes()))
+    classes: Any = field(default_factory=lambda: list(CLASS_NAMES))
     # Largest image file (bytes) that is unpacked or read; a larger archive member or file is
     # left out unread and listed in report.json. Real photos are under 1 MB.
     max_image_bytes: int = MAX_FILE_BYTES
@@ -327,11 +328,6 @@ class Config:
 
     def validate(self) -> Config:
         _choice("model.head", self.model.head, CLASSIFIER_HEADS)
-        from simpsons.model import (  # torch and torchvision: imported only when a config is checked
-            ARCHS,
-            RESIDUAL_ARCHS,
-        )
-
         _choice("model.arch", self.model.arch, ARCHS)
         if self.model.zero_init_residual and self.model.arch not in RESIDUAL_ARCHS:
             raise ConfigError(
@@ -457,12 +453,6 @@ def _check_classes(classes: Any) -> None:
     twice = sorted({c for c in classes if classes.count(c) > 1})
     if twice:
         raise ConfigError(f"data.classes names {', '.join(twice)} more than once; list each class once.")
-
-
-def _default_classes() -> tuple[str, ...]:
-    from simpsons.data import CLASS_NAMES
-
-    return CLASS_NAMES
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:

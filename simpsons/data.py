@@ -27,21 +27,9 @@ from tqdm import tqdm
 
 from simpsons.archive import UNREAD_LIST
 from simpsons.files import sha256_hex
+from simpsons.names import CLASS_NAMES
 
 _logger = logging.getLogger(__name__)
-
-CLASS_NAMES = (
-    "abraham_grampa_simpson", "agnes_skinner", "apu_nahasapeemapetilon", "barney_gumble",
-    "bart_simpson", "carl_carlson", "charles_montgomery_burns", "chief_wiggum", "cletus_spuckler",
-    "comic_book_guy", "disco_stu", "edna_krabappel", "fat_tony", "gil", "groundskeeper_willie",
-    "homer_simpson", "kent_brockman", "krusty_the_clown", "lenny_leonard", "lionel_hutz",
-    "lisa_simpson", "maggie_simpson", "marge_simpson", "martin_prince", "mayor_quimby",
-    "milhouse_van_houten", "miss_hoover", "moe_szyslak", "ned_flanders", "nelson_muntz",
-    "otto_mann", "patty_bouvier", "principal_skinner", "professor_john_frink",
-    "rainier_wolfcastle", "ralph_wiggum", "selma_bouvier", "sideshow_bob", "sideshow_mel",
-    "snake_jailbird", "troy_mcclure", "waylon_smithers",
-)  # fmt: skip
-assert list(CLASS_NAMES) == sorted(CLASS_NAMES) and len(CLASS_NAMES) == 42
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLIT_NAMES = ("train", "val", "testset")

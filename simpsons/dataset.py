@@ -26,6 +26,7 @@ import numpy as np
 from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, PackedSplit, class_counts
 from simpsons.files import cache_key, file_sha256, process_alive, sha256_hex, write_atomic
+from simpsons.names import CACHE_DIR
 from simpsons.storage import StorageError
 
 _logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _remote_manifest_bytes(uri: str, endpoint: str) -> bytes:
     return raw
 
 
-def local_dataset_dir(uri: str, cache_dir: str = "~/.cache/simpsons", endpoint: str = "") -> Path:
+def local_dataset_dir(uri: str, cache_dir: str = CACHE_DIR, endpoint: str = "") -> Path:
     """A local folder holding the packed dataset at `uri` (local folders are used in place).
 
     For s3:// the packed arrays are downloaded once per node into `cache_dir/datasets/<key>/`,

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simpsons.augment import EvalPreset, create_eval_preset
+from simpsons.augment import EvalPreset
 from simpsons.config import Config
 from simpsons.data import DataError
 from simpsons.model import classify
+from simpsons.recipe import create_eval_preset
 
 MODEL_FILE = "model.pt2"
 METADATA = "simpsons.json"

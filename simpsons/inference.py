@@ -12,7 +12,7 @@ import torch
 
 from simpsons import checkpoint
 from simpsons.archive import MAX_FILE_BYTES
-from simpsons.augment import EvalPreset, create_eval_preset
+from simpsons.augment import EvalPreset
 from simpsons.checkpoint import CHECKPOINT_FILE, checkpoint_file
 from simpsons.config import Config, ConfigError, from_dict
 from simpsons.data import (
@@ -28,6 +28,8 @@ from simpsons.deploy import MODEL_FILE, is_exported, load_exported
 from simpsons.files import file_sha256
 from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model
+from simpsons.names import CACHE_DIR
+from simpsons.recipe import create_eval_preset
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -95,7 +97,7 @@ def evaluate_folder(
     split: str | None = None,
     workers: int = 0,
     device: str | None = None,
-    cache_dir: str = "~/.cache/simpsons",
+    cache_dir: str = CACHE_DIR,
 ) -> tuple[dict, np.ndarray, list[dict]]:
     """(report, confusion matrix, files left out) for labelled images.
 

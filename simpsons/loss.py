@@ -46,7 +46,7 @@ def resolve_alpha(alpha, class_counts: Sequence[int], power: float = 0.5) -> lis
 
 
 class FocalLoss(nn.Module):
-    def __init__(self, alpha: float | Sequence[float] | None = None, gamma: float = 2.0, label_smoothing: float = 0.0):
+    def __init__(self, alpha: float | Sequence[float] | None, gamma: float, label_smoothing: float):
         super().__init__()
         if gamma < 0:
             raise ValueError(f"focal gamma must be >= 0, not {gamma}.")

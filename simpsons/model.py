@@ -17,18 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-# The module holding each architecture's classifier: the part that is new when weights trained on
-# other classes are loaded (and that fine-tuning trains at the full learning rate).
-HEADS = {
-    "original": "fc",
-    "resnet18": "fc",
-    "resnet50": "fc",
-    "efficientnet_b0": "classifier",
-    "convnext_tiny": "classifier",
-    "mobilenet_v3_large": "classifier",
-}
-ARCHS = tuple(HEADS)
-RESIDUAL_ARCHS = ("original", "resnet18", "resnet50")  # what model.zero_init_residual applies to
+from simpsons.names import ARCHS, HEADS
 
 
 class ResidualBlock(nn.Module):
@@ -58,7 +47,7 @@ class ResidualBlock(nn.Module):
 
 
 class SimpsonsNet(nn.Module):
-    def __init__(self, num_classes: int = 42, head: str = "original", dropout: float = 0.5):
+    def __init__(self, num_classes: int, head: str, dropout: float):
         super().__init__()
         self.conv1 = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=5, stride=2, padding=3),
@@ -90,9 +79,9 @@ class SimpsonsNet(nn.Module):
         return self.fc(x)
 
 
-def create_model(num_classes: int, head: str = "original", dropout: float = 0.5, arch: str = "original") -> nn.Module:
+def create_model(num_classes: int, head: str = "original", dropout: float = 0.2, arch: str = "original") -> nn.Module:
     """A freshly initialised network; `head` and `dropout` shape the original network's classifier
-    (torchvision architectures keep their own)."""
+    (torchvision architectures keep their own). The defaults are the config's (simpsons.config.ModelConfig)."""
     if arch == "original":
         return SimpsonsNet(num_classes=num_classes, head=head, dropout=dropout)
     if arch not in HEADS:

@@ -50,6 +50,7 @@ from simpsons.data import (
 )
 from simpsons.dataset import MANIFEST, REPORT, read_manifest, write_packed
 from simpsons.files import cache_key, file_sha256, sha256_files, sha256_hex
+from simpsons.names import CACHE_DIR, STORED_SIZE
 
 _logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def _subset(split: PackedSplit, index: np.ndarray) -> PackedSplit:
 def build_dataset(
     tree: Tree,
     out_dir: str | Path,
-    stored_size: int = 144,
+    stored_size: int = STORED_SIZE,
     workers: int = 0,
     val_fraction: float = 0.15,
     seed: int = 0,
@@ -399,7 +400,7 @@ def pack_tree(
 def cached_pack(
     root: str | Path,
     cache_dir: str | Path,
-    stored_size: int = 144,
+    stored_size: int = STORED_SIZE,
     workers: int = 0,
     class_names: Sequence[str] | str = CLASS_NAMES,
     max_bytes: int = MAX_FILE_BYTES,
@@ -436,9 +437,9 @@ def prepare_dataset(
     dest: str,
     name: str = "simpsons",
     version: str = "v1",
-    stored_size: int = 144,
+    stored_size: int = STORED_SIZE,
     workers: int = 0,
-    cache_dir: str = "~/.cache/simpsons",
+    cache_dir: str = CACHE_DIR,
     endpoint: str = "",
     val_fraction: float = 0.15,
     seed: int = 0,

@@ -25,6 +25,7 @@ from simpsons.config import Config, save_config
 from simpsons.deploy import MODEL_FILE, export_model
 from simpsons.inference import load_checkpoint
 from simpsons.metrics import per_class_csv, plot_confusion
+from simpsons.names import SCORE
 
 _logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
         [
             ("loss", ("train_loss", "val_loss")),
             ("accuracy", ("train_acc", "val_acc")),
-            ("validation macro-F1", ("val_macro_f1",)),
+            ("validation macro-F1", (SCORE,)),
         ],
     ):
         for key in keys:

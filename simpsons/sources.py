@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from simpsons.archive import MAX_FILE_BYTES, ArchiveError, is_archive, safe_extract
 from simpsons.files import cache_key, file_sha256
+from simpsons.names import CACHE_DIR
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class SourceError(ValueError):
 
 def fetch_source(
     source: str | Path,
-    cache_dir: str | Path = "~/.cache/simpsons",
+    cache_dir: str | Path = CACHE_DIR,
     sha256: str = "",
     max_image_bytes: int = MAX_FILE_BYTES,
 ) -> Path:

@@ -24,7 +24,7 @@ import yaml
 from simpsons import storage
 from simpsons.checkpoint import read_metrics
 from simpsons.config import Config, to_dict
-from simpsons.train import SCORE
+from simpsons.names import SCORE
 
 _logger = logging.getLogger(__name__)
 

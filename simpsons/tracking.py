@@ -32,13 +32,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from simpsons.config import Config, ConfigError, to_dict, with_overrides
+from simpsons.names import SCORE
 
 _logger = logging.getLogger(__name__)
 
 RUN_TAG = "simpsons.run"  # <run.storage>/<run.name>: finds a run's MLflow run again after a restart
 SWEEP_TAG = "simpsons.sweep"  # <run.storage>/<tune.name>: the same for a sweep's parent run
 TRIAL_STATUS_TAG = "simpsons.trial_status"  # completed / stopped early (by ASHA) / error
-SCORE = "val_macro_f1"  # an epoch is in MLflow when this metric has its step (one log_batch holds all)
 NOT_METRICS = ("epoch", "resumed")  # entries of an epoch's figures that are no metric
 SKIPPED_ARTIFACTS = ("checkpoint.pt",)  # stays in run storage (tagged simpsons.best_uri): tens of MB
 REQUEST_TIMEOUT_S = "20"  # one HTTP request to the server

@@ -3,7 +3,7 @@
     sweep settings   the `tune:` section of the config (`simpsons.config.SweepConfig`, loaded
                      with the training sections by `simpsons.config.load_sweep`) + `--set tune.x=...`
     a trial          `run_trial`: the base config with the sampled values applied, fitted by the
-                     same TorchTrainer as a single run (`simpsons.train.run_trainer`); a
+                     same TorchTrainer as a single run (`simpsons.driver.run_trainer`); a
                      TuneReportCallback hands every epoch's metrics to Tune, so ASHA can stop it
     the end          `simpsons.sweep_report`: trials.csv, trials.png and the best trial's best
                      checkpoint reported exactly like a single run (`simpsons.report.write_best`)
@@ -28,10 +28,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from simpsons import storage, tracking
-from simpsons.cluster import absolute_dataset_uri, prepare_run
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
+from simpsons.driver import prepare_run, ready_dataset, run_trainer
+from simpsons.names import MID_EPOCH, SCORE
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
-from simpsons.train import MID_EPOCH, SCORE, run_trainer
 
 _logger = logging.getLogger(__name__)
 
@@ -151,14 +151,12 @@ def trial_driver_resources(sweep: SweepConfig) -> dict[str, float]:
 def resolve_sweep_resources(cfg: Config, dataset_uri: str | None = None) -> tuple[Config, int]:
     """(cfg with paths and resources settled and checked, trials that run at once).
 
-    Runs the driver's checks and joins the Ray cluster (`simpsons.cluster.prepare_run`). A sweep shares the cluster between
-    trials, so an unset train.cpus_per_worker means 1 (not the single-run default of every CPU),
-    and 0 concurrent trials means as many as fit.
+    Runs the driver's checks and joins the Ray cluster (`simpsons.driver.prepare_run`); an unset
+    train.cpus_per_worker shares the CPUs between the workers of tune.max_concurrent_trials trials
+    (one when 0), and 0 concurrent trials means as many as fit.
     """
-    if not cfg.train.cpus_per_worker:
-        cfg = with_overrides(cfg, {"train.cpus_per_worker": 1.0})
-    cfg = prepare_run(cfg, dataset_uri)
     sweep = cfg.tune
+    cfg = prepare_run(cfg, dataset_uri, max(1, sweep.max_concurrent_trials), driver_cpus=sweep.trial_cpus)
     if sweep.max_concurrent_trials:
         return cfg, sweep.max_concurrent_trials
     available = ray.cluster_resources()
@@ -210,7 +208,7 @@ def create_searcher(sweep: SweepConfig, max_concurrent: int = 0):
 
 def create_trial_scheduler(cfg: Config):
     """ASHA on the epoch count (tune.scheduler=asha), or None for Tune's FIFO. (Not the LR schedule:
-    that is `simpsons.train.create_scheduler`.) `check_sweep` has checked grace_period <= epochs."""
+    that is `simpsons.recipe.create_scheduler`.) `check_sweep` has checked grace_period <= epochs."""
     if cfg.tune.scheduler == "fifo":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -231,12 +229,10 @@ def run_sweep(cfg: Config, dataset_uri: str | None = None, resume: bool = False)
     the placement before any data is prepared; `dataset_uri` defaults to data.uri, or data.source
     prepared into the local cache.
     """
-    from simpsons.cli import resolve_dataset
-
     sweep = cfg.tune
     # prepare_run's checks, Ray, the placement; the MLflow experiment defaults to the sweep's name
     cfg, concurrent = resolve_sweep_resources(tracking.for_sweep(cfg), dataset_uri)
-    dataset_uri = absolute_dataset_uri(dataset_uri or resolve_dataset(cfg))  # trials run in folders of their own
+    dataset_uri = ready_dataset(cfg, dataset_uri)  # an absolute path: trials run in folders of their own
     sweep_uri = storage.join(cfg.run.storage, sweep.name)
     fs, root = storage.pyarrow_filesystem(cfg.run.storage, cfg.run.s3_endpoint)
     experiment_path = posixpath.join(root, sweep.name)

@@ -18,7 +18,7 @@ from simpsons.augment import MEAN, STD
 from simpsons.config import load_config
 from simpsons.data import DataError
 from simpsons.model import ARCHS, create_model, is_head
-from simpsons.train import build_components
+from simpsons.recipe import build_components
 from simpsons.weights import load_weights
 
 

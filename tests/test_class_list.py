@@ -9,16 +9,16 @@ import torch
 from job_scripts import run_job
 from synthetic import make_image_tree
 
-from simpsons.cli import resolve_dataset
 from simpsons.config import load_config
 from simpsons.dataset import read_manifest
+from simpsons.driver import ready_dataset
 
 pytestmark = pytest.mark.slow
 INVENTED = ("zz_plopper", "aa_spider_pig", "mm_poochie")  # none of the 42; sorted: aa_, mm_, zz_
 
 
 def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster, tmp_path):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     src = make_image_tree(tmp_path / "src", classes=INVENTED, per_split={"train": 30, "val": 8}, size=40)
     cfg = load_config(
@@ -43,7 +43,7 @@ def test_training_and_prediction_on_a_tree_of_three_invented_classes(ray_cluster
             "run.name=invented",
         ],
     )
-    dataset = resolve_dataset(cfg)
+    dataset = ready_dataset(cfg)
     names = sorted(INVENTED)
     assert read_manifest(dataset)["class_names"] == names
     report = fit(cfg, dataset)

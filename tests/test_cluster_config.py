@@ -367,7 +367,7 @@ def test_dockerignore_sends_exactly_what_the_dockerfile_copies():
     # The real checkout, whatever runs, caches or .venv it holds now.
     sent = build_context(ROOT)
     assert {path.split("/")[0] for path in sent} == COPIED | ALWAYS_SENT
-    for source in ("simpsons/train.py", "jobs/train.py", "configs/cluster.yaml"):
+    for source in ("simpsons/driver.py", "jobs/train.py", "configs/cluster.yaml"):
         assert source in sent, f"the Dockerfile copies {source}; .dockerignore leaves it out"
 
 

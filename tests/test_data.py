@@ -6,11 +6,12 @@ import torch
 from PIL import Image
 from synthetic import make_image_tree
 
-from simpsons.augment import MEAN, STD, create_eval_preset, create_train_preset, eval_transform, train_transform
+from simpsons.augment import MEAN, STD, eval_transform, train_transform
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, DataError, ResidentSplit, data_placement, find_layout, pack_split, scan_split
 from simpsons.dataset import load_packed, read_manifest
 from simpsons.prepare import pack_tree
+from simpsons.recipe import create_eval_preset, create_train_preset
 
 
 def test_labels_come_from_the_fixed_class_list(image_tree):
@@ -117,9 +118,7 @@ def test_placement_keeps_data_on_the_gpu_only_within_its_share(monkeypatch):
 def test_augmentation_shapes_ranges_and_determinism():
     rng = np.random.default_rng(0)
     images = torch.as_tensor(rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8))
-    x = train_transform(images, 32, generator=torch.Generator().manual_seed(5))
-    y = train_transform(images, 32, generator=torch.Generator().manual_seed(5))
-    z = train_transform(images, 32, generator=torch.Generator().manual_seed(6))
+    x, y, z = (train_transform(images, 32, (0.6, 1.0), 15.0, True, torch.Generator().manual_seed(s)) for s in (5, 5, 6))
     assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, y) and not torch.equal(x, z)

@@ -13,13 +13,13 @@ import torch
 from job_scripts import run_job
 from synthetic import CLASSES, make_image_tree
 
-from simpsons.augment import create_eval_preset
 from simpsons.checkpoint import FORMAT, save
 from simpsons.config import load_config, to_dict
 from simpsons.data import DataError, load_image
 from simpsons.deploy import EXPORT_ATOL, export_model, load_exported
 from simpsons.inference import load_checkpoint, predict_proba
 from simpsons.model import create_model
+from simpsons.recipe import create_eval_preset
 
 
 def trained_checkpoint(folder: Path, *overrides: str) -> Path:

@@ -144,7 +144,7 @@ def test_ray_train_gives_up_on_a_worker_group_that_never_starts(ray_cluster, pac
     import ray.train
 
     from simpsons.cluster import START_TIMEOUT_VARIABLE, CapacityError, capacity_error
-    from simpsons.train import build_trainer
+    from simpsons.driver import build_trainer
 
     monkeypatch.delenv(START_TIMEOUT_VARIABLE, raising=False)  # build_trainer sets it: restored after
     cfg = load_config(

@@ -21,7 +21,8 @@ from simpsons.checkpoint import restore, training_state
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
 from simpsons.dataset import load_packed
-from simpsons.train import TrainStep, amp_dtype, build_components, create_scheduler, train_one_epoch
+from simpsons.engine import amp_dtype, train_one_epoch
+from simpsons.recipe import build_components, create_scheduler, create_train_preset, create_train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,10 +55,13 @@ def _cfg(*overrides: str):
     return load_config(None, ["data.stored_size=144", "data.train_size=128", "optim.batch_size=128", *overrides])
 
 
+PRESET = create_train_preset(_cfg())  # every step here at 128 px
+
+
 def _components(cfg, labels: np.ndarray):
     counts = np.bincount(labels, minlength=len(CLASS_NAMES)).tolist()
     model, criterion, optimizer = build_components(cfg, counts, CUDA)
-    return TrainStep(model, criterion, optimizer, create_scheduler(optimizer, cfg, 10), cfg, CUDA)
+    return create_train_step(cfg, model, criterion, optimizer, create_scheduler(optimizer, cfg, 10))
 
 
 def _random_arrays(n: int = 512, size: int = 144):
@@ -74,22 +78,24 @@ def test_precision_choice_on_this_gpu():
     assert step.dtype == expected and step.scaler.is_enabled() == (expected == torch.float16)
     split = ResidentSplit(images, labels, device=CUDA)
     losses = [
-        float(step(x, y, torch.Generator(device=CUDA).manual_seed(0))[0]) for x, y in split.train_batches(0, 128, 0)
+        float(step(x, y, PRESET, torch.Generator(device=CUDA).manual_seed(0))[0])
+        for x, y in split.train_batches(0, 128, 0)
     ]
     assert all(np.isfinite(losses))
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.999])
 @pytest.mark.parametrize("precision", ["auto", "fp16"])
 @pytest.mark.parametrize("on_device", [True, False])
-def test_training_step_never_waits_for_the_gpu(precision, on_device):
+def test_training_step_never_waits_for_the_gpu(precision, on_device, ema):
     torch.backends.cudnn.benchmark = True
     images, labels = _random_arrays()
     split = ResidentSplit(images, labels, device=CUDA, on_device=on_device)
-    step = _components(_cfg(f"train.precision={precision}"), labels)
+    step = _components(_cfg(f"train.precision={precision}", f"optim.ema_decay={ema}"), labels)
     generator = torch.Generator(device=CUDA).manual_seed(0)
     batches = split.train_batches(0, 128, seed=0)
     for _ in range(2):  # warm-up: cudnn.benchmark's tuning, normalize's constants, the scaler's state
-        step(*next(batches), generator)
+        step(*next(batches), PRESET, generator)
     torch.cuda.synchronize()
 
     def unsynced(batches):  # the batch gathers and train_one_epoch's steps and sums, not its end-of-epoch read
@@ -99,7 +105,7 @@ def test_training_step_never_waits_for_the_gpu(precision, on_device):
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    stats = train_one_epoch(step, unsynced(batches), 0, step.cfg)
+    stats = train_one_epoch(step, unsynced(batches), PRESET, seed=0, epoch=0)
     assert stats.images == 256 and math.isfinite(stats.loss)
 
 
@@ -128,7 +134,7 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
     resumed = _components(_cfg("train.precision=fp16", "train.channels_last=false"), labels)
     assert resumed.optimizer.defaults["fused"]
     restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
-    losses = [float(resumed(x, y, generator)[0]) for x, y in split.train_batches(1, 128, 0)]
+    losses = [float(resumed(x, y, PRESET, generator)[0]) for x, y in split.train_batches(1, 128, 0)]
     assert all(np.isfinite(losses))
 
 
@@ -136,8 +142,8 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
 def test_ray_train_on_the_real_sample_resumes_then_evaluates_and_predicts_on_the_gpu(
     ray_cluster, real_sample, tmp_path
 ):
+    from simpsons.driver import fit
     from simpsons.inference import evaluate_folder, load_checkpoint, predict_files
-    from simpsons.train import fit
 
     tree, dataset = real_sample
     overrides = [

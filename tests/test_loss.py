@@ -12,7 +12,9 @@ def _batch(seed=0, n=64, c=42):
 
 def test_gamma_zero_alpha_one_is_cross_entropy():
     logits, targets = _batch()
-    torch.testing.assert_close(FocalLoss(alpha=None, gamma=0.0)(logits, targets), F.cross_entropy(logits, targets))
+    torch.testing.assert_close(
+        FocalLoss(alpha=None, gamma=0.0, label_smoothing=0.0)(logits, targets), F.cross_entropy(logits, targets)
+    )
 
 
 def test_gamma_zero_with_label_smoothing_is_smoothed_cross_entropy():
@@ -25,7 +27,9 @@ def test_focal_term_down_weights_easy_examples():
     targets = torch.tensor([0, 0])
     logits = torch.tensor([[6.0, 0.0, 0.0], [0.5, 0.0, 0.0]])  # one easy, one hard example
     ce = F.cross_entropy(logits, targets, reduction="none")
-    fl = torch.stack([FocalLoss(gamma=2.0)(logits[i : i + 1], targets[i : i + 1]) for i in range(2)])
+    fl = torch.stack(
+        [FocalLoss(alpha=None, gamma=2.0, label_smoothing=0.0)(logits[i : i + 1], targets[i : i + 1]) for i in range(2)]
+    )
     ratio = fl / ce
     # p_t = 0.995 for the easy one: (1 - p_t)^2 ~ 2.5e-5; the hard one keeps a large share of its loss.
     assert ratio[0] < 1e-3 < 0.1 < ratio[1] < 1
@@ -37,12 +41,14 @@ def test_per_class_alpha_weights_each_target():
     targets = targets % 3
     alpha = [1.0, 2.0, 0.5]
     per_example = F.cross_entropy(logits, targets, reduction="none") * torch.tensor(alpha)[targets]
-    torch.testing.assert_close(FocalLoss(alpha=alpha, gamma=0.0)(logits, targets), per_example.mean())
+    torch.testing.assert_close(
+        FocalLoss(alpha=alpha, gamma=0.0, label_smoothing=0.0)(logits, targets), per_example.mean()
+    )
 
 
 def test_stable_in_bf16_logits():
     logits = torch.tensor([[80.0, -80.0]], dtype=torch.bfloat16)
-    loss = FocalLoss(gamma=2.0)(logits, torch.tensor([1]))
+    loss = FocalLoss(alpha=None, gamma=2.0, label_smoothing=0.0)(logits, torch.tensor([1]))
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss > 100
 
 

@@ -80,7 +80,7 @@ def outage_after(store: FlakyS3, ready, log: dict[str, float]) -> threading.Thre
 
 
 def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_cluster, packed_dataset, flaky_s3):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     bucket = f"outage-{uuid.uuid4().hex[:10]}"
     flaky_s3.client().create_bucket(Bucket=bucket)

@@ -33,7 +33,7 @@ SMALL = [
 def test_make_train_config_writes_tensorboard_and_best_under_the_working_folder(
     ray_cluster, packed_dataset, tmp_path, monkeypatch
 ):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     monkeypatch.chdir(tmp_path)  # where the user typed `make train`
     cfg = load_config(REPO / "configs" / "local.yaml", [f"data.uri={packed_dataset}", "optim.epochs=1", *SMALL])

@@ -18,7 +18,8 @@ import torch
 from simpsons import checkpoint
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit
-from simpsons.train import EpochProgress, TrainStep, build_components, create_scheduler, train_one_epoch
+from simpsons.engine import EpochProgress, TrainStep, train_one_epoch
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step
 
 CPU = torch.device("cpu")
 BATCH, STEPS = 8, 5  # 40 images: five steps an epoch
@@ -41,7 +42,11 @@ def _split() -> ResidentSplit:
 def _fresh(cfg, split) -> TrainStep:
     counts = np.bincount(split.labels.numpy(), minlength=len(CLASS_NAMES)).tolist()
     model, criterion, optimizer = build_components(cfg, counts, CPU)
-    return TrainStep(model, criterion, optimizer, create_scheduler(optimizer, cfg, STEPS), cfg, CPU)
+    return create_train_step(cfg, model, criterion, optimizer, create_scheduler(optimizer, cfg, STEPS))
+
+
+def _epoch(step: TrainStep, batches, epoch: int, cfg, **kwargs):
+    return train_one_epoch(step, batches, Plan.of(cfg, CPU).train_preset(epoch), cfg.train.seed, epoch, **kwargs)
 
 
 def _digest(step: TrainStep) -> str:
@@ -91,12 +96,12 @@ def test_a_run_resumed_mid_epoch_matches_an_uninterrupted_run_batch_by_batch(tmp
     for epoch in range(2):
         seen.epoch = epoch
         batches = split.train_batches(epoch, BATCH, cfg.train.seed)
-        stats.append(train_one_epoch(whole, batches, epoch, cfg, steps_per_epoch=STEPS, hook=seen, hook_every=1))
+        stats.append(_epoch(whole, batches, epoch, cfg, hook=seen, hook_every=1))
 
     # The interrupted run: epoch 0, then epoch 1 is checkpointed after step 2, trains one step more
     # (the run keeps training after a notice) and its node is lost.
     cut = _fresh(cfg, split)
-    train_one_epoch(cut, split.train_batches(0, BATCH, cfg.train.seed), 0, cfg, steps_per_epoch=STEPS)
+    _epoch(cut, split.train_batches(0, BATCH, cfg.train.seed), 0, cfg)
 
     def checkpoint_then_lose_the_node(done: int, progress) -> None:
         if done == CUT:
@@ -109,7 +114,7 @@ def test_a_run_resumed_mid_epoch_matches_an_uninterrupted_run_batch_by_batch(tmp
 
     with pytest.raises(NodeLost):
         batches = split.train_batches(1, BATCH, cfg.train.seed)
-        train_one_epoch(cut, batches, 1, cfg, steps_per_epoch=STEPS, hook=checkpoint_then_lose_the_node, hook_every=1)
+        _epoch(cut, batches, 1, cfg, hook=checkpoint_then_lose_the_node, hook_every=1)
 
     # The replacement: fresh objects, the checkpoint restored, epoch 1 continued at step 3.
     resumed = _fresh(cfg, split)
@@ -121,9 +126,7 @@ def test_a_run_resumed_mid_epoch_matches_an_uninterrupted_run_batch_by_batch(tmp
     after = Recorder(resumed)
     after.epoch = 1
     batches = split.train_batches(1, BATCH, cfg.train.seed, start=progress.images)
-    finished = train_one_epoch(
-        resumed, batches, 1, cfg, steps_per_epoch=STEPS, resume=progress, hook=after, hook_every=1
-    )
+    finished = _epoch(resumed, batches, 1, cfg, resume=progress, hook=after, hook_every=1)
 
     assert seen.after[(1, CUT)] != seen.after[(1, CUT + 1)]  # every step changes the digest
     assert list(after.after) == [(1, step) for step in range(CUT + 1, STEPS + 1)]  # the rest of the epoch, once
@@ -168,7 +171,7 @@ def test_mid_epoch_reports_stay_out_of_tune():
     """Tune's scheduler counts epochs: a mid-epoch report (no validation) must not reach it."""
     import queue
 
-    from simpsons.train import MID_EPOCH, SCORE
+    from simpsons.names import MID_EPOCH, SCORE
     from simpsons.tune import EPOCHS, EpochReportCallback
 
     callback = EpochReportCallback.__new__(EpochReportCallback)  # its __init__ needs a live Tune session

@@ -28,7 +28,7 @@ def get(bucket: str, key: str) -> bytes:
 
 
 def test_folder_to_s3_dataset_to_two_worker_training_with_s3_storage(ray_cluster, s3_server, tmp_path):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     bucket = f"e2e-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)

@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from simpsons.augment import train_size_at
 from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, mix_seed
+from simpsons.engine import TrainStep, amp_dtype, train_one_epoch
 from simpsons.model import classify, create_model
-from simpsons.train import TrainStep, _TensorBoard, amp_dtype, build_components, create_scheduler, train_one_epoch
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step, epoch_sides
+from simpsons.worker import _TensorBoard
 
 CPU = torch.device("cpu")
 
@@ -38,7 +39,14 @@ def _split(n: int = 32, size: int = 40, **kwargs) -> ResidentSplit:
 def _step(cfg: Config, split: ResidentSplit) -> TrainStep:
     counts = np.bincount(split.labels.numpy(), minlength=len(CLASS_NAMES)).tolist()
     model, criterion, optimizer = build_components(cfg, counts, CPU)
-    return TrainStep(model, criterion, optimizer, create_scheduler(optimizer, cfg, split.steps_per_epoch(8)), cfg, CPU)
+    return create_train_step(
+        cfg, model, criterion, optimizer, create_scheduler(optimizer, cfg, split.steps_per_epoch(8))
+    )
+
+
+def _epoch(step: TrainStep, batches, cfg: Config, epoch: int = 0, **kwargs):
+    """train_one_epoch at the side the config's plan gives `epoch`."""
+    return train_one_epoch(step, batches, Plan.of(cfg, CPU).train_preset(epoch), cfg.train.seed, epoch, **kwargs)
 
 
 def test_auto_precision_takes_fp16_on_gpus_without_native_bf16(monkeypatch):
@@ -95,14 +103,16 @@ def test_training_step_makes_no_tensor_from_host_data(on_device):
     step = _step(cfg, split)
     generator = torch.Generator().manual_seed(0)
     batches = split.train_batches(0, 8, seed=0)
-    step(*next(batches), generator)  # the first step fills the per-device caches (normalize's constants)
+    step(
+        *next(batches), Plan.of(cfg, CPU).train_preset(0), generator
+    )  # the first step fills the per-device caches (normalize's constants)
     recorder = HostTensorRecorder()
 
     def recorded(batches):  # the batch gathers and train_one_epoch's steps and sums, not its end-of-epoch read
         with recorder:
             yield from batches
 
-    stats = train_one_epoch(step, recorded(batches), 0, cfg)
+    stats = _epoch(step, recorded(batches), cfg)
     assert recorder.found == []
     assert stats.images == 24 and np.isfinite(stats.loss)
 
@@ -131,7 +141,7 @@ def test_resume_with_fp16_and_flipped_channels_last():
     saved = _step(saved_cfg, split)
     generator = torch.Generator().manual_seed(0)
     for images, labels in split.train_batches(0, 8, seed=0):
-        saved(images, labels, generator)
+        saved(images, labels, Plan.of(saved_cfg, CPU).train_preset(0), generator)
     buffer = io.BytesIO()
     torch.save(training_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
@@ -139,7 +149,8 @@ def test_resume_with_fp16_and_flipped_channels_last():
     with pytest.raises(RuntimeError, match="empty"):
         torch.amp.GradScaler("cpu").load_state_dict(state["scaler"])  # ... which an enabled one refuses
 
-    resumed = _step(_cfg("train.precision=fp16", "train.channels_last=false"), split)
+    resumed_cfg = _cfg("train.precision=fp16", "train.channels_last=false")
+    resumed = _step(resumed_cfg, split)
     assert resumed.scaler.is_enabled()
     restore(state, resumed.model, resumed.optimizer, resumed.scheduler, resumed.scaler)
     conv = resumed.model.conv1[0].weight
@@ -147,13 +158,16 @@ def test_resume_with_fp16_and_flipped_channels_last():
     for param, param_state in resumed.optimizer.state.items():  # the layout of this run's parameters
         assert param_state["exp_avg"].stride() == param_state["exp_avg_sq"].stride() == param.stride()
     assert conv.is_contiguous() and torch.equal(conv, saved.model.conv1[0].weight.contiguous())
-    losses = [float(resumed(images, labels, generator)[0]) for images, labels in split.train_batches(1, 8, seed=0)]
+    preset = Plan.of(resumed_cfg, CPU).train_preset(1)
+    losses = [
+        float(resumed(images, labels, preset, generator)[0]) for images, labels in split.train_batches(1, 8, seed=0)
+    ]
     assert all(np.isfinite(losses)) and resumed.scaler.get_scale() > 0
 
 
 def test_training_state_is_plain_cpu_tensors():
     step = _step(_cfg(), _split())
-    step(*next(_split().train_batches(0, 8, 0)), torch.Generator().manual_seed(0))
+    step(*next(_split().train_batches(0, 8, 0)), Plan.of(_cfg(), CPU).train_preset(0), torch.Generator().manual_seed(0))
     state = training_state(step.model, step.optimizer, step.scheduler, step.scaler, epoch=3)
     tensors = [v for v in _walk(state) if isinstance(v, torch.Tensor)]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
@@ -212,7 +226,7 @@ def test_moving_average_follows_the_weights_and_survives_a_checkpoint():
     raw = {name: p.detach().clone() for name, p in step.model.named_parameters()}
     expected = dict(raw)
     for images, labels in split.train_batches(0, 8, seed=0):
-        step(images, labels, torch.Generator().manual_seed(0))
+        step(images, labels, Plan.of(cfg, CPU).train_preset(0), torch.Generator().manual_seed(0))
         current = dict(step.model.named_parameters())
         # The first update copies the weights; each later one moves halfway (decay 0.5) towards them.
         first = int(step.ema.n_averaged) == 1
@@ -245,14 +259,14 @@ def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
 def test_progressive_resizing_schedule():
     # Off: every epoch at train_size.
     cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14", "data.resize_from=1"])
-    assert {train_size_at(cfg, e) for e in range(14)} == {64}
+    assert set(epoch_sides(cfg)) == {64}
     cfg = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=14", "data.resize_from=0.625"])
-    sizes = [train_size_at(cfg, e) for e in range(14)]
+    sizes = list(epoch_sides(cfg))
     # Min size up to 40 % of the run, train_size from 85 %, in multiples of 8 and never shrinking.
     assert sizes[:6] == [40] * 6 and sizes[-2:] == [64, 64]
     assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes) and len(set(sizes)) >= 4
     one = load_config(None, ["data.train_size=64", "data.stored_size=72", "optim.epochs=1", "data.resize_from=0.625"])
-    assert train_size_at(one, 0) == 40  # a one-epoch run is all ramp start
+    assert epoch_sides(one) == (40,)  # a one-epoch run is all ramp start
 
 
 def test_each_epoch_trains_at_its_side_and_evaluation_stays_at_train_size():
@@ -262,5 +276,5 @@ def test_each_epoch_trains_at_its_side_and_evaluation_stays_at_train_size():
     seen = []
     step.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
     for epoch in range(3):
-        train_one_epoch(step, split.train_batches(epoch, 8, 0), epoch, cfg)
+        _epoch(step, split.train_batches(epoch, 8, 0), cfg, epoch)
     assert seen == [16] * 4 + [24] * 4 + [32] * 4  # 32 images, batch 8, sides 16 -> 24 -> 32

@@ -35,7 +35,7 @@ def _cfg(storage, epochs, name="run", *overrides):
 
 @pytest.fixture(scope="module")
 def trained_run(ray_cluster, packed_dataset, tmp_path_factory):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     storage = tmp_path_factory.mktemp("runs")
     report = fit(_cfg(storage, epochs=3), str(packed_dataset))
@@ -70,7 +70,7 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_datas
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_dataset):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     run_dir, _ = trained_run
     report = fit(_cfg(run_dir.parent, epochs=4), str(packed_dataset))
@@ -84,7 +84,7 @@ def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset)
     # The run so far: precision auto (bf16 on the CPU: a disabled GradScaler saved as {}) and
     # channels_last (optimizer state in that layout). Resumed with fp16 + GradScaler (CPU autocast)
     # and the NCHW layout, it must load both and train on.
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     run_dir, _ = trained_run
     done = _latest_checkpoint(run_dir)["epoch"]  # 2, or 3 after the test above
@@ -102,7 +102,7 @@ def test_resume_with_fp16_and_channels_last_flipped(trained_run, packed_dataset)
 def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights(
     ray_cluster, packed_dataset, image_tree, tmp_path
 ):
-    from simpsons.train import fit
+    from simpsons.driver import fit
 
     cfg = _cfg(tmp_path / "runs", 2, "ema", "optim.ema_decay=0.8", "model.tta_flip=true", "train.histogram_every=0")
     report = fit(cfg, str(packed_dataset))
@@ -136,8 +136,8 @@ def _latest_checkpoint(run_dir: Path) -> dict:
 @pytest.mark.timeout(300)  # the bug this pins was a hang: fail in bounded time instead
 def test_two_workers_finish_with_a_one_image_validation_split(ray_cluster, tmp_path):
     # Fewer validation images than workers: rank 1 evaluates no batch at all.
+    from simpsons.driver import fit
     from simpsons.prepare import pack_tree
-    from simpsons.train import fit
 
     root = make_image_tree(tmp_path / "images", per_split={"train": 8}, size=40)
     make_image_tree(root, classes=CLASSES[:1], per_split={"val": 1}, size=40)

@@ -1,0 +1,158 @@
+"""The recipe: the one place where a config becomes the objects the engine trains with.
+
+    plan = Plan.of(cfg, device, world)                 # what each epoch does: its side, presets, dtype
+    model, criterion, optimizer = build_components(cfg, class_counts, device)
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
+    step = create_train_step(cfg, model, criterion, optimizer, scheduler)
+
+Nothing here trains; simpsons.engine does, with these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from simpsons.augment import EvalPreset, TrainPreset
+from simpsons.config import Config
+from simpsons.engine import TrainStep, amp_dtype
+from simpsons.loss import FocalLoss, resolve_alpha
+from simpsons.model import create_model, is_head, zero_init_residual
+from simpsons.weights import load_weights, pretrained
+
+
+def create_train_preset(cfg: Config, side: int | None = None) -> TrainPreset:
+    """The training preset of the config's data section and train.channels_last, at data.train_size
+    or at `side` px."""
+    d = cfg.data
+    return TrainPreset(side or d.train_size, tuple(d.crop_scale), d.rotate, d.hflip, d.augment, cfg.train.channels_last)
+
+
+def create_eval_preset(cfg: Config) -> EvalPreset:
+    """The evaluation and inference preset: the whole image at data.train_size."""
+    return EvalPreset(cfg.data.train_size, cfg.train.channels_last)
+
+
+def epoch_sides(cfg: Config) -> tuple[int, ...]:
+    """The side (px) each of the optim.epochs epochs trains at: data.train_size, or with
+    data.resize_from < 1 the progressive-resizing schedule (resize_from x train_size, a linear
+    ramp over the data.resize_ramp fraction of the run in multiples of 8, then train_size)."""
+    d, epochs = cfg.data, cfg.optim.epochs
+    smallest = min(d.train_size, max(16, 8 * round(d.resize_from * d.train_size / 8)))
+    start, end = d.resize_ramp
+
+    def side(epoch: int) -> int:
+        progress = epoch / max(1, epochs - 1)
+        if d.resize_from >= 1 or progress >= end:
+            return d.train_size
+        if progress <= start:
+            return smallest
+        size = smallest + (progress - start) / (end - start) * (d.train_size - smallest)
+        return min(d.train_size, 8 * round(size / 8))
+
+    return tuple(side(epoch) for epoch in range(epochs))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every epoch of a run does, read from the config once: the side each epoch trains at,
+    the presets, the autocast dtype and the evaluation batch."""
+
+    sides: tuple[int, ...]  # per epoch
+    train: TrainPreset  # at data.train_size; train_preset(epoch) resizes it
+    eval: EvalPreset
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+    eval_batch: int  # per rank
+    tta_flip: bool
+    seed: int
+    log_every: int  # steps between rank 0's progress lines (0 = none)
+
+    @classmethod
+    def of(cls, cfg: Config, device: torch.device, world: int = 1) -> Plan:
+        return cls(
+            sides=epoch_sides(cfg),
+            train=create_train_preset(cfg),
+            eval=create_eval_preset(cfg),
+            dtype=amp_dtype(cfg.train.precision, device),
+            eval_batch=max(1, cfg.optim.batch_size // world) * 2,
+            tta_flip=cfg.model.tta_flip,
+            seed=cfg.train.seed,
+            log_every=cfg.train.log_every,
+        )
+
+    def train_preset(self, epoch: int) -> TrainPreset:
+        return dataclasses.replace(self.train, train_size=self.sides[epoch])
+
+
+def build_components(
+    cfg: Config, class_counts: list[int], device: torch.device, prepare: Callable = lambda m: m
+) -> tuple[torch.nn.Module, FocalLoss, torch.optim.AdamW]:
+    """Model (its starting weights loaded, prepared for DDP by `prepare`), focal loss and AdamW."""
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    model = create_model(len(class_counts), m.head, m.dropout, m.arch)
+    if m.zero_init_residual:
+        zero_init_residual(model)  # before any weights are loaded: pretrained weights replace it
+    load_weights(model, m.arch, m.weights, cfg.data.cache_dir, cfg.run.s3_endpoint)
+    groups = parameter_groups(model, cfg)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = prepare(model)
+    alpha = resolve_alpha(cfg.loss.alpha, class_counts, cfg.loss.alpha_power)
+    criterion = FocalLoss(alpha, cfg.loss.gamma, cfg.loss.label_smoothing).to(device)
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
+    return model, criterion, optimizer
+
+
+def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """The classifier at optim.lr, then, with model.weights loaded, the pretrained backbone at
+    optim.lr x optim.backbone_lr_scale (one group at optim.lr otherwise)."""
+    if not pretrained(cfg.model.weights):
+        return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        (head if is_head(cfg.model.arch, name) else backbone).append(param)
+    return [
+        {"params": head, "lr": cfg.optim.lr},
+        {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale},
+    ]
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    """Warm-up + cosine stepped every batch, or ReduceLROnPlateau stepped every epoch on val loss."""
+    if cfg.optim.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience
+        )
+    total = max(1, cfg.optim.epochs * steps_per_epoch)
+    # At most a quarter of the run warms up, so a short run (EPOCHS=1) still trains at full rate.
+    warmup = min(total // 4, int(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def create_train_step(cfg: Config, model, criterion, optimizer, scheduler) -> TrainStep:
+    """The engine's step for this config: its precision, schedule cadence and moving average."""
+    device = next(model.parameters()).device
+    return TrainStep(
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        dtype=amp_dtype(cfg.train.precision, device),
+        per_step_schedule=cfg.optim.schedule == "cosine",
+        ema_decay=cfg.optim.ema_decay,
+    )

@@ -291,12 +291,15 @@ def test_the_image_refuses_to_start_on_a_driver_too_old_for_its_torch_build():
     assert sum("NVIDIA_REQUIRE_CUDA" in line for line in dockerfile_instructions()) == 1
 
 
-def test_the_driver_floor_of_the_torch_build_is_stated_where_the_ami_is_chosen():
+def test_the_driver_floor_of_the_torch_build_is_stated_where_the_ami_and_the_build_are_chosen():
+    """torch_cuda.toml owns the floor; the two places a user picks a driver or a build state it."""
     floor = driver_floor(dockerfile_torch_pin()[2])
     cluster_text = (ROOT / "cluster.yaml").read_text()
     ami = cluster_text.index("ImageId: &ami")
     assert f"driver >= {floor}" in cluster_text[ami - 400 : ami], "state the driver floor next to ImageId"
-    assert f"driver >= {floor}" in (ROOT / "README.md").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pin = dockerfile.index("ARG TORCH_CUDA=")
+    assert f"driver >= {floor}" in dockerfile[pin - 400 : pin], "state the driver floor next to ARG TORCH_CUDA"
 
 
 def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:

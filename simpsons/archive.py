@@ -9,8 +9,8 @@ modes, owners and link targets from the archive are ignored.
 
 Members go to a hidden sibling folder that is renamed to the target only when the whole
 archive passed; a refused or broken archive leaves nothing behind and raises ArchiveError with
-one sentence naming the archive, the member and the reason. The sibling's name holds the host and
-process id, so one left by a killed process is removed by the next unpack into the same target.
+one sentence naming the archive, the member and the reason. The sibling is the target's partial
+(simpsons.files), so one left by a killed process is removed by the next unpack into the same target.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ import json
 import lzma
 import os
 import shutil
-import socket
 import stat
 import tarfile
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -35,7 +33,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from simpsons.files import process_alive
+from simpsons.files import fresh_partial
 
 ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar", ".zip")
 MAX_MEMBERS = 200_000  # the full Kaggle set has ~21k files
@@ -65,8 +63,7 @@ def safe_extract(
     if target.exists():
         raise ArchiveError(f"Cannot unpack {archive.name} into {target}: that folder already exists; remove it first.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_partials(target)
-    partial = target.with_name(f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial = fresh_partial(target)
     partial.mkdir()
     try:
         budget = _Budget(archive, max_members, max_bytes, max_file_bytes)
@@ -81,19 +78,6 @@ def safe_extract(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
-
-
-def remove_dead_partials(target: Path) -> None:
-    """Remove the partial folders of `target` left by killed unpacks on this host (live ones stay)."""
-    prefix = f".{target.name}.partial-{socket.gethostname()}-"
-    for partial in target.parent.glob(f"{glob_escape(prefix)}*"):
-        pid = partial.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from simpsons import storage
 from simpsons.data import CLASS_NAMES, DataError, PackedSplit, class_counts
-from simpsons.files import cache_key, file_sha256, process_alive, sha256_hex, write_atomic
+from simpsons.files import cache_key, file_sha256, node_lock, resumed_partial, sha256_hex, write_atomic
 from simpsons.names import CACHE_DIR
 from simpsons.storage import StorageError
 
@@ -143,18 +142,18 @@ def local_dataset_dir(uri: str, cache_dir: str = CACHE_DIR, endpoint: str = "") 
     """
     if not storage.is_s3(uri):
         return Path(uri).expanduser()
-    from filelock import FileLock
-
     raw = _remote_manifest_bytes(uri, endpoint)
     manifest = json.loads(raw)
     key = cache_key(raw)
     root = Path(cache_dir).expanduser() / "datasets"
     target = root / key
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
+    with node_lock(root / f"{key}.lock"):
         if (target / MANIFEST).is_file():
             return target
-        partial = _partial_dir(root, key)
+        # Per host and process, so two downloads never write into one folder even when nodes share
+        # the cache; a dead process's is taken over with its verified files.
+        partial = resumed_partial(target)
         _logger.info("Downloading the packed dataset %s into %s", uri, target)
         wanted = sorted(manifest["files"])  # the packed arrays and report.json, not the originals
         have = {
@@ -176,30 +175,9 @@ def local_dataset_dir(uri: str, cache_dir: str = CACHE_DIR, endpoint: str = "") 
         try:
             os.replace(partial, target)
         except OSError:
-            # Another host sharing this cache folder (a file lock does not hold across NFS
+            # Another host sharing this cache folder (the node lock may not reach across NFS
             # clients) finished first; its complete copy is as good as ours.
             if not (target / MANIFEST).is_file():
                 raise
             shutil.rmtree(partial, ignore_errors=True)
     return target
-
-
-def _partial_dir(root: Path, key: str) -> Path:
-    """This host's and process's download folder for dataset `key`, taking over one left behind.
-
-    Per host and process so that two downloads never write into one folder, even when the cache
-    is shared between nodes; a folder left by a dead process of this host is renamed to ours, so
-    its verified files are not fetched again.
-    """
-    host = socket.gethostname()
-    partial = root / f"{key}.partial.{host}.{os.getpid()}"
-    if not partial.exists():
-        for stale in root.glob(f"{key}.partial.{host}.*"):
-            pid = stale.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not process_alive(int(pid)):
-                try:
-                    os.replace(stale, partial)
-                    break
-                except OSError:  # taken over by another process first
-                    continue
-    return partial

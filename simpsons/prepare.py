@@ -49,7 +49,7 @@ from simpsons.data import (
     unread_summary,
 )
 from simpsons.dataset import MANIFEST, REPORT, read_manifest, write_packed
-from simpsons.files import cache_key, file_sha256, sha256_files, sha256_hex
+from simpsons.files import cache_key, file_sha256, fresh_partial, sha256_files, sha256_hex
 from simpsons.names import CACHE_DIR, STORED_SIZE
 
 _logger = logging.getLogger(__name__)
@@ -291,9 +291,8 @@ def build_dataset(
         found - kept,
     )
 
-    # Written into a hidden sibling and renamed: out_dir either holds a whole dataset or nothing.
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Written into its partial and renamed: out_dir either holds a whole dataset or nothing.
+    partial = fresh_partial(out_dir)
     manifest = write_packed(partial, packed, stored_size, extra_manifest, class_names)
     (partial / REPORT).write_text(json.dumps(report, indent=1))  # the full report in place of write_packed's
     manifest["files"][REPORT] = file_sha256(partial / REPORT)

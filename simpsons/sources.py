@@ -13,9 +13,9 @@ or Kaggle's (`simpsons_dataset/<class>/*.jpg` with no split, and a flat
 `kaggle_simpson_testset/<class>_<n>.jpg`); `simpsons.prepare` reads either.
 
 Downloads and unpacked archives live in `cache_dir`, keyed by what they came from (URL, Drive
-id, archive sha256). A download goes to `<name>.part` first and is renamed when its size (and
-sha256, when known) checks out, so an interrupted download resumes (or restarts when the server
-cannot resume) and a finished one is never fetched again.
+id, archive sha256). A download goes to its partial (simpsons.files) first and is renamed when
+its size (and sha256, when known) checks out, so a download interrupted, even by a kill, resumes
+(or restarts when the server cannot resume) and a finished one is never fetched again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -32,7 +31,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from simpsons.archive import MAX_FILE_BYTES, ArchiveError, is_archive, safe_extract
-from simpsons.files import cache_key, file_sha256
+from simpsons.files import cache_key, file_sha256, fresh_partial, resumed_partial
 from simpsons.names import CACHE_DIR
 
 _logger = logging.getLogger(__name__)
@@ -156,8 +155,7 @@ def _unpack(archives: list[Path], cache: Path, max_image_bytes: int) -> Path:
     if len(archives) == 1:
         safe_extract(archives[0], target, max_file_bytes=max_image_bytes)
     else:
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = fresh_partial(target)
         for archive in archives:
             safe_extract(archive, partial / _stem(archive), max_file_bytes=max_image_bytes)
         os.replace(partial, target)
@@ -270,10 +268,10 @@ def _http_file(url: str, cache: Path, sha256: str, attempts: int = 4) -> Path:
         _logger.info("Using %s (downloaded before from %s)", dest, url)
         return dest
     out_dir.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = resumed_partial(dest)
     for attempt in range(1, attempts + 1):
         try:
-            _http_get(requests, url, part)
+            _http_get(requests, url, part, desc=f"download {name}")
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             if attempt == attempts:
@@ -298,14 +296,14 @@ def _http_file(url: str, cache: Path, sha256: str, attempts: int = 4) -> Path:
     return dest
 
 
-def _http_get(requests, url: str, part: Path) -> None:
+def _http_get(requests, url: str, part: Path, desc: str) -> None:
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(url, stream=True, headers=headers, timeout=(10, 60)) as response:
         if have and response.status_code == 416:
             # Range not satisfiable: the part is already whole (or longer than the file); restart to be sure.
             part.unlink()
-            return _http_get(requests, url, part)
+            return _http_get(requests, url, part, desc)
         response.raise_for_status()
         if have and response.status_code != 206:
             have = 0  # the server ignored the Range header: start over
@@ -313,9 +311,7 @@ def _http_get(requests, url: str, part: Path) -> None:
         total = have + int(length) if length is not None else None
         with (
             open(part, "ab" if have else "wb") as f,
-            tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=f"download {part.name[:-5]}", mininterval=1.0
-            ) as bar,
+            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=desc, mininterval=1.0) as bar,
         ):
             for block in response.iter_content(1 << 20):
                 f.write(block)

@@ -18,10 +18,8 @@ belong to another architecture.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ import torchvision
 
 from simpsons import storage
 from simpsons.data import DataError
+from simpsons.files import fresh_partial, node_lock
 from simpsons.model import is_head
 
 _logger = logging.getLogger(__name__)
@@ -61,10 +60,9 @@ def imagenet_file(arch: str, cache_dir: str | Path) -> Path:
     folder = Path(cache_dir).expanduser() / "weights"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / url.rsplit("/", 1)[-1]  # e.g. resnet18-f37072fd.pth: its sha256 starts f37072fd
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with node_lock(folder / ".lock"):
         if not path.is_file():
-            partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+            partial = fresh_partial(path)
             hash_prefix = path.stem.rsplit("-", 1)[-1]
             _logger.info("Downloading %s -> %s", url, path)
             try:

@@ -8,6 +8,9 @@ import hashlib
 import http.server
 import logging
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -147,12 +150,15 @@ def test_http_download_is_verified_cached_and_resumed(http_server, drive_like_fo
     archive = drive_like_folder / "dataset.tar.xz"
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     url = f"{http_server}/dataset.tar.xz"
-    # An interrupted earlier download: the first half is on disk as .part.
+    # A download killed halfway: the first half is on disk in the partial its process left.
     download_dir = tmp_path / "cache" / "downloads" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     download_dir.mkdir(parents=True)
-    (download_dir / "dataset.tar.xz.part").write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = download_dir / f".dataset.tar.xz.partial-{socket.gethostname()}-{int(dead.stdout)}"
+    left.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     tree = fetch_source(f"{url}#sha256={digest}", tmp_path / "cache")
     assert RangeHandler.ranges_seen == [f"bytes={archive.stat().st_size // 2}-"]  # it resumed, not restarted
+    assert not list(download_dir.glob(".*.partial-*"))  # taken over, then renamed into place
     assert (download_dir / "dataset.tar.xz").read_bytes() == archive.read_bytes()
     assert set(scan_tree(tree).groups) == {"train", "val"}
     shutil.rmtree(tree)  # even without the unpacked copy, the verified download is not fetched again
@@ -163,7 +169,7 @@ def test_http_download_is_verified_cached_and_resumed(http_server, drive_like_fo
 def test_http_checksum_mismatch_and_missing_file(http_server, tmp_path):
     with pytest.raises(SourceError, match="does not have the expected sha256"):
         fetch_source(f"{http_server}/dataset.tar.xz#sha256={'a' * 64}", tmp_path / "cache")
-    assert not list((tmp_path / "cache").rglob("dataset.tar.xz*"))  # the bad download is gone
+    assert not list((tmp_path / "cache").rglob("*dataset.tar.xz*"))  # the bad download is gone, partial too
     with pytest.raises(SourceError, match="server answered 404"):
         fetch_source(f"{http_server}/missing.zip", tmp_path / "cache")
 

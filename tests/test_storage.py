@@ -151,15 +151,15 @@ def test_a_complete_copy_from_another_host_after_a_lost_race_counts_as_success(
         partial = Path(next(iter(files.values()))).parent
         partials.append(partial.name)
         # ...while the other host's copy (a whole packed dataset with its manifest) lands first.
-        other = partial.with_name(partial.name.replace(".partial.", ".other-host."))
+        other = partial.with_name(partial.name + ".other-host")
         other.mkdir()
         for item in packed_dataset.iterdir():
             (other / item.name).write_bytes(item.read_bytes())
-        os.replace(other, partial.parent / partial.name.split(".partial.")[0])
+        os.replace(other, partial.parent / partial.name[1:].split(".partial-")[0])
 
     monkeypatch.setattr(storage, "download_files", other_host_finishes_first)
     local = local_dataset_dir(uri, str(cache))
-    assert partials == [f"{local.name}.partial.{socket.gethostname()}.{os.getpid()}"]
+    assert partials == [f".{local.name}.partial-{socket.gethostname()}-{os.getpid()}"]
     assert read_manifest(local) == read_manifest(packed_dataset)
     assert sorted(p.name for p in local.parent.iterdir()) == sorted([local.name, f"{local.name}.lock"])  # ours removed
 
@@ -174,7 +174,7 @@ def test_a_download_left_by_a_dead_process_is_taken_over_not_repeated(bucket, pa
     cache = tmp_path / "cache"
     first = local_dataset_dir(uri, str(cache))  # learn the key, then make it a half-done download
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left = first.with_name(f"{first.name}.partial.{socket.gethostname()}.{int(dead.stdout)}")
+    left = first.with_name(f".{first.name}.partial-{socket.gethostname()}-{int(dead.stdout)}")
     first.rename(left)
     (left / "manifest.json").unlink()
     (left / "val_images.npy").unlink()  # not yet fetched when its process died
@@ -183,4 +183,4 @@ def test_a_download_left_by_a_dead_process_is_taken_over_not_repeated(bucket, pa
     monkeypatch.setattr(storage, "download_files", lambda files, *a, **k: (fetched.extend(files), real(files, *a, **k)))
     assert local_dataset_dir(uri, str(cache)) == first
     assert fetched == ["val_images.npy"]  # the verified files of the dead process's folder were kept
-    assert not list(cache.glob("datasets/*.partial.*"))
+    assert not list(cache.glob("datasets/.*.partial-*"))

@@ -44,3 +44,36 @@ def v1_autoscaler_report() -> dict | None:
 def readonly_node_type(node_id: str) -> str:
     """The node type Ray's read-only autoscaler gives a node (ray.autoscaler._private.util)."""
     return f"node_{node_id}"
+
+
+# The GCS calls of simpsons.spot: what `ray drain-node` does (ray/scripts/scripts.py), whose
+# client and messages Ray does not publish.
+DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"  # what ray.train.get_preemption_info() reports
+
+
+def gcs_client(address: str | None):
+    """A client of the cluster's GCS: `address` (host:port), or the cluster this machine's `ray
+    start` joined (RAY_ADDRESS, then the address file `ray start` leaves in Ray's temp dir)."""
+    from ray._private import services
+    from ray._raylet import GcsClient
+
+    return GcsClient(address=services.canonicalize_bootstrap_address_or_die(address))
+
+
+def live_node_ips(client) -> dict[str, str]:
+    """The hex id of every live node -> its IP address."""
+    from ray.core.generated import gcs_pb2
+
+    return {
+        node_id.hex(): node.node_manager_address
+        for node_id, node in client.get_all_node_info(timeout=30).items()
+        if node.state == gcs_pb2.GcsNodeInfo.ALIVE
+    }
+
+
+def drain_as_preempted(client, node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]:
+    """Ask the GCS to drain `node_id` as preempted, going at `deadline_ms` (UNIX milliseconds):
+    (accepted, why not)."""
+    from ray.core.generated import autoscaler_pb2
+
+    return client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASON), message, deadline_ms)

@@ -30,12 +30,13 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 
+from simpsons import ray_internals
+
 _logger = logging.getLogger(__name__)
 
 METADATA_URL = "http://169.254.169.254"  # EC2's instance metadata; AWS_EC2_METADATA_SERVICE_ENDPOINT overrides
 TOKEN_TTL_S = 21600  # IMDSv2 session tokens live at most 6 h; a 401 fetches a new one
 POLL_S = 5.0  # EC2 posts the notice 2 min ahead and asks for polls every 5 s
-DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 
 
 class InstanceMetadata:
@@ -110,31 +111,16 @@ def watch(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray: which node this is, and the drain (what `ray drain-node` does, ray/scripts/scripts.py)
-
-
-def gcs_client(address: str | None):
-    """A client of the cluster's GCS: `address` (host:port), or the cluster this machine's `ray
-    start` joined (RAY_ADDRESS, then the address file `ray start` leaves in Ray's temp dir)."""
-    from ray._private import services
-    from ray._raylet import GcsClient
-
-    return GcsClient(address=services.canonicalize_bootstrap_address_or_die(address))
+# Ray: which node this is, and the drain (the GCS calls themselves are in simpsons.ray_internals)
 
 
 def own_node_id(client, ip: str | None = None, wait_s: float = 60) -> str:
     """The hex id of the live Ray node on this machine (found by its IP address), waiting up to
     `wait_s` for a node that `ray start` has just started to register."""
-    from ray.core.generated import gcs_pb2
-
     ip = ip or _node_ip()
     give_up = time.monotonic() + wait_s
     while True:
-        alive = [
-            node_id.hex()
-            for node_id, node in client.get_all_node_info(timeout=30).items()
-            if node.state == gcs_pb2.GcsNodeInfo.ALIVE and node.node_manager_address == ip
-        ]
+        alive = [node_id for node_id, node_ip in ray_internals.live_node_ips(client).items() if node_ip == ip]
         if len(alive) == 1:
             return alive[0]
         if len(alive) > 1 or time.monotonic() > give_up:
@@ -151,10 +137,7 @@ def _node_ip() -> str:
 def drain(client, node_id: str, deadline: float, message: str) -> None:
     """Tell the GCS that `node_id` is being preempted and goes at `deadline` (UNIX seconds): Ray
     schedules nothing new there and Ray Train's watcher sees the drain."""
-    from ray.core.generated import autoscaler_pb2
-
-    reason = autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASON)
-    accepted, why = client.drain_node(node_id, reason, message, int(deadline * 1000))
+    accepted, why = ray_internals.drain_as_preempted(client, node_id, message, int(deadline * 1000))
     if not accepted:
         raise RuntimeError(f"The GCS refused to drain node {node_id}: {why}")
     _logger.warning(
@@ -188,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    client = gcs_client(args.address)
+    client = ray_internals.gcs_client(args.address)
     node_id = args.node_id or own_node_id(client)
     host = socket.gethostname()
     if args.command == "watch":

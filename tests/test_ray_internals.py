@@ -6,10 +6,13 @@ A Ray upgrade that moves or renames one of them fails here, by name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
-from ray._private import ray_constants
+from ray._private import ray_constants, services
+from ray._raylet import GcsClient, InnerGcsClient
 from ray.autoscaler._private.util import format_readonly_node_type
 from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest
+from ray.core.generated import autoscaler_pb2, gcs_pb2
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.failure_handling.default import RETRYABLE_CONTROLLER_ERRORS
 
@@ -50,3 +53,24 @@ def test_autoscaler_v2s_status_names_launches_by_node_type():
     """cluster.autoscaler_state reads these fields of autoscaler v2's ClusterStatus (`ray up`'s default)."""
     assert {"pending_launches", "failed_launches"} <= {f.name for f in dataclasses.fields(ClusterStatus)}
     assert {"ray_node_type_name", "count"} <= {f.name for f in dataclasses.fields(LaunchRequest)}
+
+
+def _parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_the_gcs_calls_that_drain_a_preempted_node_are_rays():
+    """simpsons.spot's calls, as `ray drain-node` makes them; test_spot.py drains a real node with them."""
+    assert _parameters(services.canonicalize_bootstrap_address_or_die)[:1] == ["addr"]
+    assert isinstance(GcsClient, type)  # a wrapper of InnerGcsClient, whose methods it passes on
+    assert _parameters(InnerGcsClient.get_all_node_info)[:2] == ["self", "timeout"]
+    assert _parameters(InnerGcsClient.drain_node)[:5] == [
+        "self",
+        "node_id",
+        "reason",
+        "reason_message",
+        "deadline_timestamp_ms",
+    ]
+    assert {"state", "node_manager_address"} <= set(gcs_pb2.GcsNodeInfo.DESCRIPTOR.fields_by_name)
+    assert gcs_pb2.GcsNodeInfo.ALIVE == gcs_pb2.GcsNodeInfo.GcsNodeState.Value("ALIVE")
+    assert ray_internals.DRAIN_REASON in autoscaler_pb2.DrainNodeReason.keys()

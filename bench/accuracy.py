@@ -18,8 +18,8 @@ recipe the mean and standard deviation over the seeds:
     python bench/accuracy.py --profile gpu --seeds 1     # 128 px, 30 epochs a run, 600 s scored: <= ~40 min on one GPU (unmeasured)
     python bench/accuracy.py --recipes previous,default --seeds 2 --set optim.epochs=10
 
-Recipes: `original` (configs/original.yaml: the original project's recipe), `previous` (the
-default recipe before issue 13, pinned), `default` (the built-in defaults), `ema` (the defaults
+Recipes: `original` (configs/original.yaml: the original project's recipe), `previous` (an
+earlier default recipe: dropout 0.5, crop scale from 0.6, rotation 15, pinned), `default` (the built-in defaults), `ema` (the defaults
 plus a moving average of the weights) and `resnet18` (torchvision's ResNet-18 from scratch,
 default recipe). The first four run unless --recipes says otherwise.
 """
@@ -70,7 +70,7 @@ PROFILES = {
         ["data.stored_size=40", "data.train_size=32", "train.use_gpu=false", "optim.batch_size=32"], 60, 0.5, 2
     ),
 }
-# The default recipe before issue 13, pinned so the comparison outlives later changes of the defaults.
+# An earlier default recipe, pinned so the comparison outlives later changes of the defaults.
 PREVIOUS_DEFAULT = [
     "model.dropout=0.5", "data.crop_scale=[0.6,1.0]", "data.rotate=15", "loss.alpha_power=0.5",
     "model.tta_flip=false", "optim.ema_decay=0", "data.resize_from=1",

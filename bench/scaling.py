@@ -34,7 +34,8 @@ from pathlib import Path
 
 from common import add_common_args, add_size_arg, emit, image_tree, load_average, note, stored_size_for
 
-# Before Ray starts: its workers inherit these (see RAY_NOTES.md).
+# Before Ray starts, so its workers inherit them: Ray Train notices a finished worker at its next
+# health check (every 2 s by default), and uv must not rebuild the workers' environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 

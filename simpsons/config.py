@@ -57,14 +57,11 @@ class DataConfig:
     # of the run train at `resize_from` x train_size, epochs after the second at train_size,
     # linearly in between (sides in multiples of 8). Evaluation is always at train_size. Cheaper
     # early epochs buy more epochs in the same time. 1 = off: every epoch at train_size.
-    # 0.625 (40 px of 64: such an epoch costs 0.39 of a full-size one): 16 epochs reached 0.81 val
-    # macro-F1 on the CPU profile where 10 fixed-size epochs, in about the same time, reached 0.745
-    # (bench/RESULTS.md).
+    # 0.625: more epochs in the same time scored higher than fewer at full size (bench/RESULTS.md).
     resize_from: float = 0.625
     resize_ramp: list = field(default_factory=lambda: [0.4, 0.85])
-    # Random resized crop: range of the crop's area as a fraction of the stored image. Light
-    # augmentation (with model.dropout 0.2): short runs underfit here (train accuracy on augmented
-    # images stayed below validation accuracy with [0.6, 1] / 15 degrees / dropout 0.5).
+    # Random resized crop: range of the crop's area as a fraction of the stored image. Light, as
+    # rotate and model.dropout are: stronger regularisation underfits short runs (bench/RESULTS.md).
     crop_scale: list = field(default_factory=lambda: [0.75, 1.0])
     # Random rotation range in degrees (uniform in [-rotate, rotate]).
     rotate: float = 10.0
@@ -98,7 +95,7 @@ class ModelConfig:
     # The original network's classifier: "original" is Linear-BN-Dropout-ReLU-Linear exactly as
     # published; "standard" is Linear-BN-ReLU-Dropout. (torchvision architectures keep their own.)
     head: str = CLASSIFIER_HEADS[0]
-    # Dropout probability in the classifier head (the original project's 0.5 underfits short runs).
+    # Dropout probability in the classifier head; light, see data.crop_scale.
     dropout: float = 0.2
     # Start every residual block as the identity: the last BatchNorm of each residual branch starts
     # at weight 0 (Goyal et al. 2017; torchvision's zero_init_residual), so the first steps train a
@@ -201,10 +198,8 @@ class TrainConfig:
     max_preemptions: int = 10
     # DDP gradient bucket size (MiB). Backward fills the buckets in reverse layer order and each
     # is all-reduced as soon as it is full; the last one (the first layers) only after backward
-    # ends. This model has 11.2 MiB of fp32 gradients: DDP's default (a 1 MiB first bucket, then
-    # 25 MiB) leaves 8.4 MiB (75 %) for after backward; 5 MiB gives three buckets (5.1, 5.2,
-    # 0.9 MiB), 8 % after backward, with few launches (1 MiB: seven buckets, 4 %). Computed with
-    # DDP's own bucketing function in tests/test_step.py; not yet timed on GPUs.
+    # ends. Small enough that little of the original network's gradients waits for the end of
+    # backward, large enough for few launches (bench/RESULTS.md, Scaling).
     ddp_bucket_mb: float = 5.0
 
 

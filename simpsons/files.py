@@ -80,7 +80,7 @@ def partial_path(target: str | Path) -> Path:
 
 
 def dead_partials(target: str | Path) -> Iterator[Path]:
-    """The partials of `target` left by processes of this host that no longer run (another host's
+    """The partials of `target` left by processes of this host that have ended (another host's
     processes cannot be checked from here, so their partials are never listed)."""
     target = Path(target)
     prefix = _partial_prefix(target)

@@ -133,7 +133,7 @@ def write_sweep_report(
 
 
 def format_table(rows: list[dict], params: list[str]) -> str:
-    """The trials as a markdown table (also what the README's measured table is made of)."""
+    """The trials as a markdown table (also what bench/RESULTS.md's sweep table is made of)."""
     head = ["trial", *params, "val macro-F1", "val acc", "epochs", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -11,7 +11,9 @@ from synthetic import make_image_tree
 
 from simpsons.cluster import free_port
 
-# Ray workers inherit this; keeps 2-worker fits on 2 cores quick (RAY_NOTES.md).
+# Ray workers inherit these. Ray Train notices a finished worker at its next health check (every
+# 2 s by default), which the many short fits here would wait for; uv must not rebuild the
+# workers' environment (they use this one).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 

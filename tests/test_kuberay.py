@@ -53,7 +53,7 @@ CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayService": "ray.io_rayservices.yaml",
 }
-# The oldest Kubernetes the README asks for, and the newest whose schemas kubernetes-validate holds.
+# The oldest Kubernetes docs/kubernetes.md asks for, and the newest whose schemas kubernetes-validate holds.
 KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 # validation.go: 53 = 63 minus the longest service suffix ("-serve-svc"); a RayJob's or a RayService's
 # cluster adds 6.

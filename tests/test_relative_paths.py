@@ -1,8 +1,8 @@
 """Relative paths in a config mean the folder the user ran the job from, in every Ray process.
 
 Ray Train runs each worker, and Tune each trial, in a folder of its own, so `run.storage: ./runs`
-(configs/local.yaml, configs/tune.yaml) used to send TensorBoard events and every trial's Train
-run into Ray's session folder. Here the README's `make train` config and its smoke sweep run with
+(configs/local.yaml, configs/tune.yaml) would send TensorBoard events and every trial's Train run
+into Ray's session folder unless the driver resolves it first. Here the README's `make train` config and its smoke sweep run with
 their relative `./runs` from a fresh working folder, on the real local Ray cluster, and everything
 is found under that folder.
 """

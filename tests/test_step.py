@@ -87,9 +87,9 @@ class HostTensorRecorder(TorchDispatchMode):
         return out
 
 
-def test_recorder_sees_the_copies_the_step_used_to_make():
-    # The recorder itself must catch what the old code did: normalize's torch.tensor(MEAN, device=...)
-    # and the loop's torch.tensor(float(len(labels)), device=...).
+def test_recorder_sees_a_tensor_built_from_host_data_on_the_device():
+    # The recorder itself must catch the copies a step could make by mistake, such as building the
+    # normalisation mean or a batch's image count with torch.tensor(..., device=...).
     with HostTensorRecorder() as recorder:
         torch.tensor((0.485, 0.456, 0.406), device=CPU)
         torch.tensor(float(16), dtype=torch.float64, device=CPU)

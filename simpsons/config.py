@@ -4,8 +4,10 @@ One tree: the training sections and the sweep's `tune:` section (read by jobs/tu
 Every field has a default and a comment (units, meaning). A YAML file or a `--set` may only
 override fields that exist, with a value of the field's type; anything else is an error that
 names the key; `set_key` and `merge` are the one way to set a dotted key. The resolved config
-travels as a plain dict (`to_dict`) into Ray workers, every checkpoint and every run folder, and
-comes back with `from_dict`.
+travels as a plain dict (`to_dict`) into Ray workers and comes back with `from_dict`. Checkpoints
+and a run's config.yaml carry the training sections only (`training_dict`, `config_text`) and are
+read back by `training_config`, which ignores a `tune` key: a model is evaluated whatever the
+sweep schema has become since.
 """
 
 from __future__ import annotations
@@ -226,7 +228,8 @@ class RunConfig:
 class SweepConfig:
     """The `tune:` section: how a Ray Tune sweep samples, schedules and places its trials.
 
-    Only jobs/tune.py reads it; in a single run's config it is carried along unused.
+    Only jobs/tune.py reads it; in a single run's config it is carried along unused, and no
+    checkpoint or run folder keeps it (the sweep's own sweep.yaml does).
     """
 
     # Sweep name: the folder under run.storage that holds every trial, best/ and trials.csv.
@@ -465,6 +468,20 @@ def from_dict(values: dict) -> Config:
     return cfg.validate()
 
 
+SWEEP_SECTION = "tune"
+
+
+def training_dict(cfg: Config) -> dict:
+    """The training sections (all but the sweep's `tune:`): what checkpoints and run folders keep."""
+    return {section: values for section, values in to_dict(cfg).items() if section != SWEEP_SECTION}
+
+
+def training_config(values: dict) -> Config:
+    """The config of a checkpoint or a run folder; a `tune` section (checkpoints once kept one) is
+    ignored, so that reading a model never validates the sweep schema."""
+    return from_dict({section: v for section, v in values.items() if section != SWEEP_SECTION})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then each `section.key=value` override in order."""
     cfg = Config()
@@ -522,8 +539,8 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def config_text(cfg: Config) -> str:
-    """The config as YAML that load_config reads back."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The training sections as YAML that load_config reads back (a run's config.yaml, best/config.yaml)."""
+    return yaml.safe_dump(training_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -14,7 +14,7 @@ from simpsons import checkpoint
 from simpsons.archive import MAX_FILE_BYTES
 from simpsons.augment import EvalPreset
 from simpsons.checkpoint import CHECKPOINT_FILE, checkpoint_file
-from simpsons.config import Config, ConfigError, from_dict
+from simpsons.config import Config, ConfigError, training_config
 from simpsons.data import (
     IMAGE_SUFFIXES,
     DataError,
@@ -53,7 +53,7 @@ def load_checkpoint(
     path = checkpoint.checkpoint_file(path)
     state = checkpoint.load(path, device)
     try:
-        cfg = from_dict(state["config"])
+        cfg = training_config(state["config"])
     except ConfigError as exc:
         raise DataError(
             f"{path} holds a config this code cannot read ({str(exc).rstrip('.')}); use the code version that wrote it."

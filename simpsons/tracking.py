@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from simpsons.config import Config, ConfigError, to_dict, with_overrides
+from simpsons.config import Config, ConfigError, to_dict, training_dict, with_overrides
 from simpsons.names import SCORE
 
 _logger = logging.getLogger(__name__)
@@ -450,12 +450,12 @@ def _open(
 
 
 def open_run(cfg: Config, run_uri: str, fresh: bool) -> TrackedRun | NoRun:
-    """The MLflow run of the training run at `run_uri` (= run.storage/run.name), its config logged
-    as params; a new one when `fresh` (nothing of this run in its storage yet)."""
+    """The MLflow run of the training run at `run_uri` (= run.storage/run.name), its training
+    sections logged as params; a new one when `fresh` (nothing of this run in its storage yet)."""
     if not cfg.run.tracking_uri:
         return NoRun()
     run = _open(cfg, RUN_TAG, run_uri, cfg.run.name, fresh=fresh)
-    run.log_params(config_params(cfg))
+    run.log_params(config_params(training_dict(cfg)))  # as best/config.yaml: no tune.*
     return run
 
 
@@ -483,7 +483,7 @@ def open_trial(cfg: Config, parent: dict | None, run_uri: str) -> TrackedRun | N
             experiment_id=parent["experiment_id"],
             parent=parent["run_id"],
         )
-        run.log_params(config_params(cfg))
+        run.log_params(config_params(training_dict(cfg)))  # the sweep's tune.* are its parent's
     except Exception as exc:  # a trial trains all the same
         _logger.warning("MLflow at %s: trial %s is not tracked (%s).", parent["uri"], cfg.run.name, _reason(exc))
         return NoRun()

@@ -26,7 +26,7 @@ import ray.train.torch
 import torch
 
 from simpsons import checkpoint, storage, tracking
-from simpsons.config import Config, from_dict, to_dict
+from simpsons.config import Config, from_dict, training_dict
 from simpsons.data import ResidentSplit, data_placement
 from simpsons.dataset import load_packed, local_dataset_dir, read_manifest
 from simpsons.engine import EpochProgress, EpochStats, TrainStep, evaluate, train_one_epoch
@@ -96,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
             return None
         extra = {"progress": asdict(progress)} if progress else {}
         state = checkpoint.training_state(model, optimizer, scheduler, step.scaler, step.ema, epoch=epoch,
-                                          best_score=best_score, history=history, config=to_dict(cfg),
+                                          best_score=best_score, history=history, config=training_dict(cfg),
                                           class_names=list(class_names), provenance=origin,
                                           tracking_run=tracker.run_id if tracker else "", **extra)  # fmt: skip
         folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")

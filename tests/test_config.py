@@ -1,6 +1,15 @@
 import pytest
+import yaml
 
-from simpsons.config import ConfigError, from_dict, load_config, save_config, to_dict
+from simpsons.config import (
+    ConfigError,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    training_config,
+    training_dict,
+)
 
 
 def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
@@ -54,6 +63,17 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
     save_config(cfg, tmp_path / "c.yaml")
     assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(cfg)
+
+
+def test_run_folders_and_checkpoints_keep_the_training_sections_only(tmp_path):
+    cfg = load_config(None, ["tune.num_samples=3", "optim.lr=0.01"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert "tune" not in training_dict(cfg) and "tune" not in yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(load_config(None, ["optim.lr=0.01"]))
+    # An old checkpoint's `tune:` section, whatever it holds, is not read.
+    assert to_dict(training_config({**training_dict(cfg), "tune": {"retired_key": 1}})) == to_dict(
+        load_config(tmp_path / "c.yaml")
+    )
 
 
 def test_shipped_configs_load():

@@ -19,21 +19,23 @@ from job_scripts import run_job
 from synthetic import draw_example, make_image_tree
 
 from simpsons.checkpoint import FORMAT, save
-from simpsons.config import load_config, to_dict
+from simpsons.config import ConfigError, from_dict, load_config, training_dict
 from simpsons.data import CLASS_NAMES, DataError
-from simpsons.inference import evaluate_folder
+from simpsons.inference import evaluate_folder, predict_files
 from simpsons.model import create_model
 from simpsons.prepare import scan_tree
 
 TEST_COUNTS = {"abraham_grampa_simpson": 3, "bart_simpson": 2, "lisa_simpson": 1}  # flat test images per class
 
 
-def write_checkpoint(path: Path) -> Path:
-    """An untrained checkpoint as training saves one: the weights, the resolved config and the class list."""
+def write_checkpoint(path: Path, tune: dict | None = None) -> Path:
+    """An untrained checkpoint as training saves one: the weights, the resolved config and the class
+    list; with `tune`, the config also has that `tune:` section, as checkpoints once did."""
     cfg = load_config(None, ["data.stored_size=40", "data.train_size=32"])
     torch.manual_seed(0)
     model = create_model(len(CLASS_NAMES))
-    state = {"model": model.state_dict(), "config": to_dict(cfg), "class_names": list(CLASS_NAMES), "format": FORMAT}
+    config = {**training_dict(cfg), **({"tune": tune} if tune is not None else {})}
+    state = {"model": model.state_dict(), "config": config, "class_names": list(CLASS_NAMES), "format": FORMAT}
     return save(path, state, metrics={})
 
 
@@ -70,6 +72,18 @@ def test_evaluate_job_scores_the_flat_kaggle_test_set(checkpoint, tmp_path):
     assert supports(metrics) == TEST_COUNTS and metrics["images"] == 6
     assert metrics["files_left_out"] == []
     assert done.stdout.strip().splitlines()[-1].startswith("6 images: accuracy ")
+
+
+def test_a_checkpoint_whose_tune_section_the_sweep_schema_refuses_still_evaluates_and_predicts(tmp_path):
+    """Checkpoints once carried the sweep's `tune:` section; reading a model never validates it."""
+    old_tune = {"scheduler": "bogus", "retired_key": 1}
+    with pytest.raises(ConfigError, match="tune"):  # what today's sweep schema says of it
+        from_dict({"tune": old_tune})
+    old = write_checkpoint(tmp_path / "old", tune=old_tune)
+    root = kaggle_tree(tmp_path / "kaggle")
+    assert evaluate_folder(old, root, device="cpu")[0]["images"] == 6
+    image = next((root / "kaggle_simpson_testset").rglob("*.jpg"))
+    assert len(predict_files(old, [image], top_k=2, device="cpu")[0]["top"]) == 2
 
 
 def test_evaluate_takes_every_layout_training_takes(checkpoint, tmp_path):

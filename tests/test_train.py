@@ -58,7 +58,7 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_datas
     state = torch.load(best / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scaler", "scheduler", "epoch", "best_score", "config", "class_names"} <= set(state)
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
-    assert state["config"]["train"]["workers"] == 2
+    assert state["config"]["train"]["workers"] == 2 and "tune" not in state["config"]  # training sections only
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     # Provenance: the result names the dataset, its manifest's checksum and the code that produced it.
     manifest_sha256 = hashlib.sha256((packed_dataset / "manifest.json").read_bytes()).hexdigest()
@@ -66,7 +66,9 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_datas
         assert origin["dataset_uri"] == str(packed_dataset) and origin["manifest_sha256"] == manifest_sha256
         assert origin["code_version"].startswith("0.1.0")
     # The resolved config is written beside the run when it starts, not only into best/.
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["workers"] == 2
+    for written in (run_dir / "config.yaml", best / "config.yaml"):
+        sections = yaml.safe_load(written.read_text())
+        assert sections["train"]["workers"] == 2 and "tune" not in sections
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_dataset):

@@ -171,6 +171,9 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     checkpoint = torch.load(io.BytesIO(_read(bucket, f"{prefix}best/checkpoint.pt")), weights_only=True)
     assert checkpoint["epoch"] + 1 == int(best_row["best_epoch"])
     assert checkpoint["config"]["optim"]["lr"] == pytest.approx(float(best_row["optim.lr"]))
+    # The best model's config is a run's (training sections); the sweep's own sweep.yaml keeps tune: too.
+    assert "tune" not in best_cfg and "tune" not in checkpoint["config"]
+    assert "space" in yaml.safe_load(_read(bucket, f"{prefix}sweep.yaml"))["tune"]
 
 
 class _Driver:

@@ -25,14 +25,14 @@ BENCH_LIMIT_S = 180
 
 
 def run_tests() -> tuple[int, int]:
-    """(passed, failed) of tests/test_gpu.py; errors and timeouts count as failed."""
+    """(passed, failed) of tests/gpu/test_gpu.py; errors and timeouts count as failed."""
     with tempfile.TemporaryDirectory() as tmp:
         report = f"{tmp}/junit.xml"
         command = [
             sys.executable,
             "-m",
             "pytest",
-            "tests/test_gpu.py",
+            "tests/gpu/test_gpu.py",
             "-m",
             "gpu",
             "-q",

@@ -8,7 +8,7 @@ names and sizes travel in the file (`simpsons.json`), so serving it takes torch 
     program = torch.export.load("best/model.pt2", extra_files={"simpsons.json": ""})
     probs = program.module()(images)   # images: torch.uint8 (B, S, S, 3)
 
-Its outputs match the checkpoint's (`inference.predict_proba`) within EXPORT_ATOL (tests/test_deploy.py).
+Its outputs match the checkpoint's (`inference.predict_proba`) within EXPORT_ATOL (tests/integration/test_deploy.py).
 """
 
 from __future__ import annotations

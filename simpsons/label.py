@@ -6,7 +6,7 @@ The driver lists the input once (a path and a size per image: ~150 bytes each) a
 earlier runs already wrote to the output, and hands only the rest to Ray Data. From there the data
 streams: Ray Data's executor keeps only a bounded number of blocks in flight (its share of the
 object store), so the memory a run needs does not grow with the number of images
-(tests/test_label.py measures it). Each output file is one block's rows:
+(tests/system/test_label.py measures it). Each output file is one block's rows:
 
     path            the image's URI (s3://bucket/key) or absolute path
     label           the most probable class ("" when the image could not be used)

@@ -1,6 +1,6 @@
 """The parts of Ray this project uses that Ray does not publish, in one place.
 
-Each may move in any Ray release; tests/test_ray_internals.py checks every one against the
+Each may move in any Ray release; tests/unit/test_ray_internals.py checks every one against the
 installed Ray, so an upgrade that moves one fails there, by name, not somewhere in a job.
 """
 

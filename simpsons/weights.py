@@ -9,7 +9,7 @@
                 project: its `model` is used)
 
 Inputs are normalised with ImageNet's mean and std whatever the weights: every torchvision preset
-these weights come with uses the same (tests/test_backbones.py checks it).
+these weights come with uses the same (tests/unit/test_backbones.py checks it).
 
 Every tensor whose shape fits is loaded; the classifier's last layer, sized for other classes, is
 left as initialised. A tensor outside the classifier that does not fit is an error: those weights

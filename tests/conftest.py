@@ -103,3 +103,18 @@ def ray_cluster(s3_server, request):
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
         if saved_address is not None:
             os.environ["RAY_ADDRESS"] = saved_address
+
+
+TIERS = ("unit", "integration", "system", "gpu")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test carries its folder's tier as a marker (`-m "not system"`), and a test outside the
+    four folders is an error: every test is in exactly one tier."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.nodeid} is not in a tier folder; move it under tests/{{{','.join(TIERS)}}}/."
+            )
+        item.add_marker(tier)

@@ -1,0 +1,156 @@
+"""The benchmarks in bench/ run end to end in --quick mode on images the tests write.
+
+Each benchmark runs as a subprocess, exactly as a user runs it, and must print only `name value`
+figure lines on stdout (or one `skipped ...` line). The numbers themselves depend on the machine;
+what is checked is that every figure is there, positive where it must be, and that the ratios
+are the ratios of the printed rates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+FIGURE = re.compile(r"^([a-z0-9_]+) (-?\d+(?:\.\d+)?)$")
+
+
+def run_bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a bench starts its own cluster
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, f"{script} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def figures(stdout: str) -> dict[str, float]:
+    """Every stdout line must be `name value`; returns them as a dict."""
+    lines = stdout.strip().splitlines()
+    assert lines, "the benchmark printed no figures"
+    parsed = {}
+    for line in lines:
+        match = FIGURE.match(line)
+        assert match, f"not a `name value` figure line: {line!r}"
+        assert match[1] not in parsed, f"figure {match[1]} printed twice"
+        parsed[match[1]] = float(match[2])
+    return parsed
+
+
+def assert_ratio(ratio: float, numerator: float, denominator: float) -> None:
+    # Printed values are rounded (rates to 0.01, ratios to 0.001).
+    assert ratio == pytest.approx(numerator / denominator, rel=0.02, abs=0.002)
+
+
+def test_throughput_quick_prints_every_figure(image_tree, tmp_path):
+    proc = run_bench(
+        "throughput.py", "--quick", "--images", str(image_tree), "--cache", str(tmp_path), "--variants", "bf16_nchw"
+    )
+    got = figures(proc.stdout)
+    rates = ["baseline", "baseline_data", "train", "model_step", "data_path", "train_bf16_nchw", "model_step_bf16_nchw"]
+    for s in ("", "_mean", "_best"):  # median step, mean over steps, fastest step
+        for name in rates:
+            assert got[f"{name}_img_per_s{s}"] > 0, name + s
+        assert got["train_img_per_s_best"] >= got[f"train_img_per_s{s}"]
+        assert_ratio(got[f"speedup_vs_baseline{s}"], got[f"train_img_per_s{s}"], got[f"baseline_img_per_s{s}"])
+        assert_ratio(got[f"data_path_fraction{s}"], got[f"train_img_per_s{s}"], got[f"model_step_img_per_s{s}"])
+        assert_ratio(
+            got[f"data_path_fraction_bf16_nchw{s}"],
+            got[f"train_bf16_nchw_img_per_s{s}"],
+            got[f"model_step_bf16_nchw_img_per_s{s}"],
+        )
+    assert (got["image_size"], got["batch_size"], got["threads"], got["timed_steps_per_pipeline"]) == (32, 8, 1, 2)
+    assert got["load_avg_1m_start"] >= 0 and got["load_avg_1m_end"] >= 0
+
+
+def test_throughput_skips_without_the_real_sample(tmp_path):
+    proc = run_bench(
+        "throughput.py", "--quick", "--archive", str(tmp_path / "missing.tar.xz"), "--cache", str(tmp_path)
+    )
+    assert proc.stdout.startswith("skipped ") and proc.stdout.count("\n") == 1, proc.stdout
+    assert "missing.tar.xz" in proc.stdout and "--images" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: gpu.py measures instead of skipping")
+def test_gpu_skips_cleanly_without_cuda(tmp_path):
+    proc = run_bench("gpu.py", "--quick", "--cache", str(tmp_path), timeout=120)
+    assert proc.stdout.startswith("skipped ") and proc.stdout.count("\n") == 1, proc.stdout
+    assert "CUDA is not available" in proc.stdout
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA: the device check runs instead of skipping"
+)
+def test_device_check_says_skipped_in_one_line_without_cuda():
+    done = subprocess.run(["make", "-s", "device-check"], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("skipped device check: CUDA is not available") and done.stdout.count("\n") == 1, (
+        done.stdout
+    )
+
+
+def test_gpu_code_path_runs_on_the_cpu_from_an_archive(image_tree, tmp_path):
+    # The GPU benchmark's whole path (resident split, step, bare step, epoch with evaluation) on
+    # the CPU, fed through --archive: an archive in the real sample's layout, unpacked by the bench.
+    archive = tmp_path / "dataset.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(image_tree / "dataset", arcname="dataset")
+    proc = run_bench(
+        "gpu.py", "--quick", "--device", "cpu", "--archive", str(archive), "--cache", str(tmp_path / "cache")
+    )
+    got = figures(proc.stdout)
+    for name in ("train_step_img_per_s", "model_step_img_per_s", "epoch_img_per_s", "eval_img_per_s", "epoch_s"):
+        assert got[name] > 0, name
+    assert_ratio(got["data_path_fraction"], got["train_step_img_per_s"], got["model_step_img_per_s"])
+    assert (got["image_size"], got["batch_size"]) == (32, 16)
+    # Unpacked as training unpacks a source (sources.fetch_source -> archive.safe_extract), keyed by its sha256.
+    [unpacked] = (tmp_path / "cache" / "unpacked").iterdir()
+    assert (unpacked / "dataset" / "train" / "bart_simpson").is_dir()
+    assert f"{unpacked}," in proc.stderr  # trained on the archive's images, not random ones
+
+
+def test_scaling_quick_runs_one_and_two_ray_workers(image_tree, tmp_path):
+    proc = run_bench("scaling.py", "--quick", "--images", str(image_tree), "--cache", str(tmp_path), timeout=400)
+    got = figures(proc.stdout)
+    assert got["efficiency_w1"] == 1.0
+    for workers in (1, 2):
+        assert got[f"total_img_per_s_w{workers}"] > 0
+        assert_ratio(got[f"per_worker_img_per_s_w{workers}"], got[f"total_img_per_s_w{workers}"], workers)
+        assert got[f"fit_s_w{workers}"] > 0
+    assert_ratio(got["efficiency_w2"], got["per_worker_img_per_s_w2"], got["per_worker_img_per_s_w1"])
+    assert (got["cpus_per_worker"], got["per_worker_batch"], got["image_size"]) == (1, 8, 32)
+
+
+def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
+    proc = run_bench(
+        "accuracy.py", "--profile", "quick", "--data", str(image_tree), "--recipes", "ema",
+        "--seeds", "2", "--target-f1", "0", "--out", str(tmp_path / "runs"), "--set", "optim.epochs=1",timeout=600,
+    )  # fmt: skip
+    got = figures(proc.stdout)
+    assert got["seeds"] == 2 and got["budget_s"] == 60
+    seeds = [got[f"ema_s{s}_f1_within_budget"] for s in (0, 1)]
+    assert got["ema_f1_within_budget_mean"] == pytest.approx(sum(seeds) / 2, abs=1e-4)
+    assert 0 <= got["ema_f1_within_budget_std"] and 0 < got["ema_best_val_macro_f1_mean"] <= 1
+    # Macro-F1 0 is reached by the first epoch, after its own time.
+    first = got["ema_s_to_f1_0_mean"]
+    assert got["ema_reached_f1_0"] == 2 and 0 < first <= got["ema_train_s_mean"]
+    assert len(list((tmp_path / "runs").glob("quick-ema-s*/best/model.pt2"))) == 2
+
+
+def test_serving_quick_prints_every_figure(image_tree):
+    got = figures(run_bench("serving.py", "--quick", "--images", str(image_tree), "--clients", "4").stdout)
+    assert set(got) == {"p50_ms", "p99_ms", "requests_per_s", "failed"}
+    assert got["failed"] == 0 and 0 < got["p50_ms"] <= got["p99_ms"] and got["requests_per_s"] > 0
+
+
+def test_label_quick_prints_every_figure(image_tree):
+    got = figures(run_bench("label.py", "--quick", "--images", str(image_tree)).stdout)
+    assert set(got) == {"predict_img_per_s", "label_img_per_s", "label_vs_predict"}
+    assert_ratio(got["label_vs_predict"], got["label_img_per_s"], got["predict_img_per_s"])

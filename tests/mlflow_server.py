@@ -1,0 +1,90 @@
+"""`mlflow server` on 127.0.0.1 for the tracking tests, and the job runner they share."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from ray_head import REPO, VENV_BIN, popen_group
+
+from simpsons.cluster import free_port
+
+
+class MlflowServer:
+    """`mlflow server` with a SQLite store and S3 artifacts, in a process group of its own; it can be
+    stopped and started again on the same port and database (an outage)."""
+
+    def __init__(self, workdir: Path, artifacts: str, s3_endpoint: str, *extra: str, **env: str):
+        self.workdir, self.artifacts, self.extra = workdir, artifacts, extra
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        # The server writes artifacts to S3 with boto3: the test's keys and the moto endpoint.
+        self.env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> MlflowServer:
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            self.artifacts,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            *self.extra,
+        ]
+        log = open(self.workdir / "server.log", "a")
+        self.process = popen_group(cmd, self.env, self.workdir, log, signal.SIGTERM)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.answers():
+            assert self.process.poll() is None, f"mlflow server exited: {self.log_tail()}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer in {timeout:.0f} s: {self.log_tail()}"
+            time.sleep(0.5)
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+    def log_tail(self) -> str:
+        return (self.workdir / "server.log").read_text()[-3000:]
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+def job_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_job(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs (a real Ray head, storage in S3)

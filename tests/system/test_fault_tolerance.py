@@ -1,0 +1,84 @@
+"""Fault tolerance on a real Ray head (`ray start --head`, token auth, 127.0.0.1; tests/ray_head.py).
+
+1. A Ray Train worker process is killed from outside mid-run (found through Ray's state API, as an
+   operator would find it; nothing in the training code helps): FailureConfig restarts the worker
+   group, which resumes from the latest checkpoint in S3 and finishes the configured epochs.
+2. The driver (`python jobs/train.py`) is killed mid-run: running the same command again resumes
+   from the run's storage in S3 and finishes.
+
+Both are judged from what the run reported (tests/run_history.py): the `history` in the last
+checkpoint's checkpoint.pt (one entry per epoch, each with its `epoch` and a `resumed` flag).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import boto3
+import pytest
+from ray_head import SMOKE_TRAIN, TINY_RUN, VENV_BIN, RayHead, sets
+from run_history import assert_finished_after_resuming, wait_for_checkpoint
+
+BUCKET, PREFIX = "fault-tolerance", "runs"
+EPOCHS = 20  # the kill lands once epoch 2's checkpoint is in S3; epochs take 1-3 s here, so most are left
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    with RayHead(num_cpus=4) as head:
+        yield head
+
+
+def train_command(packed_dataset, run_name: str) -> list[str]:
+    overrides = {
+        **TINY_RUN,
+        "data.uri": packed_dataset,
+        "optim.epochs": EPOCHS,
+        "train.workers": 2,
+        "run.storage": f"s3://{BUCKET}/{PREFIX}",
+        "run.name": run_name,
+    }
+    return [str(VENV_BIN / "python"), *SMOKE_TRAIN, *sets(overrides)]
+
+
+def wait_for_train_workers(head: RayHead, count: int, timeout: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = head.train_workers()
+        if len(workers) == count:
+            return workers
+        assert time.monotonic() < deadline, f"expected {count} live Train workers, the state API lists {workers}"
+        time.sleep(1)
+
+
+def test_killed_train_worker_restarts_the_group_and_resumes(head, packed_dataset):
+    run_name = "worker-killed"
+    driver = head.spawn(train_command(packed_dataset, run_name), head.driver_env())
+    driver.wait_for_line("Started training worker group of size 2", timeout=180)  # then ask the state API
+    workers = wait_for_train_workers(head, 2)
+    wait_for_checkpoint(BUCKET, f"{PREFIX}/{run_name}", 2, driver)
+
+    victim = workers[-1]["pid"]
+    # Only ever kill a process of this test's own cluster (its environment names the head's temp dir).
+    assert victim in head.leftover_pids(), f"pid {victim} is not a process of this test's Ray head"
+    os.kill(victim, signal.SIGKILL)
+
+    assert driver.wait(timeout=240) == 0, driver.output[-6000:]
+    assert_finished_after_resuming(BUCKET, PREFIX, run_name, driver.output, EPOCHS)
+
+
+def test_killed_driver_resumes_when_the_same_command_runs_again(head, packed_dataset):
+    run_name = "driver-killed"
+    command = train_command(packed_dataset, run_name)
+    first = head.spawn(command, head.driver_env())
+    wait_for_checkpoint(BUCKET, f"{PREFIX}/{run_name}", 2, first)
+    first.kill()  # SIGKILL: no chance to clean up, as when a job's process or its node dies
+    # Ray takes the run's controller and workers down with their driver.
+    wait_for_train_workers(head, 0, timeout=60)
+
+    second = head.spawn(command, head.driver_env())
+    assert second.wait(timeout=240) == 0, second.output[-6000:]
+    assert_finished_after_resuming(BUCKET, PREFIX, run_name, second.output, EPOCHS)

@@ -1,0 +1,112 @@
+import pytest
+import yaml
+
+from simpsons.config import (
+    ConfigError,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    training_config,
+    training_dict,
+)
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\n  epochs: 7\nloss:\n  alpha: 0.25\n")
+    cfg = load_config(path, ["optim.lr=0.002", "train.workers=2", "data.crop_scale=[0.5, 1.0]"])
+    assert cfg.optim.lr == 0.002 and cfg.optim.epochs == 7
+    assert cfg.loss.alpha == 0.25 and cfg.train.workers == 2
+    assert cfg.data.crop_scale == [0.5, 1.0]
+    assert cfg.optim.batch_size == 64  # untouched default
+
+
+def test_int_and_exponent_strings_are_accepted_for_a_float_field():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML reads 1e-3 as a string
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=0.1", "Unknown config key 'optim.learning_rate'"),
+        ("optimizer.lr=0.1", "Unknown config key 'optimizer.lr'"),
+        ("optim.epochs=ten", "'optim.epochs' must be of type int"),
+        ("train.use_gpu=maybe", "train.use_gpu must be true, false or 'auto'"),
+        ("optim.schedule=linear", "optim.schedule must be one of cosine, plateau"),
+        ("optim", "must look like section.key=value"),
+        ("data.train_size=200", "must not exceed data.stored_size"),
+        ("data.resize_from=0", "data.resize_from"),
+        ("data.resize_ramp=[0.9, 0.5]", "data.resize_ramp must be two fractions of the run"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_yaml_file_names_the_full_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sorce: x\n")
+    with pytest.raises(ConfigError, match="Unknown config key 'data.sorce'"):
+        load_config(path)
+
+
+def test_missing_file_is_one_clear_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["loss.alpha=[1.0, 2.0]", "run.name=x"])
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(cfg)
+
+
+def test_run_folders_and_checkpoints_keep_the_training_sections_only(tmp_path):
+    cfg = load_config(None, ["tune.num_samples=3", "optim.lr=0.01"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert "tune" not in training_dict(cfg) and "tune" not in yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(load_config(None, ["optim.lr=0.01"]))
+    # An old checkpoint's `tune:` section, whatever it holds, is not read.
+    assert to_dict(training_config({**training_dict(cfg), "tune": {"retired_key": 1}})) == to_dict(
+        load_config(tmp_path / "c.yaml")
+    )
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
+        load_config(path)  # sweep files too: their tune: section is one more section of the tree
+
+
+def test_a_dotted_key_below_a_mapping_sets_one_entry_and_copies_leave_the_original():
+    from simpsons.config import set_key, with_overrides
+
+    cfg = load_config(None, ["train.resources_per_worker.A10G=1"])
+    assert cfg.train.resources_per_worker == {"A10G": 1}
+    set_key(cfg, "train.resources_per_worker.A10G", None)  # null removes the entry
+    assert cfg.train.resources_per_worker == {}
+    changed = with_overrides(cfg, {"optim.lr": 0.5, "tune.num_samples": 2})
+    assert (changed.optim.lr, changed.tune.num_samples) == (0.5, 2)
+    assert (cfg.optim.lr, cfg.tune.num_samples) == (3e-3, 8)
+    with pytest.raises(ConfigError, match="Unknown config key 'loss.alpha.x': 'alpha' is a value, not a section"):
+        load_config(None, ["loss.alpha.x=1"])
+
+
+def test_the_original_recipe_pins_every_value_the_defaults_changed():
+    # configs/original.yaml is bench/accuracy.py's baseline: a default changed later must not leak into it.
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "original.yaml")
+    assert (cfg.data.augment, cfg.data.resize_from, cfg.model.dropout, cfg.model.head) == (False, 1, 0.5, "original")
+    assert (cfg.loss.alpha, cfg.loss.label_smoothing, cfg.optim.schedule, cfg.optim.ema_decay) == (
+        None,
+        0,
+        "plateau",
+        0,
+    )
+    assert (cfg.model.arch, cfg.model.weights, cfg.model.tta_flip) == ("original", "none", False)

@@ -10,12 +10,9 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from simpsons.cluster import CapacityError
-from simpsons.config import Config, ConfigError, load_config
-from simpsons.data import DataError
+from simpsons.config import Config, load_config
+from simpsons.errors import UserError
 from simpsons.logs import configure_logging
-from simpsons.sources import SourceError
-from simpsons.storage import StorageError
 
 
 def job_overrides(args: argparse.Namespace) -> list[str]:
@@ -55,11 +52,6 @@ def load_job_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, job_overrides(args))
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is written for the user: printed as one sentence, no traceback."""
-    return (ConfigError, CapacityError, DataError, SourceError, StorageError)
-
-
 def run_job(
     main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, log_stream: TextIO | None = None
 ) -> None:
@@ -69,6 +61,6 @@ def run_job(
     args = parser.parse_args()
     try:
         main(args)
-    except user_errors() as exc:
+    except UserError as exc:  # written for the user: one sentence, no traceback
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,7 @@ import yaml
 
 from simpsons import kuberay, ray_internals, storage
 from simpsons.config import NOT_PATHS, Config, ConfigError, from_dict, is_relative_path, to_dict
+from simpsons.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def resolve_resources(
     return cfg
 
 
-class CapacityError(Exception):
+class CapacityError(UserError):
     """The nodes a run's workers need did not come within train.capacity_timeout_s."""
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import yaml
 
 from simpsons.archive import MAX_FILE_BYTES
+from simpsons.errors import UserError
 from simpsons.names import ARCHS, CACHE_DIR, CLASS_NAMES, RESIDUAL_ARCHS, STORED_SIZE
 
 # The original project's published Google Drive folder; it holds `dataset.tar.xz`.
@@ -38,7 +39,7 @@ SCHEDULERS = ("asha", "fifo")
 SEARCHES = ("random", "optuna", "hyperopt")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be applied; the message names the key."""
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from simpsons.archive import UNREAD_LIST
+from simpsons.errors import UserError
 from simpsons.files import sha256_hex
 from simpsons.names import CLASS_NAMES
 
@@ -36,7 +37,7 @@ SPLIT_NAMES = ("train", "val", "testset")
 _FLAT_NAME = re.compile(r"^(?P<cls>[a-z_]+?)_(?P<n>\d+)$")  # kaggle_simpson_testset/<class>_<n>.jpg
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data the job cannot use; the message names the file or folder and the fix."""
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simpsons import checkpoint
+from simpsons import checkpoint, storage
 from simpsons.archive import MAX_FILE_BYTES
 from simpsons.augment import EvalPreset
 from simpsons.checkpoint import CHECKPOINT_FILE, checkpoint_file
@@ -30,6 +30,7 @@ from simpsons.metrics import classification_report, confusion_matrix
 from simpsons.model import classify, create_model
 from simpsons.names import CACHE_DIR
 from simpsons.recipe import create_eval_preset
+from simpsons.sources import fetch_source
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -106,8 +107,6 @@ def evaluate_folder(
     archive or URL of one (fetched into `cache_dir`). Of a tree with splits, `split` (default:
     testset, else val) is scored.
     """
-    from simpsons.sources import fetch_source
-
     model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
     layout = find_layout(fetch_source(data, cache_dir, max_image_bytes=cfg.data.max_image_bytes), class_names)
     available = [name for name in layout.names() if name != "unsplit"]  # "unsplit": class folders without a split
@@ -202,8 +201,6 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
 def open_classifier(checkpoint: str | Path, device: str | torch.device | None = None) -> Classifier:
     """load_classifier for a local path or an s3:// URI of a run's best/ folder (its checkpoint.pt,
     else its model.pt2) or of one of those files; `source` names the file read."""
-    from simpsons import storage
-
     if not storage.is_s3(str(checkpoint)):
         return load_classifier(Path(checkpoint).expanduser().resolve(), device)
     uri = str(checkpoint).rstrip("/")

@@ -29,9 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
 from simpsons import storage
 from simpsons.checkpoint import code_version
+from simpsons.cluster import absolute_dataset_uri, init_ray
 from simpsons.data import IMAGE_SUFFIXES, DataError, decode_image, too_large
 from simpsons.inference import open_classifier
 
@@ -208,8 +210,6 @@ def model_resources(gpus: int | None, cpu_actors: int) -> tuple[int, dict, int]:
     """(actors, Ray resources per actor, batch size): one actor per GPU when there are GPUs (`gpus`,
     default: those the cluster has now), else `cpu_actors` actors of 1 CPU, fewer when the cluster's
     CPUs would leave none for the decode tasks (the actors would hold every CPU and nothing decode)."""
-    import ray
-
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if gpus is None else gpus
     if gpus > 0:
@@ -231,10 +231,6 @@ def label(
     Joins the Ray cluster (RAY_ADDRESS) or starts a local one. `checkpoint` is a run's best/
     folder, checkpoint.pt or model.pt2, local or s3://; local paths must be on every node.
     """
-    import ray
-
-    from simpsons.cluster import absolute_dataset_uri, init_ray
-
     start = time.perf_counter()
     # Resolved here: the workers neither share this process's working directory nor parse `~`.
     checkpoint, data, out = (absolute_dataset_uri(uri.rstrip("/")) for uri in (checkpoint, data, out))

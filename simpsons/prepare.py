@@ -51,6 +51,7 @@ from simpsons.data import (
 from simpsons.dataset import MANIFEST, REPORT, read_manifest, write_packed
 from simpsons.files import cache_key, file_sha256, fresh_partial, sha256_files, sha256_hex
 from simpsons.names import CACHE_DIR, STORED_SIZE
+from simpsons.sources import fetch_source
 
 _logger = logging.getLogger(__name__)
 
@@ -447,8 +448,6 @@ def prepare_dataset(
     max_image_bytes: int = MAX_FILE_BYTES,
 ) -> Prepared:
     """Fetch, validate, split, pack and upload `source` as <dest>/datasets/<name>/<version>/."""
-    from simpsons.sources import fetch_source
-
     started = time.perf_counter()
     for label, value in (("name", name), ("version", version)):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):

@@ -28,6 +28,7 @@ import asyncio
 import logging
 
 import numpy as np
+import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -132,8 +133,6 @@ def wants_gpu(gpu: str | bool) -> bool:
         return False
     if value != "auto":
         raise ValueError(f"gpu={gpu!r} is not one of auto, true, false.")
-    import ray
-
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 

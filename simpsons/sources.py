@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from simpsons.archive import MAX_FILE_BYTES, ArchiveError, is_archive, safe_extract
+from simpsons.errors import UserError
 from simpsons.files import cache_key, file_sha256, fresh_partial, resumed_partial
 from simpsons.names import CACHE_DIR
 
@@ -41,7 +42,7 @@ _DRIVE_FILE = re.compile(r"(?:drive|docs)\.google\.com/(?:file/d/([\w-]+)|(?:ope
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A data source that cannot be fetched or read; the message names it and the fix."""
 
 

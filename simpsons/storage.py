@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
+from simpsons.errors import UserError
 from simpsons.files import file_md5, file_sha256, sha256_hex, write_atomic
 
 _logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ QUIET_BELOW = 32 << 20  # bytes; smaller transfers (e.g. TensorBoard logs every 
 logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """Object storage that cannot be used as asked; the message names the bucket/URI and the fix."""
 
 

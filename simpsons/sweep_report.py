@@ -19,12 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import yaml
 
 from simpsons import storage
 from simpsons.checkpoint import read_metrics
 from simpsons.config import Config, to_dict
 from simpsons.names import SCORE
+from simpsons.report import write_best
 
 _logger = logging.getLogger(__name__)
 
@@ -114,10 +116,6 @@ def write_sweep_report(
         if publish:
             publish(Path(tmp), "")
     _logger.info("%s", format_table(rows, params))
-
-    import ray.train
-
-    from simpsons.report import write_best
 
     best = rows[0]
     fs, _ = storage.pyarrow_filesystem(sweep_uri, endpoint)

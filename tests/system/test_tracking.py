@@ -183,7 +183,7 @@ def test_a_tracking_server_outage_mid_run_loses_no_epoch(head, mlflow_server, pa
     # The job reaches the server through a gate that the test shuts (connections refused, open ones
     # cut) for as long as two epochs train, then opens: the outage ends well before the run does on
     # a fast machine too, which a server restart (10-40 s) did not promise.
-    name, epochs = f"outage-{uuid.uuid4().hex[:6]}", 60
+    name, epochs = f"outage-{uuid.uuid4().hex[:6]}", 30
     client = mlflow_server.client()
     with TcpGate(mlflow_server.port) as gate:
         command = train_command(packed_dataset, name, epochs, "--set", f"run.tracking_uri={gate.uri}")

@@ -7,15 +7,19 @@ Two pipelines, one module per concept:
              and split the images (data); decode them once into uint8 arrays with a manifest
              (dataset: the packed format and its per-node cache); upload to S3
 
-    train    config -> dataset -> augment -> model / weights / loss -> train -> metrics -> report
-             typed settings; the packed splits resident on the device; batched augmentation
-             presets; the original residual network or a torchvision backbone and its starting
-             weights; focal loss; train_one_epoch / evaluate under Ray Train (DDP, mixed
-             precision); exact per-class scores from summed confusion matrices; best/ with its
-             checkpoint, exported model (deploy), metrics and pictures
+    train    driver -> worker -> engine, with the recipe in between
+             driver   fit: every check before Ray, the dataset, the Ray Train run, best/ (report)
+             worker   the Ray Train loop on each worker: data resident on the device, restore,
+                      epochs, checkpoints, TensorBoard and MLflow from rank 0
+             recipe   the one place a config becomes objects: model, loss, optimizer, schedule,
+                      the per-epoch plan (image side, presets, precision)
+             engine   step, epoch, evaluate in plain PyTorch with explicit inputs: no Ray, no config
+             below them: augment (batched presets), model / weights, loss, metrics, data
 
-Around them: `cluster` (joining Ray, what the cluster can hold, the driver's checks), `checkpoint`
-(the one owner of the checkpoint's layout, format version and provenance), `tune` and
-`sweep_report` (the sweep and its report), `inference` (evaluate and predict from a checkpoint),
-`cli` (what the jobs in jobs/ share) and `files` (hashing, atomic writes: no package imports).
+Around them: `config` (typed settings), `names` (names and defaults several modules share),
+`cluster` (joining Ray, what the cluster can hold), `checkpoint` (the one owner of the
+checkpoint's layout, format version and provenance), `tune` and `sweep_report` (sweeps),
+`inference`, `deploy`, `label` and `serve` (using the model), `tracking` (MLflow), `spot`
+(reclaim notices), `errors` (the user-facing error mark), `logs` and `files` (hashing, atomic
+writes, partial folders, the node lock). `cli` is the jobs' plumbing; the library never imports it.
 """

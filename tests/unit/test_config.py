@@ -110,3 +110,46 @@ def test_the_original_recipe_pins_every_value_the_defaults_changed():
         0,
     )
     assert (cfg.model.arch, cfg.model.weights, cfg.model.tta_flip) == ("original", "none", False)
+
+
+def test_the_librarys_defaults_are_the_configs():
+    # A library function called without an argument behaves as the default config does; where the
+    # library has no sensible default it takes none (FocalLoss, TrainPreset, train_transform).
+    import inspect
+
+    from simpsons import augment, dataset, inference, loss, model, prepare, sources
+
+    cfg = load_config(None)
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    pairs = {
+        "model.create_model head": (default(model.create_model, "head"), cfg.model.head),
+        "model.create_model dropout": (default(model.create_model, "dropout"), cfg.model.dropout),
+        "model.create_model arch": (default(model.create_model, "arch"), cfg.model.arch),
+        "loss.resolve_alpha power": (default(loss.resolve_alpha, "power"), cfg.loss.alpha_power),
+        "loss.balance_alpha power": (default(loss.balance_alpha, "power"), cfg.loss.alpha_power),
+        "augment.eval_transform channels_last": (
+            default(augment.eval_transform, "channels_last"),
+            cfg.train.channels_last,
+        ),
+        "augment.train_transform channels_last": (
+            default(augment.train_transform, "channels_last"),
+            cfg.train.channels_last,
+        ),
+        "dataset.local_dataset_dir cache_dir": (default(dataset.local_dataset_dir, "cache_dir"), cfg.data.cache_dir),
+        "sources.fetch_source cache_dir": (default(sources.fetch_source, "cache_dir"), cfg.data.cache_dir),
+        "inference.evaluate_folder cache_dir": (default(inference.evaluate_folder, "cache_dir"), cfg.data.cache_dir),
+        "prepare.pack_tree stored_size": (default(prepare.pack_tree, "stored_size"), cfg.data.stored_size),
+        "prepare.cached_pack stored_size": (default(prepare.cached_pack, "stored_size"), cfg.data.stored_size),
+    }
+    differ = {name: pair for name, pair in pairs.items() if pair[0] not in (inspect.Parameter.empty, pair[1])}
+    assert differ == {}, f"library default != config default: {differ}"
+    for fn in (loss.FocalLoss, augment.TrainPreset, augment.train_transform):
+        takes = [
+            p
+            for p in ("gamma", "label_smoothing", "crop_scale", "rotate_deg", "scale")
+            if p in inspect.signature(fn).parameters
+        ]
+        assert all(default(fn, p) is inspect.Parameter.empty for p in takes), fn

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from simpsons.archive import UNREAD_LIST
 from simpsons.files import sha256_hex
@@ -338,6 +337,8 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
 
 def pack_split(records: Sequence[ImageRecord], size: int, workers: int = 0, desc: str = "pack") -> PackedSplit:
     """Decode every image once (in a process pool) into one (N, size, size, 3) uint8 array."""
+    from tqdm import tqdm  # imported where used: the training engine imports this module where tqdm is not
+
     workers = workers or os.cpu_count() or 1
     images = np.empty((len(records), size, size, 3), dtype=np.uint8)
     keep = np.zeros(len(records), dtype=bool)

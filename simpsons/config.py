@@ -82,8 +82,10 @@ class DataConfig:
     # left out unread and listed in report.json. Real photos are under 1 MB.
     max_image_bytes: int = MAX_FILE_BYTES
     # Largest share (0-1) of a GPU's free memory the packed train + val splits may take to stay
-    # resident on it; beyond that they stay in pinned host memory and each batch is gathered there
-    # and copied over without blocking. Half leaves the rest to the model, activations and cuDNN.
+    # resident on it; beyond that they stay in host memory (the page cache, shared by the node's
+    # ranks; refused if they do not fit the host's available memory) and each batch is gathered
+    # into a pinned buffer and copied over without blocking. Half leaves the rest to the model,
+    # activations and cuDNN.
     resident_share: float = 0.5
 
 

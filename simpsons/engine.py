@@ -154,6 +154,7 @@ def train_one_epoch(
         sums += torch.tensor([resume.loss_sum, resume.correct], dtype=torch.float64).to(device)
     images = 0  # on the host, where it is known: a per-step torch.tensor(n, device="cuda") would block
     done = resume.step
+    logged_loss = LaggedValue(device)
     started = time.perf_counter()
 
     def progress() -> EpochProgress:
@@ -181,11 +182,12 @@ def train_one_epoch(
         images += len(labels)
         done = i + 1
         if log_every and done % log_every == 0:
+            shown = logged_loss.swap(loss, done)
             _logger.info(
-                "%s step %d loss %.3f %.0f img/s at %d px",
+                "%s step %d loss %s %.0f img/s at %d px",
                 log_label,
                 done,
-                float(loss),  # a sync: only the logging rank logs
+                loss_text(shown, done),
                 images * world / (time.perf_counter() - started),
                 preset.train_size,
             )
@@ -203,6 +205,45 @@ def train_one_epoch(
         seconds=seconds,
         steps=[*resume.steps, [resume.step, done]],
     )
+
+
+def loss_text(shown: tuple[int, float] | None, step: int) -> str:
+    """A progress line's loss: LaggedValue's (step, value), its step named when it is an earlier one."""
+    if shown is None:
+        return "pending"
+    return f"{shown[1]:.3f}" + (f" (at step {shown[0]})" if shown[0] != step else "")
+
+
+class LaggedValue:
+    """A device scalar read without waiting for the device, for progress lines: swap(value, step)
+    starts a non-blocking copy of `value` to pinned host memory and returns the (step, value) of the
+    copy started at the previous swap once it has arrived (None before that). Reading the loss
+    itself (float(loss)) would stall the logging rank until the GPU catches up, and every other
+    rank at the next all-reduce."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.last: tuple[int, float] | None = None
+
+    def swap(self, value: torch.Tensor, step: int) -> tuple[int, float] | None:
+        self._collect()
+        if self.pending is None:
+            host = torch.empty((), dtype=value.dtype, pin_memory=self.device.type == "cuda")
+            host.copy_(value.detach(), non_blocking=True)
+            copied = None
+            if self.device.type == "cuda":
+                copied = torch.cuda.Event()
+                copied.record()
+            self.pending = (step, host, copied)
+        self._collect()  # on the CPU the copy is done: this step's value
+        return self.last
+
+    def _collect(self) -> None:
+        if self.pending is not None:
+            at, host, copied = self.pending
+            if copied is None or copied.query():  # query() asks, it does not wait
+                self.last, self.pending = (at, float(host)), None
 
 
 def synchronize(device: torch.device) -> None:

@@ -11,6 +11,7 @@ Nothing here trains; simpsons.engine does, with these.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,21 @@ def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
         {"params": head, "lr": cfg.optim.lr},
         {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale},
     ]
+
+
+def ddp_options(cfg: Config) -> dict:
+    """DistributedDataParallel's keyword arguments for this config (Ray's prepare_model passes them on).
+
+    Gradients are all-reduced into buckets of train.ddp_bucket_mb that the gradients are views of.
+    Buffers (BatchNorm's running statistics) are not re-broadcast from rank 0 before every
+    forward: training uses the batch's statistics, and the running ones are read only by
+    engine.evaluate, which broadcasts rank 0's first, and by the checkpoint, which is rank 0's.
+    Every rank starts from the same buffers (the same seed, or the same checkpoint)."""
+    options = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
+    # torch 2.13 renamed broadcast_buffers (now deprecated, with a warning) to forward_sync_buffers.
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    options["forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"] = False
+    return options
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):

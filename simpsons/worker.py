@@ -33,7 +33,7 @@ from simpsons.engine import EpochProgress, EpochStats, TrainStep, evaluate, trai
 from simpsons.logs import configure_logging
 from simpsons.metrics import classification_report
 from simpsons.names import MID_EPOCH, SCORE
-from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step, ddp_options
 
 _logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     plan = Plan.of(cfg, device, world)
 
-    ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
+    ddp_kwargs = ddp_options(cfg)
     model, criterion, optimizer = build_components(
         cfg,
         manifest["splits"]["train"]["class_counts"],
@@ -274,7 +274,7 @@ def epoch_line(metrics: dict, trained: EpochStats, epochs: int) -> str:
 def resident_splits(
     dataset_dir: str | Path, device: torch.device, share: float, announce: bool = True
 ) -> tuple[ResidentSplit, ResidentSplit]:
-    """The packed train and val splits, kept whole on `device` (or in pinned host memory when they
+    """The packed train and val splits, kept whole on `device` (or in host memory when they
     do not fit `share` of its free memory)."""
     arrays = {name: load_packed(dataset_dir, name) for name in ("train", "val")}
     on_device, placement = data_placement(sum(a.nbytes for pair in arrays.values() for a in pair), device, share)

@@ -208,6 +208,23 @@ class TrainConfig:
     # 0.9 MiB), 8 % after backward, with few launches (1 MiB: seven buckets, 4 %). Computed with
     # DDP's own bucketing function in tests/test_step.py; not yet timed on GPUs.
     ddp_bucket_mb: float = 5.0
+    # torch.compile the network (nn.Module.compile: in place, the checkpoint's keys unchanged). Its
+    # first steps at each image side compile for tens of seconds; it pays on a GPU whose steps are
+    # launch-bound, not on the CPU (bench/RESULTS.md), hence off by default.
+    compile: bool = False
+    # Evaluate the validation split every N epochs and after the last (1 = every epoch).
+    # Checkpoints are still saved every epoch; those of an epoch without evaluation carry no val_*
+    # figures and never rank as the best (their val_macro_f1 is -inf, as a mid-epoch
+    # checkpoint's), and sweeps rank them by the last evaluated score. With optim.schedule=plateau
+    # the patience counts evaluations.
+    evaluate_every: int = 1
+    # Images per evaluation batch on each worker, whatever the training batch: one fixed shape
+    # (the last batch is padded to it), so cuDNN and torch.compile tune evaluation once.
+    eval_batch: int = 256
+    # Leave out each epoch's last, partial training batch (its images train in other epochs, as
+    # the permutation changes): every step of an epoch has one shape, so cuDNN (and torch.compile)
+    # tune one set of kernels per image side instead of two.
+    drop_last: bool = True
 
 
 @dataclass
@@ -431,6 +448,8 @@ _BOUNDS = {
     "train.max_preemptions": _AT_LEAST_0,
     "train.tensorboard_every": _AT_LEAST_1,
     "train.ddp_bucket_mb": _ABOVE_0,
+    "train.evaluate_every": _AT_LEAST_1,
+    "train.eval_batch": _AT_LEAST_1,
 }
 
 

@@ -444,6 +444,12 @@ def mix_seed(seed: int, *parts: int) -> int:
     return seed % (1 << 63)  # torch.manual_seed takes 64 bits
 
 
+def _steps(images: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of `images` (one rank's share of an epoch): the last partial one dropped with
+    `drop_last`, unless it is the only one."""
+    return images // batch_size if drop_last and images >= batch_size else -(-images // batch_size)
+
+
 class ResidentSplit:
     """A packed split held in memory as uint8: on the training device, or in host memory for a GPU it does not fit.
 
@@ -484,9 +490,17 @@ class ResidentSplit:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches(
-        self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0
+        self,
+        epoch: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of `epoch`, from position `start` of the epoch's permutation on.
+        """This rank's batches of `epoch`, from position `start` of the epoch's permutation on;
+        with `drop_last` without the last partial batch (unless it is the only one).
 
         Step i of every rank together takes the permutation's images [i * world * batch_size,
         (i + 1) * world * batch_size), so a run resumed at step k skips exactly the first
@@ -495,6 +509,8 @@ class ResidentSplit:
         generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
         order = torch.randperm(len(self), generator=generator)
         end = len(self) // world * world  # equal shares: DDP needs the same step count on every rank
+        # The epoch's images used, decided on the whole epoch (a resumed one drops what it would have)
+        end = min(end, self.steps_per_epoch(batch_size, world, drop_last) * batch_size * world)
         start = min(start, end)
         # (end - start) is a multiple of world unless the run resumes with another worker count
         per_rank = (end - start) // world
@@ -502,8 +518,8 @@ class ResidentSplit:
         for first in range(0, per_rank, batch_size):
             yield self._batch(mine[first : first + batch_size])
 
-    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
-        return -(-(len(self) // world) // batch_size)
+    def steps_per_epoch(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+        return _steps(len(self) // world, batch_size, drop_last)
 
     def eval_batches(
         self, batch_size: int, rank: int = 0, world: int = 1

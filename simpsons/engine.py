@@ -53,6 +53,7 @@ class TrainStep:
         dtype: torch.dtype | None,
         per_step_schedule: bool,
         ema_decay: float,
+        compile: bool = False,
     ):
         self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
         self.device = next(model.parameters()).device
@@ -72,6 +73,10 @@ class TrainStep:
                 multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay),
                 use_buffers=True,
             )
+        if compile:
+            # In place (the module's type and state_dict keys unchanged, DDP's wrapper around it) and
+            # after the moving average's copy: a copy of a compiled module would call the original's forward.
+            getattr(model, "module", model).compile()
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, preset: TrainPreset, generator: torch.Generator
@@ -266,7 +271,8 @@ def evaluate(
     world: int = 1,
 ) -> tuple[torch.Tensor, float]:
     """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split), this rank
-    taking every world-th image in batches of `batch_size`.
+    taking every world-th image in batches of `batch_size` (the last one padded to it). Nothing in
+    the loop reads the device: the two figures are read once, at the end.
 
     `model` is the trained network, its DDP wrapper or its moving average (AveragedModel)."""
     # The bare module, not the DDP (or AveragedModel) wrapper: the wrapper's first forward after training broadcasts
@@ -282,8 +288,11 @@ def evaluate(
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels in split.eval_batches(batch_size, rank, world):
+        n = len(labels)
+        if n < batch_size:  # the last batch, padded to the fixed shape (one kernel set); the padding's logits dropped
+            images = images[torch.arange(batch_size, device=images.device) % n]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = classify(model, preset(images), tta_flip)
+            logits = classify(model, preset(images), tta_flip)[:n]
         loss_sum += criterion(logits, labels).double() * len(labels)
         cm += confusion_matrix(labels, logits.argmax(1), num_classes)
     if world > 1:

@@ -61,13 +61,16 @@ def epoch_sides(cfg: Config) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Plan:
     """What every epoch of a run does, read from the config once: the side each epoch trains at,
-    the presets, the autocast dtype and the evaluation batch."""
+    whether it is evaluated, the presets, the autocast dtype and the batches."""
 
     sides: tuple[int, ...]  # per epoch
     train: TrainPreset  # at data.train_size; train_preset(epoch) resizes it
     eval: EvalPreset
     dtype: torch.dtype | None  # autocast dtype, None for fp32
-    eval_batch: int  # per rank
+    batch: int  # training images per step, per rank
+    drop_last: bool  # each epoch's last partial training batch left out
+    eval_batch: int  # per rank, fixed (the last batch padded to it)
+    evaluate_every: int  # epochs between evaluations (and the last epoch)
     tta_flip: bool
     seed: int
     log_every: int  # steps between rank 0's progress lines (0 = none)
@@ -79,7 +82,10 @@ class Plan:
             train=create_train_preset(cfg),
             eval=create_eval_preset(cfg),
             dtype=amp_dtype(cfg.train.precision, device),
-            eval_batch=max(1, cfg.optim.batch_size // world) * 2,
+            batch=cfg.optim.batch_size // world,
+            drop_last=cfg.train.drop_last,
+            eval_batch=cfg.train.eval_batch,
+            evaluate_every=cfg.train.evaluate_every,
             tta_flip=cfg.model.tta_flip,
             seed=cfg.train.seed,
             log_every=cfg.train.log_every,
@@ -87,6 +93,10 @@ class Plan:
 
     def train_preset(self, epoch: int) -> TrainPreset:
         return dataclasses.replace(self.train, train_size=self.sides[epoch])
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether `epoch` ends with an evaluation: every evaluate_every-th epoch and the last."""
+        return (epoch + 1) % self.evaluate_every == 0 or epoch == len(self.sides) - 1
 
 
 def build_components(
@@ -113,16 +123,21 @@ def build_components(
 
 
 def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """The classifier at optim.lr, then, with model.weights loaded, the pretrained backbone at
-    optim.lr x optim.backbone_lr_scale (one group at optim.lr otherwise)."""
-    if not pretrained(cfg.model.weights):
-        return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
-    head, backbone = [], []
+    """AdamW's parameter groups: the classifier at optim.lr, then, with model.weights loaded, the
+    pretrained backbone at optim.lr x optim.backbone_lr_scale (all at optim.lr otherwise), each
+    split into the weights that decay by optim.weight_decay and the norm layers' weights and the
+    biases (every 1-d parameter), which do not: decaying a BatchNorm scale or a bias towards 0
+    only fights the normalisation (torchvision's references, timm, nanoGPT alike). Empty groups are
+    left out; the first group is always at optim.lr."""
+    tuned = pretrained(cfg.model.weights)
+    rates = {True: cfg.optim.lr, False: cfg.optim.lr * cfg.optim.backbone_lr_scale}  # is the head -> lr
+    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (True, False) for d in (True, False)}
     for name, param in model.named_parameters():
-        (head if is_head(cfg.model.arch, name) else backbone).append(param)
+        groups[(not tuned or is_head(cfg.model.arch, name), param.ndim > 1)].append(param)
     return [
-        {"params": head, "lr": cfg.optim.lr},
-        {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale},
+        {"params": params, "lr": rates[head], "weight_decay": cfg.optim.weight_decay if decays else 0.0}
+        for (head, decays), params in groups.items()
+        if params
     ]
 
 
@@ -171,4 +186,5 @@ def create_train_step(cfg: Config, model, criterion, optimizer, scheduler) -> Tr
         dtype=amp_dtype(cfg.train.precision, device),
         per_step_schedule=cfg.optim.schedule == "cosine",
         ema_decay=cfg.optim.ema_decay,
+        compile=cfg.train.compile,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -178,7 +179,10 @@ def epoch_metrics(figures: dict) -> dict[str, float]:
     return {
         key: float(value)
         for key, value in figures.items()
-        if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in NOT_METRICS
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)  # the -inf score of an epoch without evaluation (train.evaluate_every)
     }
 
 
@@ -262,8 +266,9 @@ def _transient(exc: BaseException) -> bool:
 
 
 def logged_epochs(client, run_id: str) -> set[int]:
-    """The epochs (steps) the MLflow run has figures of."""
-    return {metric.step for metric in client.get_metric_history(run_id, SCORE)}
+    """The epochs (steps) the MLflow run has figures of (train_loss: every epoch has one, an
+    epoch without evaluation no score)."""
+    return {metric.step for metric in client.get_metric_history(run_id, "train_loss")}
 
 
 def _log_epoch(client, run_id: str, epoch: int, figures: dict, timestamp_ms: int) -> None:

@@ -162,3 +162,41 @@ def test_norm_weights_and_biases_take_no_weight_decay():
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert decays[id(bn.weight)] == 0.0 and decays[id(bn.bias)] == 0.0
     assert len(parameter_groups(model, cfg)) == 2 and optimizer.param_groups[0]["lr"] == cfg.optim.lr
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from simpsons.deploy import export_model
+    from simpsons.model import create_model
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
+    return export_model(create_model(42, cfg.model.head, cfg.model.dropout).eval(), cfg, list(CLASS_NAMES), path)
+
+
+def test_exported_model_runs_on_the_device_asked_for(exported):
+    # The meta device stands in for a GPU: a constant left on the CPU fails there as it would on CUDA.
+    from simpsons.deploy import load_exported
+
+    images = torch.zeros(3, 40, 40, 3, dtype=torch.uint8)
+    as_exported, _ = load_exported(exported)
+    with pytest.raises(RuntimeError, match="device"):
+        as_exported(images.to("meta"))  # what export alone gives: the CPU fixed in the graph
+    moved, meta = load_exported(exported, "meta")
+    probs = moved(images.to("meta"))
+    assert probs.device.type == "meta" and probs.shape == (3, 42) and meta["stored_size"] == 40
+    assert {t.device.type for t in moved.state_dict().values()} == {"meta"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the machine without CUDA")
+def test_exported_model_asked_for_cuda_without_cuda_is_one_sentence(exported):
+    from simpsons.data import DataError
+    from simpsons.inference import load_classifier
+
+    with pytest.raises(DataError) as caught:
+        load_classifier(exported, "cuda")
+    assert str(caught.value) == "Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."
+    classifier = load_classifier(exported)  # by default: the CPU here
+    assert classifier.device.type == "cpu"
+    assert classifier.probabilities(np.zeros((2, 40, 40, 3), np.uint8)).shape == (2, 42)

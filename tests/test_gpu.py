@@ -21,8 +21,8 @@ from simpsons.checkpoint import restore, training_state
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
 from simpsons.dataset import load_packed
-from simpsons.engine import amp_dtype, train_one_epoch
-from simpsons.recipe import build_components, create_scheduler, create_train_preset, create_train_step
+from simpsons.engine import amp_dtype, evaluate, train_one_epoch
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_preset, create_train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -105,8 +105,53 @@ def test_training_step_never_waits_for_the_gpu(precision, on_device, ema):
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    stats = train_one_epoch(step, unsynced(batches), PRESET, seed=0, epoch=0)
+    # log_every=1: rank 0's progress line, every step, must not wait either
+    stats = train_one_epoch(step, unsynced(batches), PRESET, seed=0, epoch=0, log_every=1, log_label="sync audit")
     assert stats.images == 256 and math.isfinite(stats.loss)
+
+
+class _Unsynced:
+    """A split whose evaluation batches, and the loop bodies between them, run in sync debug mode "error"."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def eval_batches(self, *args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from self.split.eval_batches(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_evaluation_never_waits_for_the_gpu_between_batches(on_device):
+    images, labels = _random_arrays(300)  # batches of 128, 128 and 44 padded to 128
+    split = ResidentSplit(images, labels, device=CUDA, on_device=on_device)
+    cfg = _cfg("optim.ema_decay=0.999")
+    step = _components(cfg, labels)
+    plan = Plan.of(cfg, CUDA)
+    evaluate(step.model, step.criterion, split, plan.eval, plan.dtype, 128, 42)  # warm-up: cuDNN, constants
+    for model in (step.model, step.ema):
+        cm, loss = evaluate(model, step.criterion, _Unsynced(split), plan.eval, plan.dtype, 128, 42)
+        assert int(cm.sum()) == 300 and math.isfinite(loss)
+
+
+def test_exported_model_runs_on_the_gpu_and_agrees_with_the_cpu(tmp_path):
+    from simpsons.deploy import export_model, load_exported
+    from simpsons.inference import load_classifier
+    from simpsons.model import create_model
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    path = export_model(create_model(42).eval(), cfg, list(CLASS_NAMES), tmp_path / "model.pt2")
+    module, _ = load_exported(path, CUDA)
+    assert {t.device for t in module.state_dict().values()} == {CUDA}
+    images, _ = _random_arrays(20)
+    on_gpu = load_classifier(path, "cuda")
+    assert on_gpu.device.type == "cuda"
+    expected = load_classifier(path, "cpu").probabilities(images)
+    assert torch.allclose(on_gpu.probabilities(images), expected, atol=1e-3)
 
 
 def test_host_memory_path_gives_the_resident_batches_on_the_gpu():

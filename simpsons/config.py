@@ -129,9 +129,13 @@ class LossConfig:
 class OptimConfig:
     # Training epochs (full passes over the training split).
     epochs: int = 30
-    # Global batch size across all workers (each worker takes batch_size // workers).
+    # Global batch size across all workers (each worker takes batch_size // workers). 64 suits
+    # the CPU; on GPUs give each worker 128 or more (configs/cluster.yaml): at 32 images a GPU
+    # spends about as long launching kernels as computing them.
     batch_size: int = 64
-    # Peak learning rate for AdamW at the global batch size above.
+    # Peak learning rate for AdamW at the global batch size above. With another batch, scale it
+    # by the square root of the ratio (the rule for Adam-type optimizers): lr = 3e-3 x
+    # sqrt(batch_size / 64), e.g. 0.012 at 1024; a starting point, not a tuned value.
     lr: float = 3e-3
     # AdamW decoupled weight decay.
     weight_decay: float = 2e-2

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from synthetic import make_image_tree
 
-from simpsons.cluster import free_port
-
 # Ray workers inherit this; keeps 2-worker fits on 2 cores quick (RAY_NOTES.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -40,6 +38,8 @@ def s3_server():
     Set before Ray starts so Ray workers (which inherit the raylet's environment) reach it too.
     """
     from moto.server import ThreadedMotoServer
+
+    from simpsons.cluster import free_port  # imports ray: here, so the gpu tests run where Ray is not installed
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

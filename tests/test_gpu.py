@@ -7,6 +7,7 @@ benchmark reuses.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -184,6 +185,7 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (a bare GPU machine)")
 def test_ray_train_on_the_real_sample_resumes_then_evaluates_and_predicts_on_the_gpu(
     ray_cluster, real_sample, tmp_path
 ):

@@ -41,6 +41,44 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+class MovingAverage(torch.optim.swa_utils.AveragedModel):
+    """The exponential moving average of a model's weights and buffers (`decay` per update), whose
+    update never waits for the device.
+
+    torch's AveragedModel.update_parameters reads its update counter on every call
+    (bool(n_averaged == 0), n_averaged > 0): with the counter on the GPU two syncs per step, and on
+    the host its .to(device) copy is one. Here the counter is mirrored on the host (read from the
+    device once, at the first update, so a checkpoint's count filled in by checkpoint.restore
+    counts) and the device's copy, which checkpoints save, only ever advances there.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        device = next(model.parameters()).device
+        multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+        super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=True)
+        self.updates: int | None = None  # the host's mirror of n_averaged
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates is None:
+            self.updates = int(self.n_averaged)  # once per run (after a restore), not per step
+        if self.updates == 0:
+            for mine, theirs in zip(averaged, current):
+                mine.copy_(theirs)
+        else:
+            by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+            for mine, theirs in zip(averaged, current):
+                pair = by_dtype.setdefault(mine.dtype, ([], []))
+                pair[0].append(mine)
+                pair[1].append(theirs)
+            for mine, theirs in by_dtype.values():  # lerp for floats, a weighted copy for counters
+                self.multi_avg_fn(mine, theirs, self.n_averaged)
+        self.n_averaged += 1
+        self.updates += 1
+
+
 class TrainStep:
     """One optimisation step: augment -> forward under autocast -> loss -> backward -> step."""
 
@@ -63,16 +101,8 @@ class TrainStep:
         # Under DDP with gradient_as_bucket_view the gradients are views into the all-reduce buckets;
         # setting them to None would make autograd allocate fresh ones that DDP copies back every step.
         self.set_to_none = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        # The weights' moving average, BatchNorm statistics included. Its step counter lives on the
-        # device too (device=): on the host, each update would read it back, a sync per step.
-        self.ema = None
-        if ema_decay:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                getattr(model, "module", model),
-                device=self.device,
-                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay),
-                use_buffers=True,
-            )
+        # The weights' moving average, BatchNorm statistics included (MovingAverage: no sync per update).
+        self.ema = MovingAverage(getattr(model, "module", model), ema_decay) if ema_decay else None
         if compile:
             # In place (the module's type and state_dict keys unchanged, DDP's wrapper around it) and
             # after the moving average's copy: a copy of a compiled module would call the original's forward.

@@ -22,9 +22,10 @@ class HostTensorRecorder(TorchDispatchMode):
     `copy_` with the input on another device than the output.
     """
 
-    def __init__(self):
+    def __init__(self, also: tuple[str, ...] = ()):
         super().__init__()
         self.found: list[str] = []
+        self.also = set(also)  # more op names to record, e.g. "_local_scalar_dense" for code without CPU-only reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -36,6 +37,6 @@ class HostTensorRecorder(TorchDispatchMode):
             src = args[1] if name == "copy_" else args[0]
             if src.device != out.device:
                 self.found.append(f"{func}: {src.device} -> {out.device}")
-        elif name in READS_BACK:
+        elif name in READS_BACK or name in self.also:
             self.found.append(f"{func}: reads device data back")
         return out

@@ -15,7 +15,8 @@ from host_reads import HostTensorRecorder
 
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit
-from simpsons.engine import LaggedValue, evaluate, loss_text, train_one_epoch
+from simpsons.engine import LaggedValue, MovingAverage, evaluate, loss_text, train_one_epoch
+from simpsons.model import create_model
 from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step, ddp_options, parameter_groups
 
 CPU = torch.device("cpu")
@@ -74,6 +75,28 @@ def test_evaluation_reads_nothing_back_per_batch_and_pads_the_last_batch(on_devi
     recorder = HostTensorRecorder()
     evaluate(step.ema, step.criterion, _Recorded(split, recorder), plan.eval, plan.dtype, 8, 42)
     assert recorder.found == []
+
+
+def test_moving_average_updates_never_read_their_counter():
+    model = create_model(len(CLASS_NAMES))
+    ours = MovingAverage(model, 0.9)
+    theirs = torch.optim.swa_utils.AveragedModel(  # torch's, as the step used to build it
+        model, device=CPU, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True
+    )
+    for average in (ours, theirs):
+        average.update_parameters(model)  # the first: copies (ours reads its counter here, once)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    reads = {}
+    for name, average in (("ours", ours), ("theirs", theirs)):
+        with HostTensorRecorder(also=("_local_scalar_dense",)) as recorder:
+            average.update_parameters(model)
+        reads[name] = recorder.found
+    assert reads["ours"] == [] and len(reads["theirs"]) >= 2  # bool(n == 0), n > 0: two syncs a step on a GPU
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == 2
+    for mine, torchs in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(mine, torchs)  # the same average
 
 
 def test_progress_line_shows_a_loss_already_on_the_host():

@@ -62,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DEFAULT_CACHE, REAL_ARCHIVE, REPO, ReadyInputs, emit, forever, note, skip
+from common import REAL_ARCHIVE, REPO, ReadyInputs, emit, forever, note, skip
 
 from simpsons.config import ConfigError, load_config
 from simpsons.data import DataError, ResidentSplit, data_placement, load_image
@@ -167,6 +167,12 @@ class Check:
         return create_train_step(cfg, model, criterion, optimizer, scheduler)
 
 
+def epochs_of(split: ResidentSplit, batch: int):
+    """One full-batch epoch of `split` after another, forever."""
+    counter = itertools.count()
+    return forever(lambda: split.train_batches(next(counter), batch, 0, drop_last=True))
+
+
 def timed(step, batches, steps: int, preset, seed: int = 0) -> tuple[int, float]:
     """(images, seconds) of `steps` steps of train_one_epoch, from an idle device to an idle device."""
     synchronize(step.device)
@@ -189,11 +195,7 @@ def speed(check: Check, split: ResidentSplit) -> None:
         }
         x = torch.randn(batch, 3, a.size, a.size, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, len(CLASS_NAMES), (batch,), device=device)
-        counter = itertools.count()
-        sources = {
-            "step": forever(lambda: split.train_batches(next(counter), batch, 0, drop_last=True)),
-            "model_step": forever(lambda: [(x, y)]),
-        }
+        sources = {"step": epochs_of(split, batch), "model_step": forever(lambda x=x, y=y: [(x, y)])}
         sources["step_ema"] = sources["step"]
         for name, (step, inputs, _) in pipelines.items():
             timed(step, sources[name], a.warmup, inputs)
@@ -215,8 +217,7 @@ def compiled(check: Check, split: ResidentSplit) -> None:
     """train.compile on against off at batch 256 (the one in the middle), compile time apart."""
     a = check.args
     batch = a.batches[len(a.batches) // 2]
-    counter = itertools.count()
-    batches = forever(lambda: split.train_batches(next(counter), batch, 0, drop_last=True))
+    batches = epochs_of(split, batch)
     preset = create_train_preset(check.cfg(batch), a.size)
     plain, fast = check.step(check.cfg(batch)), check.step(check.cfg(batch, "train.compile=true"))
     timed(plain, batches, a.warmup, preset)
@@ -316,7 +317,8 @@ def ddp_steps(check: Check, split: ResidentSplit) -> None:
     import torch.distributed as dist
 
     a, device = check.args, check.device
-    batch = min(256, len(split))
+    batch = 4 if a.quick else min(256, len(split))  # fp16 on the CPU: seconds per image
+    steps, warmup = (1, 0) if a.quick else (a.steps, a.warmup)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -326,16 +328,13 @@ def ddp_steps(check: Check, split: ResidentSplit) -> None:
     try:
         for precision in ("bf16", "fp16"):
             cfg = check.cfg(batch, f"train.precision={precision}", "train.channels_last=true")
-            options = ddp_options(cfg)
-            ids = {"device_ids": [device]} if device.type == "cuda" else {}
-            wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, **ids, **options)  # noqa: E731
-            step = check.step(cfg, prepare=wrap)
-            counter = itertools.count()
-            batches = forever(lambda: split.train_batches(next(counter), batch, 0, drop_last=True))
+            kwargs = {**ddp_options(cfg), **({"device_ids": [device]} if device.type == "cuda" else {})}
+            step = check.step(cfg, prepare=lambda m, kw=kwargs: torch.nn.parallel.DistributedDataParallel(m, **kw))
+            batches = epochs_of(split, batch)
             preset = create_train_preset(cfg, a.size)
-            timed(step, batches, a.warmup, preset)
+            timed(step, batches, warmup, preset)
             synchronize(device)
-            trained = train_one_epoch(step, itertools.islice(batches, a.steps), preset, 0, 0)
+            trained = train_one_epoch(step, itertools.islice(batches, steps), preset, 0, 0)
             finite &= math.isfinite(trained.loss)
             check.emit(f"ddp_{precision}_img_per_s", trained.images_per_s, 1)
             fused = step.optimizer.defaults.get("fused")
@@ -418,13 +417,14 @@ def main(args: argparse.Namespace) -> int:
     check.note(f"epoch data: {len(sample['train'][1])} train, {len(sample['val'][1])} val, {placement}")
     train, val = (ResidentSplit(*sample[s], device=device, on_device=on_device) for s in ("train", "val"))
 
-    speed(check, fake)
-    epoch_split(check, train, val)
-    if device.type == "cuda":
-        sync_audit(check, train, val)
-    ddp_steps(check, fake)
-    if not args.no_compile:
-        compiled(check, fake)
+    phases = [("speed", speed, (fake,)), ("epoch", epoch_split, (train, val))]
+    phases += [("sync audit", sync_audit, (train, val))] if device.type == "cuda" else []
+    phases += [("ddp", ddp_steps, (fake,))]
+    phases += [] if args.no_compile else [("compile", compiled, (fake,))]
+    for phase, run, inputs in phases:
+        began = time.perf_counter()
+        run(check, *inputs)
+        check.note(f"{phase}: {time.perf_counter() - began:.1f} s")
     if not args.no_tests:
         gpu_tests(check, max(60.0, args.limit_s - (time.perf_counter() - started)))
     check.emit("device_check_s", time.perf_counter() - started, 1)

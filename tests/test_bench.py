@@ -8,6 +8,7 @@ are the ratios of the printed rates.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -90,11 +91,45 @@ def test_gpu_skips_cleanly_without_cuda(tmp_path):
     torch.cuda.is_available(), reason="this machine has CUDA: the device check runs instead of skipping"
 )
 def test_device_check_says_skipped_in_one_line_without_cuda():
-    done = subprocess.run(["make", "-s", "device-check"], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    make = ["make", "-s", "device-check", f"PYTHON={sys.executable}"]  # no install: the python at hand
+    done = subprocess.run(make, cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("skipped device check: CUDA is not available") and done.stdout.count("\n") == 1, (
         done.stdout
     )
+
+
+def test_device_check_quick_runs_on_the_cpu_with_ray_boto3_pyarrow_and_tqdm_uninstalled(tmp_path):
+    # As on a bare GPU machine: importing any of them fails (tests/without_packages.py).
+    blocked = "ray,boto3,botocore,pyarrow,tqdm,mlflow"
+    report = tmp_path / "device_check.json"
+    command = [
+        sys.executable,
+        str(BENCH.parent / "tests" / "without_packages.py"),
+        blocked,
+        str(BENCH / "device_check.py"),
+    ]
+    done = subprocess.run(
+        [*command, "--quick", "--json", str(report), "--sample", str(tmp_path / "none.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = figures(done.stdout)
+    for batch in (8, 16):
+        for name in ("step", "step_ema", "model_step"):
+            assert got[f"{name}_img_per_s_b{batch}"] > 0
+        assert_ratio(
+            got[f"data_path_fraction_b{batch}"], got[f"step_img_per_s_b{batch}"], got[f"model_step_img_per_s_b{batch}"]
+        )
+    for name in ("epoch_train_s", "epoch_evaluate_s", "epoch_checkpoint_s", "ddp_bf16_img_per_s", "ddp_fp16_img_per_s"):
+        assert got[name] > 0, name
+    assert got["ddp_steps_finite"] == 1 and got["gpu_tests_failed"] == 0 and got["gpu_tests_skipped"] > 0
+    assert f"figures written to {report}" in done.stderr
+    saved = json.loads(report.read_text())
+    assert saved["figures"] == got and saved["device"].startswith("CPU")
 
 
 @pytest.mark.slow

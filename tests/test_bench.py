@@ -195,3 +195,27 @@ def test_label_quick_prints_every_figure(image_tree):
     got = figures(run_bench("label.py", "--quick", "--images", str(image_tree)).stdout)
     assert set(got) == {"predict_img_per_s", "label_img_per_s", "label_vs_predict"}
     assert_ratio(got["label_vs_predict"], got["label_img_per_s"], got["predict_img_per_s"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, args, networks",
+    [  # networks: the ones built that run a forward (the data-only pipelines build none)
+        ("throughput.py", ["--quick", "--images", "{tree}", "--cache", "{tmp}"], 3),  # original, step, bare step
+        ("gpu.py", ["--quick", "--device", "cpu", "--images", "{tree}", "--cache", "{tmp}"], 2),  # step, bare step
+        ("device_check.py", ["--quick", "--no-tests", "--json", "{tmp}/dc.json", "--sample", "{tmp}/none"], 9),
+    ],
+)
+def test_every_timed_pipeline_feeds_the_network_images_of_the_side_it_names(
+    script, args, networks, image_tree, tmp_path
+):
+    # Progressive resizing on (its first epochs at half the side): a pipeline that passes the
+    # config's epoch schedule instead of an explicit side would time a smaller image than it names.
+    args = [a.format(tree=image_tree, tmp=tmp_path) for a in args] + ["--set", "data.resize_from=0.5"]
+    sides = tmp_path / "sides.json"
+    command = [sys.executable, str(BENCH.parent / "tests" / "forward_sides.py"), str(sides), str(BENCH / script)]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = json.loads(sides.read_text())["networks"]
+    assert len(seen) >= networks, seen
+    assert {side for network in seen for side in network} == {32}, seen  # --quick's 32 px, every forward

@@ -219,3 +219,38 @@ def test_every_timed_pipeline_feeds_the_network_images_of_the_side_it_names(
     seen = json.loads(sides.read_text())["networks"]
     assert len(seen) >= networks, seen
     assert {side for network in seen for side in network} == {32}, seen  # --quick's 32 px, every forward
+
+
+def test_device_sample_holds_the_archives_images_as_packing_decodes_them(image_tree, tmp_path):
+    # --make-sample on an archive in the real sample's layout; the GPU machine decodes it back.
+    sys.path.insert(0, str(BENCH))
+    import device_check
+
+    from simpsons.data import find_layout, load_image, scan_split
+
+    archive = tmp_path / "dataset.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(image_tree / "dataset", arcname="dataset")
+    sample = tmp_path / "sample.npz"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "device_check.py"),
+            "--make-sample",
+            "--archive",
+            str(archive),
+            "--sample",
+            str(sample),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    splits = device_check.load_sample(sample, 40)
+    for name in ("train", "val"):
+        records = scan_split(find_layout(image_tree).splits[name])
+        expected = {(r.label, load_image(r.path.read_bytes(), 40).tobytes()) for r in records}
+        images, labels = splits[name]
+        assert len(labels) == len(records) <= device_check.PER_CLASS[name] * 42  # few per class here: all kept
+        assert {(int(label), image.tobytes()) for image, label in zip(images, labels)} == expected

@@ -1,8 +1,9 @@
-"""The CUDA path on a real GPU: precision choice, a sync-free step, placement, resume, a Ray Train run, inference.
+"""The CUDA path on a real GPU: precision choice, sync-free steps and evaluation, placement, resume,
+the exported model, a Ray Train run, inference.
 
-Skipped without CUDA. `make device-check` (bench/device_check.py) runs this file and then
-bench/gpu.py; the real sample is unpacked and packed once into bench/out/cache, which the
-benchmark reuses.
+Skipped without CUDA. `make device-check` (bench/device_check.py) runs this file as a subprocess on
+a bare GPU machine: everything here but the Ray Train run (skipped without Ray, and without the real
+sample's archive) needs torch, numpy and pytest alone.
 """
 
 from __future__ import annotations

@@ -514,7 +514,9 @@ class ResidentSplit:
         start = min(start, end)
         # (end - start) is a multiple of world unless the run resumes with another worker count
         per_rank = (end - start) // world
-        mine = order[start : start + per_rank * world][rank::world].to(self.images.device)
+        mine = order[start : start + per_rank * world][rank::world]
+        if self.images.device.type == "cuda":  # through pinned memory: a pageable copy would wait for the GPU
+            mine = mine.pin_memory().to(self.images.device, non_blocking=True)
         for first in range(0, per_rank, batch_size):
             yield self._batch(mine[first : first + batch_size])
 

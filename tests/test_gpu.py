@@ -112,6 +112,21 @@ def test_training_step_never_waits_for_the_gpu(precision, on_device, ema):
     assert stats.images == 256 and math.isfinite(stats.loss)
 
 
+@pytest.mark.parametrize("on_device", [True, False])
+def test_an_epochs_batches_never_wait_for_the_gpu_from_its_first(on_device):
+    # The epoch's permutation goes to the GPU through pinned memory: a pageable copy is a sync.
+    images, labels = _random_arrays(300)
+    split = ResidentSplit(images, labels, device=CUDA, on_device=on_device)
+    list(split.train_batches(0, 128, 0))  # warm-up: the pinned allocator's first blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(split.train_batches(1, 128, 0, drop_last=True))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [len(y) for _, y in batches] == [128, 128] and all(x.is_cuda for x, _ in batches)
+
+
 class _Unsynced:
     """A split whose evaluation batches, and the loop bodies between them, run in sync debug mode "error"."""
 

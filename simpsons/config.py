@@ -213,8 +213,9 @@ class TrainConfig:
     # DDP's own bucketing function in tests/test_step.py; not yet timed on GPUs.
     ddp_bucket_mb: float = 5.0
     # torch.compile the network (nn.Module.compile: in place, the checkpoint's keys unchanged). Its
-    # first steps at each image side compile for tens of seconds; it pays on a GPU whose steps are
-    # launch-bound, not on the CPU (bench/RESULTS.md), hence off by default.
+    # first steps at each image side compile for tens of seconds (72 s on the 2-core CPU) for +6 %
+    # there (bench/RESULTS.md), hence off by default; on a GPU, whose small steps are bound by kernel
+    # launches, bench/device_check.py measures what it gains.
     compile: bool = False
     # Evaluate the validation split every N epochs and after the last (1 = every epoch).
     # Checkpoints are still saved every epoch; those of an epoch without evaluation carry no val_*

@@ -250,7 +250,8 @@ def epoch_split(check: Check, train: ResidentSplit, val: ResidentSplit) -> None:
         train_one_epoch(step, train.train_batches(epoch, batch, 0, drop_last=True), preset, 0, epoch)
         trained = time.perf_counter()
         for model in (step.model, step.ema):  # the worker evaluates both: raw_val_* and the served weights
-            cm, _ = evaluate(model, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES))
+            cm, _ = evaluate(model, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES),
+                               pad_last=plan.pad_eval)  # fmt: skip
         evaluated = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             state = training_state(step.model, step.optimizer, step.scheduler, step.scaler, step.ema, epoch=epoch)
@@ -295,14 +296,15 @@ def sync_audit(check: Check, train: ResidentSplit, val: ResidentSplit) -> None:
     plan = Plan.of(cfg, check.device)
     preset = create_train_preset(cfg, check.args.size)
     train_one_epoch(step, itertools.islice(train.train_batches(0, batch, 0), 2), preset, 0, 0)  # warm-up
-    evaluate(step.ema, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES))
+    evaluate(step.ema, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES), pad_last=True)
     synchronize(check.device)
     audited = _Unsynced(train)
     for name, run in (
         ("sync_free_train_epoch_ema", lambda: train_one_epoch(
             step, audited.train_batches(1, batch, 0, drop_last=True), preset, 0, 1, log_every=1, log_label="audit")),
         ("sync_free_evaluate", lambda: evaluate(
-            step.ema, step.criterion, _Unsynced(val), plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES))),
+            step.ema, step.criterion, _Unsynced(val), plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES),
+            pad_last=True)),
     ):  # fmt: skip
         try:
             run()

@@ -94,7 +94,16 @@ def run_epoch(step, train, val, plan: Plan, batch: int, epoch: int) -> tuple[flo
     started = time.perf_counter()
     train_one_epoch(step, train.train_batches(epoch, batch, plan.seed), plan.train, plan.seed, epoch)
     eval_started = time.perf_counter()
-    cm, _ = evaluate(step.model, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES))
+    cm, _ = evaluate(
+        step.model,
+        step.criterion,
+        val,
+        plan.eval,
+        plan.dtype,
+        plan.eval_batch,
+        len(CLASS_NAMES),
+        pad_last=plan.pad_eval,
+    )
     classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
     finished = time.perf_counter()
     return finished - started, finished - eval_started

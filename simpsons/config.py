@@ -224,7 +224,7 @@ class TrainConfig:
     # the patience counts evaluations.
     evaluate_every: int = 1
     # Images per evaluation batch on each worker, whatever the training batch: one fixed shape
-    # (the last batch is padded to it), so cuDNN and torch.compile tune evaluation once.
+    # (on a GPU the last batch is padded to it), so cuDNN and torch.compile tune evaluation once.
     eval_batch: int = 256
     # Leave out each epoch's last, partial training batch (its images train in other epochs, as
     # the permutation changes): every step of an epoch has one shape, so cuDNN (and torch.compile)

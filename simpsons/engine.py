@@ -299,10 +299,12 @@ def evaluate(
     tta_flip: bool = False,
     rank: int = 0,
     world: int = 1,
+    pad_last: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split), this rank
-    taking every world-th image in batches of `batch_size` (the last one padded to it). Nothing in
-    the loop reads the device: the two figures are read once, at the end.
+    taking every world-th image in batches of `batch_size` (with `pad_last` the last one padded to
+    it: one shape for cuDNN and torch.compile). Nothing in the loop reads the device: the two
+    figures are read once, at the end.
 
     `model` is the trained network, its DDP wrapper or its moving average (AveragedModel)."""
     # The bare module, not the DDP (or AveragedModel) wrapper: the wrapper's first forward after training broadcasts
@@ -319,7 +321,9 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels in split.eval_batches(batch_size, rank, world):
         n = len(labels)
-        if n < batch_size:  # the last batch, padded to the fixed shape (one kernel set); the padding's logits dropped
+        if (
+            pad_last and n < batch_size
+        ):  # the last batch, padded to the fixed shape (one kernel set); the padding's logits dropped
             images = images[torch.arange(batch_size, device=images.device) % n]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = classify(model, preset(images), tta_flip)[:n]

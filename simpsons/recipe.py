@@ -69,7 +69,8 @@ class Plan:
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     batch: int  # training images per step, per rank
     drop_last: bool  # each epoch's last partial training batch left out
-    eval_batch: int  # per rank, fixed (the last batch padded to it)
+    eval_batch: int  # per rank, fixed
+    pad_eval: bool  # the last evaluation batch padded to eval_batch: on a GPU (one shape), not on the CPU (waste)
     evaluate_every: int  # epochs between evaluations (and the last epoch)
     tta_flip: bool
     seed: int
@@ -85,6 +86,7 @@ class Plan:
             batch=cfg.optim.batch_size // world,
             drop_last=cfg.train.drop_last,
             eval_batch=cfg.train.eval_batch,
+            pad_eval=device.type == "cuda",
             evaluate_every=cfg.train.evaluate_every,
             tta_flip=cfg.model.tta_flip,
             seed=cfg.train.seed,

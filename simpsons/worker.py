@@ -255,7 +255,7 @@ def validate(
 
     def scores(model):
         return evaluate(model, step.criterion, split, plan.eval, plan.dtype, plan.eval_batch, len(class_names),
-                        plan.tta_flip, rank, world)  # fmt: skip
+                        plan.tta_flip, rank, world, plan.pad_eval)  # fmt: skip
 
     raw_cm, raw_loss = scores(step.model)
     if schedule == "plateau":

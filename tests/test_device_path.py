@@ -65,7 +65,9 @@ def test_evaluation_reads_nothing_back_per_batch_and_pads_the_last_batch(on_devi
     shapes = []
     hook = step.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
     recorder = HostTensorRecorder()
-    cm, loss = evaluate(step.model, step.criterion, _Recorded(split, recorder), plan.eval, plan.dtype, 8, 42)
+    cm, loss = evaluate(
+        step.model, step.criterion, _Recorded(split, recorder), plan.eval, plan.dtype, 8, 42, pad_last=True
+    )
     hook.remove()
     assert recorder.found == []
     assert set(shapes) == {(8, 3, 32, 32)} and len(shapes) == 4  # one shape: the padded last batch too
@@ -73,7 +75,7 @@ def test_evaluation_reads_nothing_back_per_batch_and_pads_the_last_batch(on_devi
     assert torch.equal(cm, unpadded) and loss == pytest.approx(unpadded_loss, rel=1e-4)
     # The moving average (EMA on) alike.
     recorder = HostTensorRecorder()
-    evaluate(step.ema, step.criterion, _Recorded(split, recorder), plan.eval, plan.dtype, 8, 42)
+    evaluate(step.ema, step.criterion, _Recorded(split, recorder), plan.eval, plan.dtype, 8, 42, pad_last=True)
     assert recorder.found == []
 
 
@@ -161,11 +163,13 @@ def test_drop_last_gives_one_shape_per_epoch_and_resumes_exactly(world):
     assert tiny.steps_per_epoch(8, drop_last=True) == 1
 
 
-def test_evaluation_every_n_epochs_and_at_the_last():
+def test_evaluation_every_n_epochs_and_at_the_last(monkeypatch):
     plan = Plan.of(_cfg("optim.epochs=7", "train.evaluate_every=3"), CPU)
     assert [e for e in range(7) if plan.evaluates(e)] == [2, 5, 6]
     assert all(Plan.of(_cfg("optim.epochs=3"), CPU).evaluates(e) for e in range(3))
     assert Plan.of(_cfg("train.eval_batch=100", "optim.batch_size=64"), CPU, world=2).eval_batch == 100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # no GPU here
+    assert not Plan.of(_cfg(), CPU).pad_eval and Plan.of(_cfg(), torch.device("cuda", 0)).pad_eval
 
 
 def test_compile_is_in_place_and_leaves_the_moving_average_uncompiled():

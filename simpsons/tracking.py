@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from simpsons.config import Config, ConfigError, to_dict, with_overrides
-from simpsons.names import SCORE
+from simpsons.names import EVALUATED, LAST_SCORE, SCORE
 
 _logger = logging.getLogger(__name__)
 
@@ -175,7 +175,10 @@ def config_params(cfg: Config | dict) -> dict[str, str]:
 
 
 def epoch_metrics(figures: dict) -> dict[str, float]:
-    """The metrics of one epoch's figures (the training loop's `metrics` / a history entry)."""
+    """The metrics of one epoch's figures (the training loop's `metrics` / a history entry). An
+    epoch that train.evaluate_every skipped carries the last evaluated score, as Tune sees it."""
+    if figures.get(EVALUATED) is False:
+        figures = {**figures, SCORE: figures.get(LAST_SCORE, math.nan)}
     return {
         key: float(value)
         for key, value in figures.items()
@@ -266,9 +269,8 @@ def _transient(exc: BaseException) -> bool:
 
 
 def logged_epochs(client, run_id: str) -> set[int]:
-    """The epochs (steps) the MLflow run has figures of (train_loss: every epoch has one, an
-    epoch without evaluation no score)."""
-    return {metric.step for metric in client.get_metric_history(run_id, "train_loss")}
+    """The epochs (steps) the MLflow run has figures of."""
+    return {metric.step for metric in client.get_metric_history(run_id, SCORE)}
 
 
 def _log_epoch(client, run_id: str, epoch: int, figures: dict, timestamp_ms: int) -> None:

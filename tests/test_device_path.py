@@ -5,6 +5,7 @@ counterpart in test_gpu.py where only a GPU shows the behaviour."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -168,6 +169,12 @@ def test_evaluation_every_n_epochs_and_at_the_last(monkeypatch):
     assert [e for e in range(7) if plan.evaluates(e)] == [2, 5, 6]
     assert all(Plan.of(_cfg("optim.epochs=3"), CPU).evaluates(e) for e in range(3))
     assert Plan.of(_cfg("train.eval_batch=100", "optim.batch_size=64"), CPU, world=2).eval_batch == 100
+    # MLflow gets an unevaluated epoch's score as Tune does (the last evaluated one), none before the first.
+    from simpsons.tracking import epoch_metrics
+
+    skipped = {"epoch": 3, "train_loss": 1.0, "evaluated": False, "val_macro_f1": -math.inf, "last_val_macro_f1": 0.4}
+    assert epoch_metrics(skipped) == {"train_loss": 1.0, "val_macro_f1": 0.4, "last_val_macro_f1": 0.4}
+    assert epoch_metrics({**skipped, "last_val_macro_f1": -math.inf}) == {"train_loss": 1.0}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # no GPU here
     assert not Plan.of(_cfg(), CPU).pad_eval and Plan.of(_cfg(), torch.device("cuda", 0)).pad_eval
 

@@ -38,9 +38,12 @@ format: install
 bench: install
 	$(PY) bench/throughput.py
 
-# The GPU tests, then bench/gpu.py, on this machine's first GPU (one "skipped" line without CUDA).
-device-check: install
-	@$(PY) bench/device_check.py
+# Every figure a first GPU run must bring back, and the gpu tests, on this machine's first GPU (one
+# "skipped" line without CUDA). Installs nothing: a lent GPU machine has torch and no registry, so it
+# runs with .venv's python when there is one, else $(PYTHON). Make the sample it carries first, where
+# the real sample is: python bench/device_check.py --make-sample
+device-check:
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench/device_check.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

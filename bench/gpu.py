@@ -3,10 +3,10 @@
     python bench/gpu.py                        # real sample if present, else random images of its shape
     python bench/gpu.py --batch 1024 --compile
     python bench/gpu.py --device cpu --quick   # the same code path on the CPU (a wiring check, not a figure)
-    python bench/gpu.py --set data.resident_share=0   # the pinned host-memory data path instead
+    python bench/gpu.py --set data.resident_share=0   # the host-memory data path instead
 
 The packed uint8 images and labels live in GPU memory (simpsons.data.ResidentSplit on cuda; in
-pinned host memory when they do not fit data.resident_share of the free memory), each
+host memory, gathered per batch into pinned buffers, when they do not fit data.resident_share of the free memory), each
 batch is augmented on the GPU in one grid_sample (simpsons.augment), and the step is
 simpsons.engine.TrainStep: bf16 autocast (the config's "auto" on a GPU with bf16), channels_last,
 fused AdamW (build_components), cudnn.benchmark, per-GPU batch 512 by default. One process
@@ -94,7 +94,16 @@ def run_epoch(step, train, val, plan: Plan, batch: int, epoch: int) -> tuple[flo
     started = time.perf_counter()
     train_one_epoch(step, train.train_batches(epoch, batch, plan.seed), plan.train, plan.seed, epoch)
     eval_started = time.perf_counter()
-    cm, _ = evaluate(step.model, step.criterion, val, plan.eval, plan.dtype, plan.eval_batch, len(CLASS_NAMES))
+    cm, _ = evaluate(
+        step.model,
+        step.criterion,
+        val,
+        plan.eval,
+        plan.dtype,
+        plan.eval_batch,
+        len(CLASS_NAMES),
+        pad_last=plan.pad_eval,
+    )
     classification_report(cm, CLASS_NAMES)  # the per-epoch report the loop computes
     finished = time.perf_counter()
     return finished - started, finished - eval_started

@@ -1,7 +1,7 @@
 """Training throughput on the CPU: the original project's pipeline and this project's, side by side.
 
     python bench/throughput.py                        # real sample, 128 px, batch 64, 2 threads
-    python bench/throughput.py --variants all         # also fp32 and bf16 without channels_last
+    python bench/throughput.py --variants all         # also fp32, bf16 without channels_last, compiled
     python bench/throughput.py --images <tree> --quick
 
 Pipelines, each timed step by step after warm-up; the timed steps alternate between the
@@ -66,6 +66,7 @@ VARIANTS = {
     "fp32": ["train.precision=fp32", "train.channels_last=false"],  # the original's arithmetic and layout
     "fp32_cl": ["train.precision=fp32", "train.channels_last=true"],
     "bf16_nchw": ["train.precision=bf16", "train.channels_last=false"],
+    "compile": ["train.compile=true"],  # the default step with the network compiled (at the first warm-up step)
 }
 
 

@@ -31,8 +31,6 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from tqdm import tqdm
-
 from simpsons.files import fresh_partial
 
 ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar", ".zip")
@@ -164,7 +162,7 @@ def _write_member(source: BinaryIO, dest: Path, size: int) -> None:
 class _ProgressReader(io.RawIOBase):
     """A read-only file whose reads advance a progress bar (compressed bytes of the archive)."""
 
-    def __init__(self, f: BinaryIO, bar: tqdm):
+    def __init__(self, f: BinaryIO, bar):  # bar: a tqdm
         self.f, self.bar = f, bar
 
     def readable(self) -> bool:
@@ -194,6 +192,8 @@ def _decompressed(compressed: io.BufferedReader) -> BinaryIO:
 
 
 def _extract_tar(archive: Path, out: Path, budget: _Budget) -> None:
+    from tqdm import tqdm  # imported where used: the config imports this module where tqdm is not (device check)
+
     with (
         open(archive, "rb") as raw,
         tqdm(
@@ -250,6 +250,8 @@ def _place_member(
 
 
 def _extract_zip(archive: Path, out: Path, budget: _Budget) -> None:
+    from tqdm import tqdm  # see _extract_tar
+
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()

@@ -82,8 +82,10 @@ class DataConfig:
     # left out unread and listed in report.json. Real photos are under 1 MB.
     max_image_bytes: int = MAX_FILE_BYTES
     # Largest share (0-1) of a GPU's free memory the packed train + val splits may take to stay
-    # resident on it; beyond that they stay in pinned host memory and each batch is gathered there
-    # and copied over without blocking. Half leaves the rest to the model, activations and cuDNN.
+    # resident on it; beyond that they stay in host memory (the page cache, shared by the node's
+    # ranks; refused if they do not fit the host's available memory) and each batch is gathered
+    # into a pinned buffer and copied over without blocking. Half leaves the rest to the model,
+    # activations and cuDNN.
     resident_share: float = 0.5
 
 
@@ -127,9 +129,13 @@ class LossConfig:
 class OptimConfig:
     # Training epochs (full passes over the training split).
     epochs: int = 30
-    # Global batch size across all workers (each worker takes batch_size // workers).
+    # Global batch size across all workers (each worker takes batch_size // workers). 64 suits
+    # the CPU; on GPUs give each worker 128 or more (configs/cluster.yaml): at 32 images a GPU
+    # spends about as long launching kernels as computing them.
     batch_size: int = 64
-    # Peak learning rate for AdamW at the global batch size above.
+    # Peak learning rate for AdamW at the global batch size above. With another batch, scale it
+    # by the square root of the ratio (the rule for Adam-type optimizers): lr = 3e-3 x
+    # sqrt(batch_size / 64), e.g. 0.012 at 1024; a starting point, not a tuned value.
     lr: float = 3e-3
     # AdamW decoupled weight decay.
     weight_decay: float = 2e-2
@@ -204,6 +210,24 @@ class TrainConfig:
     # ends. Small enough that little of the original network's gradients waits for the end of
     # backward, large enough for few launches (bench/RESULTS.md, Scaling).
     ddp_bucket_mb: float = 5.0
+    # torch.compile the network (nn.Module.compile: in place, the checkpoint's keys unchanged). Its
+    # first steps at each image side compile for tens of seconds (72 s on the 2-core CPU) for +6 %
+    # there (bench/RESULTS.md), hence off by default; on a GPU, whose small steps are bound by kernel
+    # launches, bench/device_check.py measures what it gains.
+    compile: bool = False
+    # Evaluate the validation split every N epochs and after the last (1 = every epoch).
+    # Checkpoints are still saved every epoch; those of an epoch without evaluation carry no val_*
+    # figures and never rank as the best (their val_macro_f1 is -inf, as a mid-epoch
+    # checkpoint's), and sweeps rank them by the last evaluated score. With optim.schedule=plateau
+    # the patience counts evaluations.
+    evaluate_every: int = 1
+    # Images per evaluation batch on each worker, whatever the training batch: one fixed shape
+    # (on a GPU the last batch is padded to it), so cuDNN and torch.compile tune evaluation once.
+    eval_batch: int = 256
+    # Leave out each epoch's last, partial training batch (its images train in other epochs, as
+    # the permutation changes): every step of an epoch has one shape, so cuDNN (and torch.compile)
+    # tune one set of kernels per image side instead of two.
+    drop_last: bool = True
 
 
 @dataclass
@@ -428,6 +452,8 @@ _BOUNDS = {
     "train.max_preemptions": _AT_LEAST_0,
     "train.tensorboard_every": _AT_LEAST_1,
     "train.ddp_bucket_mb": _ABOVE_0,
+    "train.evaluate_every": _AT_LEAST_1,
+    "train.eval_batch": _AT_LEAST_1,
 }
 
 

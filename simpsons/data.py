@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from simpsons.archive import UNREAD_LIST
 from simpsons.errors import UserError
@@ -339,6 +338,8 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
 
 def pack_split(records: Sequence[ImageRecord], size: int, workers: int = 0, desc: str = "pack") -> PackedSplit:
     """Decode every image once (in a process pool) into one (N, size, size, 3) uint8 array."""
+    from tqdm import tqdm  # imported where used: the training engine imports this module where tqdm is not
+
     workers = workers or os.cpu_count() or 1
     images = np.empty((len(records), size, size, 3), dtype=np.uint8)
     keep = np.zeros(len(records), dtype=bool)
@@ -390,20 +391,50 @@ def class_counts(labels: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> lis
 
 
 def data_placement(nbytes: int, device: torch.device | str, share: float) -> tuple[bool, str]:
-    """(keep `nbytes` of packed splits on `device`, where they go in words, for the log).
-
-    On a GPU they stay resident when they fit `share` of its free memory; otherwise in pinned host
-    memory, gathered per batch (about 25 times today's sample would not fit a 24 GiB GPU).
-    """
+    """(keep `nbytes` of packed splits on `device`, where they go in words, for the log): `placement`
+    with this GPU's free memory and this host's available memory."""
     device = torch.device(device)
-    size = f"{nbytes / 2**20:.0f} MiB"
     if device.type != "cuda":
-        return True, f"in host memory ({size}): training on the {device.type.upper()}"
+        return True, f"in host memory ({nbytes / 2**20:.0f} MiB): training on the {device.type.upper()}"
     free, _ = torch.cuda.mem_get_info(device)
-    budget = f"{share:.0%} of the {free / 2**30:.1f} GiB free on {device}"
-    if nbytes <= share * free:
+    return placement(nbytes, str(device), free, share, host_available_bytes())
+
+
+def placement(nbytes: int, device: str, device_free: int, share: float, host_available: int) -> tuple[bool, str]:
+    """(keep `nbytes` of packed splits on the GPU `device`, where they go in words), from the sizes alone.
+
+    They stay resident on the GPU when they fit `share` (data.resident_share) of its free memory.
+    Otherwise they stay where load_packed left them - a read-only memory map, in the page cache
+    that every rank of the node shares - and each batch is gathered into a pinned buffer of its
+    own and copied to the GPU: no rank pins a copy of its own (the pinned allocator rounds each
+    block up to a power of two, and locked memory is never paged out). That needs the splits to
+    fit the host's available memory, else every epoch would read them from disk again: refused.
+    """
+    size = f"{nbytes / 2**20:.0f} MiB"
+    budget = f"{share:.0%} of the {device_free / 2**30:.1f} GiB free on {device}"
+    if nbytes <= share * device_free:
         return True, f"resident on {device} ({size}, within {budget})"
-    return False, f"in pinned host memory, copied per batch ({size} is more than {budget})"
+    if nbytes > host_available:
+        raise DataError(
+            f"The packed train + val splits ({nbytes / 2**30:.1f} GiB) fit neither {budget} (data.resident_share) "
+            f"nor the {host_available / 2**30:.1f} GiB of available host memory; raise data.resident_share, "
+            "train on GPUs or nodes with more memory, or pack the data at a smaller data.stored_size."
+        )
+    return False, (
+        f"in host memory (the page cache), gathered per batch into pinned buffers ({size} is more than {budget})"
+    )
+
+
+def host_available_bytes() -> int:
+    """Memory the host can give without swapping: MemAvailable of /proc/meminfo (free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def mix_seed(seed: int, *parts: int) -> int:
@@ -414,13 +445,19 @@ def mix_seed(seed: int, *parts: int) -> int:
     return seed % (1 << 63)  # torch.manual_seed takes 64 bits
 
 
+def _steps(images: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of `images` (one rank's share of an epoch): the last partial one dropped with
+    `drop_last`, unless it is the only one."""
+    return images // batch_size if drop_last and images >= batch_size else -(-images // batch_size)
+
+
 class ResidentSplit:
     """A packed split held in memory as uint8: on the training device, or in host memory for a GPU it does not fit.
 
     Batches are index tensors into that memory: no copies per image, no worker processes. Each
     epoch draws one seeded permutation that every rank computes identically, and rank r takes
     every world-th element of it, trimmed so all ranks take the same number of steps (DDP needs
-    equal step counts). With `on_device=False` the split stays in (pinned) host memory and each
+    equal step counts). With `on_device=False` the split stays in host memory (placement says why) and each
     batch is gathered there and copied to `device` without blocking: the same batches, slower.
     """
 
@@ -429,16 +466,13 @@ class ResidentSplit:
     ):
         self.device, self.on_device = torch.device(device), on_device
         home = self.device if on_device else torch.device("cpu")
-        # Page-locked host memory lets the per-batch copies to the GPU run asynchronously.
+        # Each batch for a GPU is gathered into page-locked buffers, so its copy runs asynchronously;
+        # the split itself stays in pageable memory (data.placement says why).
         self.pinned = home.type == "cpu" and self.device.type == "cuda"
         with warnings.catch_warnings():
-            # A read-only memory map: CPU workers on one node share its page cache; never written.
+            # A read-only memory map: the workers of a node share its page cache; never written.
             warnings.simplefilter("ignore", UserWarning)
-            source = torch.from_numpy(np.asarray(images))
-            if self.pinned:  # one copy, straight from the page cache into pinned memory
-                self.images = torch.empty(source.shape, dtype=torch.uint8, pin_memory=True).copy_(source)
-            else:
-                self.images = torch.from_numpy(np.ascontiguousarray(images)).to(home)  # (N, S, S, 3) uint8
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(home)  # (N, S, S, 3) uint8
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(home)  # (N,)
 
     def __len__(self) -> int:
@@ -457,9 +491,17 @@ class ResidentSplit:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches(
-        self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0
+        self,
+        epoch: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of `epoch`, from position `start` of the epoch's permutation on.
+        """This rank's batches of `epoch`, from position `start` of the epoch's permutation on;
+        with `drop_last` without the last partial batch (unless it is the only one).
 
         Step i of every rank together takes the permutation's images [i * world * batch_size,
         (i + 1) * world * batch_size), so a run resumed at step k skips exactly the first
@@ -468,15 +510,19 @@ class ResidentSplit:
         generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
         order = torch.randperm(len(self), generator=generator)
         end = len(self) // world * world  # equal shares: DDP needs the same step count on every rank
+        # The epoch's images used, decided on the whole epoch (a resumed one drops what it would have)
+        end = min(end, self.steps_per_epoch(batch_size, world, drop_last) * batch_size * world)
         start = min(start, end)
         # (end - start) is a multiple of world unless the run resumes with another worker count
         per_rank = (end - start) // world
-        mine = order[start : start + per_rank * world][rank::world].to(self.images.device)
+        mine = order[start : start + per_rank * world][rank::world]
+        if self.images.device.type == "cuda":  # through pinned memory: a pageable copy would wait for the GPU
+            mine = mine.pin_memory().to(self.images.device, non_blocking=True)
         for first in range(0, per_rank, batch_size):
             yield self._batch(mine[first : first + batch_size])
 
-    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
-        return -(-(len(self) // world) // batch_size)
+    def steps_per_epoch(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+        return _steps(len(self) // world, batch_size, drop_last)
 
     def eval_batches(
         self, batch_size: int, rank: int = 0, world: int = 1

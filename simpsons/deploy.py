@@ -63,8 +63,9 @@ def export_model(model: nn.Module, cfg: Config, class_names: list[str], path: st
     return Path(path)
 
 
-def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
-    """(callable module: uint8 (B, S, S, 3) -> probabilities (B, C), metadata) of a model.pt2."""
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(callable module on `device`: uint8 (B, S, S, 3) there -> probabilities (B, C) there, metadata)
+    of a model.pt2."""
     extra = {METADATA: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
@@ -72,6 +73,19 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
         raise DataError(f"{path} is not an exported model this torch can load; pass a run's best/model.pt2.") from None
     if not extra[METADATA]:
         raise DataError(f"{path} is an exported program but not a model of this project (it has no {METADATA}).")
+    device = torch.device(device)
+    if device.type != "cpu":
+        # The graph was traced on the CPU and fixes that device: its weights, its constants (the
+        # normalisation's mean and std) and the device of every tensor it makes. The pass re-places
+        # all of them; without it the program would refuse (or, moved by hand, partly run on) another device.
+        try:
+            from torch.export.passes import move_to_device_pass
+        except ImportError:
+            raise DataError(
+                f"This torch ({torch.__version__}) cannot move an exported program to {device}; "
+                "pass --device cpu, or the run's best/checkpoint.pt to run on the GPU."
+            ) from None
+        program = move_to_device_pass(program, device)
     return program.module(), json.loads(extra[METADATA])
 
 

@@ -84,10 +84,18 @@ def check_recipe(cfg: Config) -> None:
     counts = [1] * (len(classes) if isinstance(classes, list) else len(alpha) if isinstance(alpha, list) else 2)
     try:
         model, criterion, optimizer = build_components(blank, counts, torch.device("cpu"))
-        scheduler = create_scheduler(optimizer, blank, steps_per_epoch=1)
-        create_train_step(blank, model, criterion, optimizer, scheduler)
     except ValueError as exc:
-        raise ConfigError(f"The config's model, loss or optimizer cannot be built: {exc} Change that value.") from None
+        raise ConfigError(
+            f"The config's model, loss or optimizer cannot be built ({str(exc).rstrip('.')}); change that value."
+        ) from None
+    try:
+        scheduler = create_scheduler(optimizer, blank, steps_per_epoch=1)
+    except ValueError as exc:  # torch's own words, e.g. ReduceLROnPlateau's "Factor should be < 1.0."
+        raise ConfigError(
+            f"The learning-rate schedule optim.schedule={cfg.optim.schedule} refuses these optim.* values "
+            f"({str(exc).rstrip('.')}); change optim.plateau_factor or optim.plateau_patience."
+        ) from None
+    create_train_step(blank, model, criterion, optimizer, scheduler)
 
 
 def ready_dataset(cfg: Config, dataset_uri: str | None = None) -> str:

@@ -41,6 +41,44 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+class MovingAverage(torch.optim.swa_utils.AveragedModel):
+    """The exponential moving average of a model's weights and buffers (`decay` per update), whose
+    update never waits for the device.
+
+    torch's AveragedModel.update_parameters reads its update counter on every call
+    (bool(n_averaged == 0), n_averaged > 0): with the counter on the GPU two syncs per step, and on
+    the host its .to(device) copy is one. Here the counter is mirrored on the host (read from the
+    device once, at the first update, so a checkpoint's count filled in by checkpoint.restore
+    counts) and the device's copy, which checkpoints save, only ever advances there.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        device = next(model.parameters()).device
+        multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+        super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=True)
+        self.updates: int | None = None  # the host's mirror of n_averaged
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates is None:
+            self.updates = int(self.n_averaged)  # once per run (after a restore), not per step
+        if self.updates == 0:
+            for mine, theirs in zip(averaged, current):
+                mine.copy_(theirs)
+        else:
+            by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+            for mine, theirs in zip(averaged, current):
+                pair = by_dtype.setdefault(mine.dtype, ([], []))
+                pair[0].append(mine)
+                pair[1].append(theirs)
+            for mine, theirs in by_dtype.values():  # lerp for floats, a weighted copy for counters
+                self.multi_avg_fn(mine, theirs, self.n_averaged)
+        self.n_averaged += 1
+        self.updates += 1
+
+
 class TrainStep:
     """One optimisation step: augment -> forward under autocast -> loss -> backward -> step."""
 
@@ -53,6 +91,7 @@ class TrainStep:
         dtype: torch.dtype | None,
         per_step_schedule: bool,
         ema_decay: float,
+        compile: bool = False,
     ):
         self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
         self.device = next(model.parameters()).device
@@ -62,16 +101,12 @@ class TrainStep:
         # Under DDP with gradient_as_bucket_view the gradients are views into the all-reduce buckets;
         # setting them to None would make autograd allocate fresh ones that DDP copies back every step.
         self.set_to_none = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        # The weights' moving average, BatchNorm statistics included. Its step counter lives on the
-        # device too (device=): on the host, each update would read it back, a sync per step.
-        self.ema = None
-        if ema_decay:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                getattr(model, "module", model),
-                device=self.device,
-                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay),
-                use_buffers=True,
-            )
+        # The weights' moving average, BatchNorm statistics included (MovingAverage: no sync per update).
+        self.ema = MovingAverage(getattr(model, "module", model), ema_decay) if ema_decay else None
+        if compile:
+            # In place (the module's type and state_dict keys unchanged, DDP's wrapper around it) and
+            # after the moving average's copy: a copy of a compiled module would call the original's forward.
+            getattr(model, "module", model).compile()
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, preset: TrainPreset, generator: torch.Generator
@@ -154,6 +189,7 @@ def train_one_epoch(
         sums += torch.tensor([resume.loss_sum, resume.correct], dtype=torch.float64).to(device)
     images = 0  # on the host, where it is known: a per-step torch.tensor(n, device="cuda") would block
     done = resume.step
+    logged_loss = LaggedValue(device)
     started = time.perf_counter()
 
     def progress() -> EpochProgress:
@@ -181,11 +217,12 @@ def train_one_epoch(
         images += len(labels)
         done = i + 1
         if log_every and done % log_every == 0:
+            shown = logged_loss.swap(loss, done)
             _logger.info(
-                "%s step %d loss %.3f %.0f img/s at %d px",
+                "%s step %d loss %s %.0f img/s at %d px",
                 log_label,
                 done,
-                float(loss),  # a sync: only the logging rank logs
+                loss_text(shown, done),
                 images * world / (time.perf_counter() - started),
                 preset.train_size,
             )
@@ -203,6 +240,45 @@ def train_one_epoch(
         seconds=seconds,
         steps=[*resume.steps, [resume.step, done]],
     )
+
+
+def loss_text(shown: tuple[int, float] | None, step: int) -> str:
+    """A progress line's loss: LaggedValue's (step, value), its step named when it is an earlier one."""
+    if shown is None:
+        return "pending"
+    return f"{shown[1]:.3f}" + (f" (at step {shown[0]})" if shown[0] != step else "")
+
+
+class LaggedValue:
+    """A device scalar read without waiting for the device, for progress lines: swap(value, step)
+    starts a non-blocking copy of `value` to pinned host memory and returns the (step, value) of the
+    copy started at the previous swap once it has arrived (None before that). Reading the loss
+    itself (float(loss)) would stall the logging rank until the GPU catches up, and every other
+    rank at the next all-reduce."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.last: tuple[int, float] | None = None
+
+    def swap(self, value: torch.Tensor, step: int) -> tuple[int, float] | None:
+        self._collect()
+        if self.pending is None:
+            host = torch.empty((), dtype=value.dtype, pin_memory=self.device.type == "cuda")
+            host.copy_(value.detach(), non_blocking=True)
+            copied = None
+            if self.device.type == "cuda":
+                copied = torch.cuda.Event()
+                copied.record()
+            self.pending = (step, host, copied)
+        self._collect()  # on the CPU the copy is done: this step's value
+        return self.last
+
+    def _collect(self) -> None:
+        if self.pending is not None:
+            at, host, copied = self.pending
+            if copied is None or copied.query():  # query() asks, it does not wait
+                self.last, self.pending = (at, float(host)), None
 
 
 def synchronize(device: torch.device) -> None:
@@ -223,9 +299,12 @@ def evaluate(
     tta_flip: bool = False,
     rank: int = 0,
     world: int = 1,
+    pad_last: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """(confusion matrix (C, C) summed over all ranks, mean loss over the whole split), this rank
-    taking every world-th image in batches of `batch_size`.
+    taking every world-th image in batches of `batch_size` (with `pad_last` the last one padded to
+    it: one shape for cuDNN and torch.compile). Nothing in the loop reads the device: the two
+    figures are read once, at the end.
 
     `model` is the trained network, its DDP wrapper or its moving average (AveragedModel)."""
     # The bare module, not the DDP (or AveragedModel) wrapper: the wrapper's first forward after training broadcasts
@@ -241,8 +320,13 @@ def evaluate(
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels in split.eval_batches(batch_size, rank, world):
+        n = len(labels)
+        if (
+            pad_last and n < batch_size
+        ):  # the last batch, padded to the fixed shape (one kernel set); the padding's logits dropped
+            images = images[torch.arange(batch_size, device=images.device) % n]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = classify(model, preset(images), tta_flip)
+            logits = classify(model, preset(images), tta_flip)[:n]
         loss_sum += criterion(logits, labels).double() * len(labels)
         cm += confusion_matrix(labels, logits.argmax(1), num_classes)
     if world > 1:

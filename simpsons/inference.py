@@ -163,20 +163,23 @@ class Classifier:
 
 def load_classifier(checkpoint: str | Path, device: str | torch.device | None = None) -> Classifier:
     """The model of a run's best/ folder (its checkpoint.pt), a checkpoint.pt, or an exported
-    model.pt2, which needs none of the training code (it runs on the CPU, as exported)."""
+    model.pt2, which needs none of the training code, on `device` (default: resolve_device())."""
     if is_exported(checkpoint):
-        program, meta = load_exported(checkpoint)
+        device = resolve_device(device)  # cuda without CUDA: one sentence, never a silent CPU run
+        program, meta = load_exported(checkpoint, device)
 
         def exported_probabilities(images: np.ndarray) -> torch.Tensor:
+            images = torch.as_tensor(images)
             with torch.no_grad():
-                return torch.cat([program(torch.as_tensor(images[i : i + 128])) for i in range(0, len(images), 128)])
+                out = [program(images[i : i + 128].to(device)).cpu() for i in range(0, len(images), 128)]
+            return torch.cat(out) if out else torch.empty(0)
 
         return Classifier(
             exported_probabilities,
             list(meta["class_names"]),
             meta["stored_size"],
             MAX_FILE_BYTES,
-            torch.device("cpu"),
+            device,
             str(checkpoint),
             file_sha256(checkpoint),
         )
@@ -225,7 +228,7 @@ def predict_files(
     """Top-k labels with probabilities for each image file (folders are expanded to their images).
 
     `checkpoint` is a run's best/ folder or checkpoint.pt, or its exported model.pt2, which needs
-    none of the training code (it runs on the CPU, as exported)."""
+    none of the training code; either runs on `device` (default: the first GPU when there is one)."""
     classifier = load_classifier(checkpoint, device)
     files: list[Path] = []
     for p in map(Path, paths):

@@ -49,9 +49,9 @@ class FocalLoss(nn.Module):
     def __init__(self, alpha: float | Sequence[float] | None, gamma: float, label_smoothing: float):
         super().__init__()
         if gamma < 0:
-            raise ValueError(f"focal gamma must be >= 0, not {gamma}.")
+            raise ValueError(f"loss.gamma (the focal exponent) must be >= 0, not {gamma}.")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), not {label_smoothing}.")
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), not {label_smoothing}: 1 would leave no target.")
         self.gamma = float(gamma)
         self.label_smoothing = float(label_smoothing)
         if alpha is None or isinstance(alpha, (int, float)):

@@ -20,7 +20,10 @@ import torch
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     # targets, preds: (N,) int -> (C, C) int64 on the same device
     flat = targets.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    # scatter_add_ into a fixed (C * C,) shape, not torch.bincount: on CUDA bincount reads the
+    # input's min and max back to the host (a sync per evaluation batch) to size its output.
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=flat.device)
+    return cm.scatter_add_(0, flat, torch.ones_like(flat)).reshape(num_classes, num_classes)
 
 
 def classification_report(cm: np.ndarray | torch.Tensor, class_names: Sequence[str]) -> dict:

@@ -3,6 +3,8 @@ cache, the stored image side, the class list and the architectures. Each is spel
 
 SCORE = "val_macro_f1"  # the metric runs, checkpoints, sweeps and MLflow rank epochs by
 MID_EPOCH = "mid_epoch"  # set in the metrics of a mid-epoch report: no validation, never the best checkpoint
+EVALUATED = "evaluated"  # False in the metrics of an epoch that train.evaluate_every skips: SCORE is -inf
+LAST_SCORE = "last_val_macro_f1"  # SCORE of the last evaluated epoch, in every epoch's metrics (for Tune)
 
 CACHE_DIR = "~/.cache/simpsons"  # downloads, unpacked archives, packed datasets, pretrained weights
 STORED_SIZE = 144  # side (px) of the packed uint8 images; training crops and resizes from these

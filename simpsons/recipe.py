@@ -11,6 +11,7 @@ Nothing here trains; simpsons.engine does, with these.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,13 +61,17 @@ def epoch_sides(cfg: Config) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Plan:
     """What every epoch of a run does, read from the config once: the side each epoch trains at,
-    the presets, the autocast dtype and the evaluation batch."""
+    whether it is evaluated, the presets, the autocast dtype and the batches."""
 
     sides: tuple[int, ...]  # per epoch
     train: TrainPreset  # at data.train_size; train_preset(epoch) resizes it
     eval: EvalPreset
     dtype: torch.dtype | None  # autocast dtype, None for fp32
-    eval_batch: int  # per rank
+    batch: int  # training images per step, per rank
+    drop_last: bool  # each epoch's last partial training batch left out
+    eval_batch: int  # per rank, fixed
+    pad_eval: bool  # the last evaluation batch padded to eval_batch: on a GPU (one shape), not on the CPU (waste)
+    evaluate_every: int  # epochs between evaluations (and the last epoch)
     tta_flip: bool
     seed: int
     log_every: int  # steps between rank 0's progress lines (0 = none)
@@ -78,7 +83,11 @@ class Plan:
             train=create_train_preset(cfg),
             eval=create_eval_preset(cfg),
             dtype=amp_dtype(cfg.train.precision, device),
-            eval_batch=max(1, cfg.optim.batch_size // world) * 2,
+            batch=cfg.optim.batch_size // world,
+            drop_last=cfg.train.drop_last,
+            eval_batch=cfg.train.eval_batch,
+            pad_eval=device.type == "cuda",
+            evaluate_every=cfg.train.evaluate_every,
             tta_flip=cfg.model.tta_flip,
             seed=cfg.train.seed,
             log_every=cfg.train.log_every,
@@ -86,6 +95,10 @@ class Plan:
 
     def train_preset(self, epoch: int) -> TrainPreset:
         return dataclasses.replace(self.train, train_size=self.sides[epoch])
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether `epoch` ends with an evaluation: every evaluate_every-th epoch and the last."""
+        return (epoch + 1) % self.evaluate_every == 0 or epoch == len(self.sides) - 1
 
 
 def build_components(
@@ -112,17 +125,37 @@ def build_components(
 
 
 def parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """The classifier at optim.lr, then, with model.weights loaded, the pretrained backbone at
-    optim.lr x optim.backbone_lr_scale (one group at optim.lr otherwise)."""
-    if not pretrained(cfg.model.weights):
-        return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
-    head, backbone = [], []
+    """AdamW's parameter groups: the classifier at optim.lr, then, with model.weights loaded, the
+    pretrained backbone at optim.lr x optim.backbone_lr_scale (all at optim.lr otherwise), each
+    split into the weights that decay by optim.weight_decay and the norm layers' weights and the
+    biases (every 1-d parameter), which do not: decaying a BatchNorm scale or a bias towards 0
+    only fights the normalisation (torchvision's references, timm, nanoGPT alike). Empty groups are
+    left out; the first group is always at optim.lr."""
+    tuned = pretrained(cfg.model.weights)
+    rates = {True: cfg.optim.lr, False: cfg.optim.lr * cfg.optim.backbone_lr_scale}  # is the head -> lr
+    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (True, False) for d in (True, False)}
     for name, param in model.named_parameters():
-        (head if is_head(cfg.model.arch, name) else backbone).append(param)
+        groups[(not tuned or is_head(cfg.model.arch, name), param.ndim > 1)].append(param)
     return [
-        {"params": head, "lr": cfg.optim.lr},
-        {"params": backbone, "lr": cfg.optim.lr * cfg.optim.backbone_lr_scale},
+        {"params": params, "lr": rates[head], "weight_decay": cfg.optim.weight_decay if decays else 0.0}
+        for (head, decays), params in groups.items()
+        if params
     ]
+
+
+def ddp_options(cfg: Config) -> dict:
+    """DistributedDataParallel's keyword arguments for this config (Ray's prepare_model passes them on).
+
+    Gradients are all-reduced into buckets of train.ddp_bucket_mb that the gradients are views of.
+    Buffers (BatchNorm's running statistics) are not re-broadcast from rank 0 before every
+    forward: training uses the batch's statistics, and the running ones are read only by
+    engine.evaluate, which broadcasts rank 0's first, and by the checkpoint, which is rank 0's.
+    Every rank starts from the same buffers (the same seed, or the same checkpoint)."""
+    options = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
+    # torch 2.13 renamed broadcast_buffers (now deprecated, with a warning) to forward_sync_buffers.
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    options["forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"] = False
+    return options
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
@@ -155,4 +188,5 @@ def create_train_step(cfg: Config, model, criterion, optimizer, scheduler) -> Tr
         dtype=amp_dtype(cfg.train.precision, device),
         per_step_schedule=cfg.optim.schedule == "cosine",
         ema_decay=cfg.optim.ema_decay,
+        compile=cfg.train.compile,
     )

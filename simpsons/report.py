@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -116,7 +117,9 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
         ],
     ):
         for key in keys:
-            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+            # val_* and the score: the evaluated epochs only (train.evaluate_every)
+            shown = [(epoch, h[key]) for epoch, h in zip(epochs, history) if math.isfinite(h.get(key, math.nan))]
+            ax.plot([e for e, _ in shown], [v for _, v in shown], marker="o", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

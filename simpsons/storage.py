@@ -14,6 +14,7 @@ with one sentence saying what and how.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -22,9 +23,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow.fs as pafs
-from tqdm import tqdm
 
 from simpsons.errors import UserError
 from simpsons.files import file_md5, file_sha256, sha256_hex, write_atomic
@@ -68,8 +66,12 @@ def endpoint_url(endpoint: str = "") -> str:
     return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
 
 
-def pyarrow_filesystem(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local folder or an s3:// URI."""
+def pyarrow_filesystem(uri: str, endpoint: str = ""):
+    """(pyarrow filesystem, path inside it) for a local folder or an s3:// URI."""
+    # pyarrow is imported here, not at the top: the training engine and the device check import
+    # this module (weights, checkpoints) on machines that have torch but no pyarrow (bench/device_check.py).
+    import pyarrow.fs as pafs
+
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
     endpoint = endpoint_url(endpoint)
@@ -80,7 +82,7 @@ def pyarrow_filesystem(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, s
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return RetryingS3FileSystem(request_attempts(), **kwargs), uri[len("s3://") :].rstrip("/")
+    return _retrying_s3_class()(request_attempts(), **kwargs), uri[len("s3://") :].rstrip("/")
 
 
 def request_attempts() -> int:
@@ -88,25 +90,31 @@ def request_attempts() -> int:
     return int(os.environ.get("AWS_MAX_ATTEMPTS") or REQUEST_ATTEMPTS)
 
 
-def _rebuild_s3(options: dict) -> RetryingS3FileSystem:
-    return RetryingS3FileSystem(**options)
+def _rebuild_s3(options: dict):
+    return _retrying_s3_class()(**options)
 
 
-class RetryingS3FileSystem(pafs.S3FileSystem):
+@functools.cache
+def _retrying_s3_class():
     """pyarrow's S3 filesystem with AWS standard retries (exponential backoff) that survive pickling.
 
     Ray sends the run's filesystem to its controller and every worker; pyarrow's own pickling
     drops the retry strategy, which leaves 3 tries (about 3 s against an endpoint that is down).
-    The options never hold credentials: each process takes them from the AWS chain.
+    The options never hold credentials: each process takes them from the AWS chain. Made on first
+    use, so that importing this module needs no pyarrow.
     """
+    import pyarrow.fs as pafs
 
-    def __init__(self, attempts: int = 0, **options):
-        attempts = attempts or request_attempts()
-        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
-        self._options = {"attempts": attempts, **options}
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        def __init__(self, attempts: int = 0, **options):
+            attempts = attempts or request_attempts()
+            super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
+            self._options = {"attempts": attempts, **options}
 
-    def __reduce__(self):
-        return _rebuild_s3, (self._options,)
+        def __reduce__(self):
+            return _rebuild_s3, (self._options,)
+
+    return RetryingS3FileSystem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +369,8 @@ def upload_files(
         return 0
     sha256 = sha256 or {}
     total = sum(Path(p).stat().st_size for p in files.values())
+    from tqdm import tqdm  # not at the top: see pyarrow_filesystem
+
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0, disable=total < QUIET_BELOW) as bar:
         if not is_s3(uri):
             root = Path(uri).expanduser()
@@ -459,6 +469,8 @@ def download_files(
             f"{join(uri, missing[0])} does not exist ({len(missing)} object(s) missing); the data there is incomplete, prepare it again."
         )
     total = sum(sizes.values())
+    from tqdm import tqdm  # not at the top: see pyarrow_filesystem
+
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0, disable=total < QUIET_BELOW) as bar:
 
         def fetch(key: str, path: Path) -> None:

@@ -25,7 +25,7 @@ import yaml
 from simpsons import storage
 from simpsons.checkpoint import read_metrics
 from simpsons.config import Config, to_dict
-from simpsons.names import SCORE
+from simpsons.names import EVALUATED, SCORE
 from simpsons.report import write_best
 
 _logger = logging.getLogger(__name__)
@@ -56,8 +56,10 @@ def summarize_trials(cfg: Config, sweep_uri: str) -> list[dict]:
             rows.append(row)
             continue
         frame = frame.dropna(subset=[SCORE])
+        # An epoch train.evaluate_every skipped reported the last evaluated score to Tune: never the best.
+        scored = frame[frame[EVALUATED].fillna(True).astype(bool)] if EVALUATED in frame else frame
         # Ties go to the later epoch: it is the one Ray Train keeps among equally scored checkpoints.
-        best = frame.sort_values([SCORE, "epoch"]).iloc[-1]
+        best = scored.sort_values([SCORE, "epoch"]).iloc[-1]
         epochs_run = int(frame["epoch"].max()) + 1
         if trial.status == "ERROR":
             status = "error"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from simpsons.config import Config, ConfigError, to_dict, training_dict, with_overrides
-from simpsons.names import SCORE
+from simpsons.names import EVALUATED, LAST_SCORE, SCORE
 
 _logger = logging.getLogger(__name__)
 
@@ -174,11 +175,17 @@ def config_params(cfg: Config | dict) -> dict[str, str]:
 
 
 def epoch_metrics(figures: dict) -> dict[str, float]:
-    """The metrics of one epoch's figures (the training loop's `metrics` / a history entry)."""
+    """The metrics of one epoch's figures (the training loop's `metrics` / a history entry). An
+    epoch that train.evaluate_every skipped carries the last evaluated score, as Tune sees it."""
+    if figures.get(EVALUATED) is False:
+        figures = {**figures, SCORE: figures.get(LAST_SCORE, math.nan)}
     return {
         key: float(value)
         for key, value in figures.items()
-        if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in NOT_METRICS
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)  # the -inf score of an epoch without evaluation (train.evaluate_every)
     }
 
 

@@ -30,7 +30,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from simpsons import storage, tracking
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
 from simpsons.driver import prepare_run, ready_dataset, run_trainer
-from simpsons.names import MID_EPOCH, SCORE
+from simpsons.names import EVALUATED, LAST_SCORE, MID_EPOCH, SCORE
 from simpsons.sweep_report import format_value, searched_keys, summarize_trials, write_sweep_config, write_sweep_report
 
 _logger = logging.getLogger(__name__)
@@ -73,7 +73,12 @@ class EpochReportCallback(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and metrics[0].get(MID_EPOCH):
             return
-        metrics = [dict(m, **{EPOCHS: m["epoch"] + 1}) for m in metrics]
+        # An epoch without evaluation (train.evaluate_every) reports the last evaluated score to
+        # the scheduler, not its -inf checkpoint rank.
+        metrics = [
+            dict(m, **{EPOCHS: m["epoch"] + 1}, **({} if m.get(EVALUATED, True) else {SCORE: m[LAST_SCORE]}))
+            for m in metrics
+        ]
         super().after_report(run_context, metrics, checkpoint)
 
 

@@ -32,8 +32,8 @@ from simpsons.dataset import load_packed, local_dataset_dir, read_manifest
 from simpsons.engine import EpochProgress, EpochStats, TrainStep, evaluate, train_one_epoch
 from simpsons.logs import configure_logging
 from simpsons.metrics import classification_report
-from simpsons.names import MID_EPOCH, SCORE
-from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step
+from simpsons.names import EVALUATED, LAST_SCORE, MID_EPOCH, SCORE
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step, ddp_options
 
 _logger = logging.getLogger(__name__)
 
@@ -54,12 +54,10 @@ def train_loop_per_worker(config: dict) -> None:
     class_names = manifest["class_names"]
     origin = checkpoint.provenance(dataset_uri, dataset_dir, code)
     train_split, val_split = resident_splits(dataset_dir, device, cfg.data.resident_share, announce=rank == 0)
-    per_worker_batch = cfg.optim.batch_size // world
-    steps_per_epoch = train_split.steps_per_epoch(per_worker_batch, world)
-
     plan = Plan.of(cfg, device, world)
+    steps_per_epoch = train_split.steps_per_epoch(plan.batch, world, plan.drop_last)
 
-    ddp_kwargs = {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": cfg.train.ddp_bucket_mb}
+    ddp_kwargs = ddp_options(cfg)
     model, criterion, optimizer = build_components(
         cfg,
         manifest["splits"]["train"]["class_counts"],
@@ -70,12 +68,14 @@ def train_loop_per_worker(config: dict) -> None:
     step = create_train_step(cfg, model, criterion, optimizer, scheduler)
 
     start_epoch, best_score, history, partial = 0, -1.0, [], None
+    last_score = float("-inf")  # SCORE of the last evaluated epoch
     resumed_from = ray.train.get_checkpoint()
     if resumed_from:
         with resumed_from.as_directory() as folder:
             state = checkpoint.load(folder, device)
         checkpoint.restore(state, model, optimizer, scheduler, step.scaler, step.ema)
         best_score, history = state["best_score"], state["history"]
+        last_score = next((h[SCORE] for h in reversed(history) if h.get(EVALUATED, True)), last_score)
         start_epoch, saved_progress = checkpoint.resume_point(state)
         partial = EpochProgress(**saved_progress) if saved_progress else None
         if rank == 0 and partial:
@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         resume, partial = (partial if epoch == start_epoch else None), None
         batches = train_split.train_batches(
-            epoch, per_worker_batch, cfg.train.seed, rank, world, start=resume.images if resume else 0
+            epoch, plan.batch, plan.seed, rank, world, start=resume.images if resume else 0, drop_last=plan.drop_last
         )
         mid_epoch.epoch = epoch
         trained = train_one_epoch(
@@ -133,9 +133,16 @@ def train_loop_per_worker(config: dict) -> None:
         )
         if writer and cfg.train.histogram_every and (epoch + 1) % cfg.train.histogram_every == 0:
             writer.histograms(getattr(model, "module", model), epoch)  # the epoch's last gradients are still in .grad
-        cm, report, validated = validate(step, val_split, plan, cfg.optim.schedule, class_names, rank, world)
+        trained_s = time.perf_counter() - started
+        if plan.evaluates(epoch):
+            cm, report, validated = validate(step, val_split, plan, cfg.optim.schedule, class_names, rank, world)
+            last_score, figures = validated[SCORE], {"val": report, "confusion": cm.cpu().tolist()}
+        else:  # no val_* figures; never ranked the best checkpoint (as a mid-epoch one); Tune sees last_score
+            validated, figures = {SCORE: float("-inf")}, {}
         metrics = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, **validated,
+                   EVALUATED: plan.evaluates(epoch), LAST_SCORE: last_score,
                    "lr": optimizer.param_groups[0]["lr"], "train_img_per_s": trained.images_per_s,
+                   "train_time_s": trained_s, "evaluate_time_s": time.perf_counter() - started - trained_s,
                    "epoch_time_s": time.perf_counter() - started, "resumed": bool(resumed_from),
                    "trained_steps": trained.steps}  # fmt: skip
         history.append(metrics)
@@ -145,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.scalars(metrics, epoch)
         if rank == 0 and tracker:
             tracker.log_epoch(metrics)
-        saved = save(epoch, {"val": report, "confusion": cm.cpu().tolist()})
+        saved = save(epoch, figures)
         # The checkpoint is copied to storage in the background while the next epoch trains (a GPU
         # epoch on 8 workers is shorter than the round trip); Ray deletes the local folder when the
         # copy has finished, and the worker's end waits for every pending copy.
@@ -248,7 +255,7 @@ def validate(
 
     def scores(model):
         return evaluate(model, step.criterion, split, plan.eval, plan.dtype, plan.eval_batch, len(class_names),
-                        plan.tta_flip, rank, world)  # fmt: skip
+                        plan.tta_flip, rank, world, plan.pad_eval)  # fmt: skip
 
     raw_cm, raw_loss = scores(step.model)
     if schedule == "plateau":
@@ -266,15 +273,19 @@ def validate(
 
 def epoch_line(metrics: dict, trained: EpochStats, epochs: int) -> str:
     m = metrics
+    val = (
+        f"val loss {m['val_loss']:.3f} acc {m['val_acc']:.3f} macro-F1 {m[SCORE]:.3f}"
+        if m[EVALUATED]
+        else f"not evaluated (train.evaluate_every; last macro-F1 {m[LAST_SCORE]:.3f})"
+    )
     return (f"epoch {m['epoch'] + 1}/{epochs} train loss {m['train_loss']:.3f} acc {m['train_acc']:.3f} | "
-            f"val loss {m['val_loss']:.3f} acc {m['val_acc']:.3f} macro-F1 {m[SCORE]:.3f} | "
-            f"{trained.images_per_s:.0f} img/s")  # fmt: skip
+            f"{val} | {trained.images_per_s:.0f} img/s")  # fmt: skip
 
 
 def resident_splits(
     dataset_dir: str | Path, device: torch.device, share: float, announce: bool = True
 ) -> tuple[ResidentSplit, ResidentSplit]:
-    """The packed train and val splits, kept whole on `device` (or in pinned host memory when they
+    """The packed train and val splits, kept whole on `device` (or in host memory when they
     do not fit `share` of its free memory)."""
     arrays = {name: load_packed(dataset_dir, name) for name in ("train", "val")}
     on_device, placement = data_placement(sum(a.nbytes for pair in arrays.values() for a in pair), device, share)
@@ -301,7 +312,7 @@ class _TensorBoard:
 
     def scalars(self, metrics: dict, epoch: int) -> None:
         for key, value in metrics.items():
-            if isinstance(value, float):
+            if isinstance(value, float) and math.isfinite(value):  # an unevaluated epoch's score is -inf
                 group = "train" if key.startswith("train_") else "val" if key.startswith("val_") else "misc"
                 self.writer.add_scalar(f"{group}/{key.split('_', 1)[-1] if group != 'misc' else key}", value, epoch)
         self.writer.flush()

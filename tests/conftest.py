@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from synthetic import make_image_tree
 
-from simpsons.cluster import free_port
-
 # Ray workers inherit these. Ray Train notices a finished worker at its next health check (every
 # 2 s by default), which the many short fits here would wait for; uv must not rebuild the
 # workers' environment (they use this one).
@@ -42,6 +40,8 @@ def s3_server():
     Set before Ray starts so Ray workers (which inherit the raylet's environment) reach it too.
     """
     from moto.server import ThreadedMotoServer
+
+    from simpsons.cluster import free_port  # imports ray: here, so the gpu tests run where Ray is not installed
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

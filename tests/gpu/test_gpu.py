@@ -1,12 +1,14 @@
-"""The CUDA path on a real GPU: precision choice, a sync-free step, placement, resume, a Ray Train run, inference.
+"""The CUDA path on a real GPU: precision choice, sync-free steps and evaluation, placement, resume,
+the exported model, a Ray Train run, inference.
 
-Skipped without CUDA. `make device-check` (bench/device_check.py) runs this file and then
-bench/gpu.py; the real sample is unpacked and packed once into bench/out/cache, which the
-benchmark reuses.
+Skipped without CUDA. `make device-check` (bench/device_check.py) runs this file as a subprocess on
+a bare GPU machine: everything here but the Ray Train run (skipped without Ray, and without the real
+sample's archive) needs torch, numpy and pytest alone.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -21,8 +23,8 @@ from simpsons.checkpoint import restore, training_state
 from simpsons.config import load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit, data_placement
 from simpsons.dataset import load_packed
-from simpsons.engine import amp_dtype, train_one_epoch
-from simpsons.recipe import build_components, create_scheduler, create_train_preset, create_train_step
+from simpsons.engine import amp_dtype, evaluate, train_one_epoch
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_preset, create_train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -105,15 +107,75 @@ def test_training_step_never_waits_for_the_gpu(precision, on_device, ema):
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    stats = train_one_epoch(step, unsynced(batches), PRESET, seed=0, epoch=0)
+    # log_every=1: rank 0's progress line, every step, must not wait either
+    stats = train_one_epoch(step, unsynced(batches), PRESET, seed=0, epoch=0, log_every=1, log_label="sync audit")
     assert stats.images == 256 and math.isfinite(stats.loss)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_an_epochs_batches_never_wait_for_the_gpu_from_its_first(on_device):
+    # The epoch's permutation goes to the GPU through pinned memory: a pageable copy is a sync.
+    images, labels = _random_arrays(300)
+    split = ResidentSplit(images, labels, device=CUDA, on_device=on_device)
+    list(split.train_batches(0, 128, 0))  # warm-up: the pinned allocator's first blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(split.train_batches(1, 128, 0, drop_last=True))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [len(y) for _, y in batches] == [128, 128] and all(x.is_cuda for x, _ in batches)
+
+
+class _Unsynced:
+    """A split whose evaluation batches, and the loop bodies between them, run in sync debug mode "error"."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def eval_batches(self, *args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from self.split.eval_batches(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_evaluation_never_waits_for_the_gpu_between_batches(on_device):
+    images, labels = _random_arrays(300)  # batches of 128, 128 and 44 padded to 128
+    split = ResidentSplit(images, labels, device=CUDA, on_device=on_device)
+    cfg = _cfg("optim.ema_decay=0.999")
+    step = _components(cfg, labels)
+    plan = Plan.of(cfg, CUDA)
+    evaluate(step.model, step.criterion, split, plan.eval, plan.dtype, 128, 42)  # warm-up: cuDNN, constants
+    for model in (step.model, step.ema):
+        cm, loss = evaluate(model, step.criterion, _Unsynced(split), plan.eval, plan.dtype, 128, 42, pad_last=True)
+        assert int(cm.sum()) == 300 and math.isfinite(loss)
+
+
+def test_exported_model_runs_on_the_gpu_and_agrees_with_the_cpu(tmp_path):
+    from simpsons.deploy import export_model, load_exported
+    from simpsons.inference import load_classifier
+    from simpsons.model import create_model
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    path = export_model(create_model(42).eval(), cfg, list(CLASS_NAMES), tmp_path / "model.pt2")
+    module, _ = load_exported(path, CUDA)
+    assert {t.device for t in module.state_dict().values()} == {CUDA}
+    images, _ = _random_arrays(20)
+    on_gpu = load_classifier(path, "cuda")
+    assert on_gpu.device.type == "cuda"
+    expected = load_classifier(path, "cpu").probabilities(images)
+    assert torch.allclose(on_gpu.probabilities(images), expected, atol=1e-3)
 
 
 def test_host_memory_path_gives_the_resident_batches_on_the_gpu():
     images, labels = _random_arrays(300, 48)
     resident = ResidentSplit(images, labels, device=CUDA)
     host = ResidentSplit(images, labels, device=CUDA, on_device=False)
-    assert resident.images.is_cuda and host.images.is_pinned()
+    assert resident.images.is_cuda and not host.images.is_pinned()  # the split stays pageable
     for (x, y), (hx, hy) in zip(resident.train_batches(1, 64, 3, 1, 2), host.train_batches(1, 64, 3, 1, 2)):
         assert hx.is_cuda and torch.equal(x, hx) and torch.equal(y, hy)
     free, _ = torch.cuda.mem_get_info(CUDA)
@@ -126,7 +188,7 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
     generator = torch.Generator(device=CUDA).manual_seed(0)
     saved = _components(_cfg("train.precision=bf16", "train.channels_last=true"), labels)
     for x, y in split.train_batches(0, 128, 0):
-        saved(x, y, generator)
+        saved(x, y, PRESET, generator)
     buffer = io.BytesIO()
     torch.save(training_state(saved.model, saved.optimizer, saved.scheduler, saved.scaler), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # no map_location: CPU tensors only
@@ -138,6 +200,7 @@ def test_resume_on_cuda_with_fused_adamw_fp16_and_flipped_layout():
     assert all(np.isfinite(losses))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (a bare GPU machine)")
 def test_ray_train_on_the_real_sample_resumes_then_evaluates_and_predicts_on_the_gpu(
     ray_cluster, real_sample, tmp_path
 ):

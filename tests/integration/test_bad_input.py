@@ -50,6 +50,20 @@ CASES = {
     # Every input is good; the RAY_ADDRESS every case runs with names no cluster (ray.init waited minutes on it).
     "no Ray cluster at RAY_ADDRESS": ("train", [], _DEAD_RAY),
     "no Ray cluster at RAY_ADDRESS for a sweep": ("tune", [], _DEAD_RAY),
+    # Within the config's bounds but refused by the loss or the schedule: refused before Ray by
+    # driver.check_recipe (workers used to fail after ~48 s with a traceback, exit 1).
+    "label smoothing of 1": (
+        "train",
+        ["--set", "loss.label_smoothing=1"],
+        "The config's model, loss or optimizer cannot be built (loss.label_smoothing must be in [0, 1), not 1.0: "
+        "1 would leave no target); change that value.",
+    ),
+    "plateau factor of 1": (
+        "train",
+        ["--set", "optim.schedule=plateau", "--set", "optim.plateau_factor=1"],
+        "The learning-rate schedule optim.schedule=plateau refuses these optim.* values (Factor should be < 1.0); "
+        "change optim.plateau_factor or optim.plateau_patience.",
+    ),
     "negative epochs": (
         "train",
         ["--set", "optim.epochs=-1"],

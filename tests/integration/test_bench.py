@@ -8,6 +8,7 @@ are the ratios of the printed rates.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -89,11 +90,45 @@ def test_gpu_skips_cleanly_without_cuda(tmp_path):
     torch.cuda.is_available(), reason="this machine has CUDA: the device check runs instead of skipping"
 )
 def test_device_check_says_skipped_in_one_line_without_cuda():
-    done = subprocess.run(["make", "-s", "device-check"], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    make = ["make", "-s", "device-check", f"PYTHON={sys.executable}"]  # no install: the python at hand
+    done = subprocess.run(make, cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("skipped device check: CUDA is not available") and done.stdout.count("\n") == 1, (
         done.stdout
     )
+
+
+def test_device_check_quick_runs_on_the_cpu_with_ray_boto3_pyarrow_and_tqdm_uninstalled(tmp_path):
+    # As on a bare GPU machine: importing any of them fails (tests/without_packages.py).
+    blocked = "ray,boto3,botocore,pyarrow,tqdm,mlflow"
+    report = tmp_path / "device_check.json"
+    command = [
+        sys.executable,
+        str(BENCH.parent / "tests" / "without_packages.py"),
+        blocked,
+        str(BENCH / "device_check.py"),
+    ]
+    done = subprocess.run(
+        [*command, "--quick", "--json", str(report), "--sample", str(tmp_path / "none.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = figures(done.stdout)
+    for batch in (8, 16):
+        for name in ("step", "step_ema", "model_step"):
+            assert got[f"{name}_img_per_s_b{batch}"] > 0
+        assert_ratio(
+            got[f"data_path_fraction_b{batch}"], got[f"step_img_per_s_b{batch}"], got[f"model_step_img_per_s_b{batch}"]
+        )
+    for name in ("epoch_train_s", "epoch_evaluate_s", "epoch_checkpoint_s", "ddp_bf16_img_per_s", "ddp_fp16_img_per_s"):
+        assert got[name] > 0, name
+    assert got["ddp_steps_finite"] == 1 and got["gpu_tests_failed"] == 0 and got["gpu_tests_skipped"] > 0
+    assert f"figures written to {report}" in done.stderr
+    saved = json.loads(report.read_text())
+    assert saved["figures"] == got and saved["device"].startswith("CPU")
 
 
 def test_gpu_code_path_runs_on_the_cpu_from_an_archive(image_tree, tmp_path):
@@ -154,3 +189,61 @@ def test_label_quick_prints_every_figure(image_tree):
     got = figures(run_bench("label.py", "--quick", "--images", str(image_tree)).stdout)
     assert set(got) == {"predict_img_per_s", "label_img_per_s", "label_vs_predict"}
     assert_ratio(got["label_vs_predict"], got["label_img_per_s"], got["predict_img_per_s"])
+
+
+@pytest.mark.parametrize(
+    "script, args, networks",
+    [  # networks: the ones built that run a forward (the data-only pipelines build none)
+        ("throughput.py", ["--quick", "--images", "{tree}", "--cache", "{tmp}"], 3),  # original, step, bare step
+        ("gpu.py", ["--quick", "--device", "cpu", "--images", "{tree}", "--cache", "{tmp}"], 2),  # step, bare step
+        ("device_check.py", ["--quick", "--no-tests", "--json", "{tmp}/dc.json", "--sample", "{tmp}/none"], 9),
+    ],
+)
+def test_every_timed_pipeline_feeds_the_network_images_of_the_side_it_names(
+    script, args, networks, image_tree, tmp_path
+):
+    # Progressive resizing on (its first epochs at half the side): a pipeline that passes the
+    # config's epoch schedule instead of an explicit side would time a smaller image than it names.
+    args = [a.format(tree=image_tree, tmp=tmp_path) for a in args] + ["--set", "data.resize_from=0.5"]
+    sides = tmp_path / "sides.json"
+    command = [sys.executable, str(BENCH.parent / "tests" / "forward_sides.py"), str(sides), str(BENCH / script)]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = json.loads(sides.read_text())["networks"]
+    assert len(seen) >= networks, seen
+    assert {side for network in seen for side in network} == {32}, seen  # --quick's 32 px, every forward
+
+
+def test_device_sample_holds_the_archives_images_as_packing_decodes_them(image_tree, tmp_path):
+    # --make-sample on an archive in the real sample's layout; the GPU machine decodes it back.
+    sys.path.insert(0, str(BENCH))
+    import device_check
+
+    from simpsons.data import find_layout, load_image, scan_split
+
+    archive = tmp_path / "dataset.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(image_tree / "dataset", arcname="dataset")
+    sample = tmp_path / "sample.npz"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "device_check.py"),
+            "--make-sample",
+            "--archive",
+            str(archive),
+            "--sample",
+            str(sample),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    splits = device_check.load_sample(sample, 40)
+    for name in ("train", "val"):
+        records = scan_split(find_layout(image_tree).splits[name])
+        expected = {(r.label, load_image(r.path.read_bytes(), 40).tobytes()) for r in records}
+        images, labels = splits[name]
+        assert len(labels) == len(records) <= device_check.PER_CLASS[name] * 42  # few per class here: all kept
+        assert {(int(label), image.tobytes()) for image, label in zip(images, labels)} == expected

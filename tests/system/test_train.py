@@ -153,3 +153,20 @@ def test_asking_for_cuda_without_it_is_one_clear_sentence(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."
     ]
+
+
+def test_evaluation_every_second_epoch_checkpoints_every_epoch_and_ranks_only_evaluated_ones(
+    ray_cluster, packed_dataset, tmp_path
+):
+    from simpsons.driver import fit
+
+    cfg = _cfg(tmp_path / "runs", 3, "every2", "train.evaluate_every=2", "train.histogram_every=0")
+    history = fit(cfg, str(packed_dataset))["history"]
+    assert [h["evaluated"] for h in history] == [False, True, True]  # epochs 2 and 3 (the last)
+    skipped, *evaluated = history
+    assert not any(key.startswith("val_") and key != "val_macro_f1" for key in skipped)
+    assert skipped["val_macro_f1"] == skipped["last_val_macro_f1"] == -math.inf  # never the best checkpoint
+    assert evaluated[0]["last_val_macro_f1"] == evaluated[0]["val_macro_f1"] >= 0
+    best = json.loads((tmp_path / "runs" / "every2" / "best" / "metrics.json").read_text())
+    assert best["macro_f1"] == pytest.approx(max(h["val_macro_f1"] for h in evaluated))
+    assert (tmp_path / "runs" / "every2" / "best" / "curves.png").is_file()  # plots the evaluated epochs only

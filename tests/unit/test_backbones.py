@@ -124,9 +124,10 @@ def test_fine_tuning_trains_the_backbone_slower_than_the_new_classifier(tmp_path
     _, _, tuned = build_components(
         load_config(None, overrides + [f"model.weights={tmp_path / 'w.pt'}"]), counts, torch.device("cpu")
     )
-    head, backbone = tuned.param_groups
-    assert head["lr"] == 0.01 and backbone["lr"] == pytest.approx(0.001)
-    assert [p.shape for p in head["params"]] == [(42, 512), (42,)]
+    head, head_no_decay, backbone, backbone_no_decay = tuned.param_groups
+    assert head["lr"] == head_no_decay["lr"] == 0.01
+    assert backbone["lr"] == backbone_no_decay["lr"] == pytest.approx(0.001)
+    assert [p.shape for p in head["params"] + head_no_decay["params"]] == [(42, 512), (42,)]
     assert sum(p.numel() for g in tuned.param_groups for p in g["params"]) == 11_198_058
     _, _, fresh = build_components(load_config(None, overrides), counts, torch.device("cpu"))
-    assert len(fresh.param_groups) == 1 and fresh.param_groups[0]["lr"] == 0.01  # nothing loaded: one rate
+    assert {g["lr"] for g in fresh.param_groups} == {0.01}  # nothing loaded: one rate

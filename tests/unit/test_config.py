@@ -153,3 +153,26 @@ def test_the_librarys_defaults_are_the_configs():
             if p in inspect.signature(fn).parameters
         ]
         assert all(default(fn, p) is inspect.Parameter.empty for p in takes), fn
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.label_smoothing=1"], r"\(loss.label_smoothing must be in \[0, 1\), not 1.0: 1 would leave no target\)"),
+        (
+            ["optim.schedule=plateau", "optim.plateau_factor=1"],
+            r"optim.schedule=plateau refuses .*Factor should be < 1.0",
+        ),
+        (["loss.alpha=[1, 2]"], r"\(loss.alpha has 2 values but there are 42 classes\); change that value\.$"),
+        (["loss.alpha=[1, 2]", "data.classes=[a, b, c]"], r"loss.alpha has 2 values but there are 3 classes"),
+    ],
+)
+def test_values_the_workers_would_refuse_are_refused_by_the_driver_in_one_sentence(overrides, message):
+    from simpsons.driver import check_recipe  # builds model, loss, optimizer and schedule on the CPU, no Ray
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        check_recipe(load_config(None, overrides))
+    assert len(str(caught.value).splitlines()) == 1 and str(caught.value).endswith(".")
+    check_recipe(
+        load_config(None, ["loss.label_smoothing=0.99", "optim.schedule=plateau", "optim.plateau_factor=0.99"])
+    )

@@ -8,7 +8,17 @@ from synthetic import make_image_tree
 
 from simpsons.augment import MEAN, STD, eval_transform, train_transform
 from simpsons.config import load_config
-from simpsons.data import CLASS_NAMES, DataError, ResidentSplit, data_placement, find_layout, pack_split, scan_split
+from simpsons.data import (
+    CLASS_NAMES,
+    DataError,
+    ResidentSplit,
+    data_placement,
+    find_layout,
+    host_available_bytes,
+    pack_split,
+    placement,
+    scan_split,
+)
 from simpsons.dataset import load_packed, read_manifest
 from simpsons.prepare import pack_tree
 from simpsons.recipe import create_eval_preset, create_train_preset
@@ -103,16 +113,29 @@ def test_host_memory_path_gives_exactly_the_resident_batches():
             assert torch.equal(x, hx) and torch.equal(y, hy) and hx.dtype == torch.uint8
 
 
-def test_placement_keeps_data_on_the_gpu_only_within_its_share(monkeypatch):
-    # No GPU here: torch.cuda.mem_get_info is patched to a 24 GiB GPU with 10 GiB free.
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 24 * 2**30))
-    sample = 845 * 2**20  # today's train + val at 144 px
-    on_gpu, reason = data_placement(sample, "cuda:0", 0.5)
+def test_placement_keeps_data_on_the_gpu_within_its_share_else_in_host_memory_that_holds_it():
+    gib, sample = 2**30, 845 * 2**20  # today's train + val at 144 px
+    on_gpu, reason = placement(sample, "cuda:0", 10 * gib, 0.5, 64 * gib)  # 10 GiB free of a 24 GiB GPU
     assert on_gpu and reason == "resident on cuda:0 (845 MiB, within 50% of the 10.0 GiB free on cuda:0)"
-    on_gpu, reason = data_placement(25 * sample, "cuda:0", 0.5)
-    assert not on_gpu and reason.startswith("in pinned host memory, copied per batch (21125 MiB is more than 50%")
-    assert not data_placement(sample, "cuda:0", 0.0)[0]  # share 0 forces the host path
+    on_gpu, reason = placement(25 * sample, "cuda:0", 10 * gib, 0.5, 64 * gib)
+    assert not on_gpu and reason.startswith("in host memory (the page cache), gathered per batch into pinned buffers")
+    assert "21125 MiB is more than 50%" in reason
+    assert not placement(sample, "cuda:0", 10 * gib, 0.0, 64 * gib)[0]  # share 0 forces the host path
+    # Neither fits: one sentence naming the setting and the host's memory, not a node that swaps.
+    with pytest.raises(
+        DataError,
+        match=r"fit neither 50% of the 10.0 GiB free on cuda:0 \(data.resident_share\) nor the 16.0 GiB of available host memory",
+    ):
+        placement(25 * sample, "cuda:0", 10 * gib, 0.5, 16 * gib)
     assert data_placement(sample, "cpu", 0.5) == (True, "in host memory (845 MiB): training on the CPU")
+    assert 0 < host_available_bytes() < 2**50
+
+
+def test_host_path_keeps_the_split_pageable():
+    # On a GPU machine the batches are pinned (tests/gpu/test_gpu.py); the split itself is the memory map.
+    images, labels = np.zeros((6, 8, 8, 3), np.uint8), np.arange(6)
+    split = ResidentSplit(images, labels, device="cpu", on_device=False)
+    assert not split.images.is_pinned() and split.images.data_ptr() == torch.from_numpy(images).data_ptr()
 
 
 def test_augmentation_shapes_ranges_and_determinism():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import HostTensorRecorder
 
 from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.config import Config, load_config
@@ -60,31 +60,6 @@ def test_auto_precision_takes_fp16_on_gpus_without_native_bf16(monkeypatch):
     assert amp_dtype("auto", cuda) == torch.bfloat16
     assert amp_dtype("auto", CPU) == torch.bfloat16
     assert amp_dtype("fp16", CPU) == torch.float16 and amp_dtype("fp32", cuda) is None
-
-
-class HostTensorRecorder(TorchDispatchMode):
-    """Records every op that makes a tensor out of host data or moves one between devices.
-
-    `torch.tensor(...)` inside a mode dispatches `lift_fresh` for the tensor it built from Python
-    data; on a GPU that tensor is a blocking host->device copy. A device change is `_to_copy` or
-    `copy_` with the input on another device than the output.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        if name in ("lift_fresh", "lift_fresh_copy"):
-            self.found.append(f"{func}: a tensor built from host data {tuple(args[0].shape)}")
-        elif name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor):
-            src = args[1] if name == "copy_" else args[0]
-            if src.device != out.device:
-                self.found.append(f"{func}: {src.device} -> {out.device}")
-        return out
 
 
 def test_recorder_sees_a_tensor_built_from_host_data_on_the_device():

@@ -182,11 +182,13 @@ def test_a_killed_driver_rerun_continues_the_same_mlflow_run_and_logs_each_epoch
 def test_a_tracking_server_outage_mid_run_loses_no_epoch(head, mlflow_server, packed_dataset):
     # The job reaches the server through a gate that the test shuts (connections refused, open ones
     # cut) for as long as two epochs train, then opens: the outage ends well before the run does on
-    # a fast machine too, which a server restart (10-40 s) did not promise.
-    name, epochs = f"outage-{uuid.uuid4().hex[:6]}", 30
+    # a fast machine too, which a server restart (10-40 s) did not promise. Batches of 2 images per
+    # worker make each epoch 40 steps, so the run lasts far longer than the outage's few epochs.
+    name, epochs = f"outage-{uuid.uuid4().hex[:6]}", 24
     client = mlflow_server.client()
     with TcpGate(mlflow_server.port) as gate:
-        command = train_command(packed_dataset, name, epochs, "--set", f"run.tracking_uri={gate.uri}")
+        tracked = ("--set", f"run.tracking_uri={gate.uri}", "--set", "optim.batch_size=4")
+        command = train_command(packed_dataset, name, epochs, *tracked)
         driver = head.spawn(command, head.driver_env())
         run_id = wait_for_epoch(client, name, f"s3://{BUCKET}/runs/{name}", 0, driver)
         gate.shut()

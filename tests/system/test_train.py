@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import math
 
 import pytest
 import torch

@@ -10,29 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import trained_checkpoint
 from job_scripts import run_job
 from synthetic import CLASSES, make_image_tree
 
-from simpsons.checkpoint import FORMAT, save
-from simpsons.config import load_config, to_dict
 from simpsons.data import DataError, load_image
 from simpsons.deploy import EXPORT_ATOL, export_model, load_exported
 from simpsons.inference import load_checkpoint, predict_proba
-from simpsons.model import create_model
 from simpsons.recipe import create_eval_preset
-
-
-def trained_checkpoint(folder: Path, *overrides: str) -> Path:
-    """A checkpoint as training writes it, with weights nudged off their initial values (so BatchNorm
-    statistics and the classifier are not trivial)."""
-    cfg = load_config(None, ["data.stored_size=40", "data.train_size=32", *overrides])
-    torch.manual_seed(0)
-    model = create_model(len(CLASSES), cfg.model.head, cfg.model.dropout, cfg.model.arch).train()
-    with torch.no_grad():
-        for _ in range(3):  # BatchNorm running statistics away from (0, 1)
-            model(torch.rand(8, 3, 32, 32) * 3)
-    state = {"model": model.state_dict(), "config": to_dict(cfg), "class_names": list(CLASSES), "format": FORMAT}
-    return save(folder, state, metrics={})
 
 
 @pytest.fixture(scope="module")

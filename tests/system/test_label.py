@@ -11,11 +11,11 @@ from pathlib import Path
 
 import boto3
 import pytest
+from checkpoints import trained_checkpoint
 from job_scripts import run_job
 from memory_watch import MemoryWatch
 from ray_head import RayHead, job_submit
 from synthetic import make_image_tree
-from test_deploy import trained_checkpoint
 
 from simpsons.label import label, read_output
 from simpsons.storage import upload_dir

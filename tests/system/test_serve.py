@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from checkpoints import trained_checkpoint
 from synthetic import make_image_tree
-from test_deploy import trained_checkpoint
 
 from simpsons.cluster import free_port
 from simpsons.deploy import export_model

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from host_reads import HostTensorRecorder
+from tiny import random_split, tiny_config
 
-from simpsons.config import Config, load_config
+from simpsons.config import Config
 from simpsons.data import CLASS_NAMES, ResidentSplit
 from simpsons.engine import LaggedValue, MovingAverage, evaluate, loss_text, train_one_epoch
 from simpsons.model import create_model
@@ -23,15 +24,11 @@ from simpsons.recipe import Plan, build_components, create_scheduler, create_tra
 CPU = torch.device("cpu")
 
 
-def _cfg(*overrides: str) -> Config:
-    return load_config(None, ["data.stored_size=40", "data.train_size=32", "optim.batch_size=8", *overrides])
+_cfg = tiny_config
 
 
-def _split(n: int = 30, size: int = 40, **kwargs) -> ResidentSplit:
-    rng = np.random.default_rng(0)
-    return ResidentSplit(
-        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n), **kwargs
-    )
+def _split(n: int = 30, **kwargs) -> ResidentSplit:
+    return random_split(n, **kwargs)
 
 
 def _step(cfg: Config, prepare=lambda m: m):

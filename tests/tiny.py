@@ -1,0 +1,20 @@
+"""The small in-process setting the engine tests share: a config at 40 px stored, 32 px trained,
+batch 8, and a split of random uint8 images."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simpsons.config import Config, load_config
+from simpsons.data import CLASS_NAMES, ResidentSplit
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, ["data.stored_size=40", "data.train_size=32", "optim.batch_size=8", *overrides])
+
+
+def random_split(n: int, size: int = 40, **kwargs) -> ResidentSplit:
+    rng = np.random.default_rng(0)
+    return ResidentSplit(
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n), **kwargs
+    )

@@ -38,6 +38,12 @@ class TcpGate:
         """Refuse new connections and cut the open ones."""
         with self._lock:
             if self._listener is not None:
+                # close() alone leaves a thread blocked in accept() holding the socket, which still
+                # listens and hands it one more connection; shutdown() wakes accept() with an error.
+                try:
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for sock in self._open:
@@ -60,6 +66,10 @@ class TcpGate:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # shut while this connection was being made
+                    client.close()
+                    server.close()
+                    return
                 self._open += [client, server]
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()

@@ -194,21 +194,32 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_
             key.rsplit("/", 1)[-1] for key in _keys(bucket, f"simpsons/killed/runs/killed-{trial_id}/")
         }
 
+    def saved_statuses() -> dict[str, str]:  # what Tuner.restore will see; {} until Tune first saves
+        try:
+            return {
+                t.trial_id: t.status for t in tune.ExperimentAnalysis(f"{root}/killed", storage_filesystem=fs).trials
+            }
+        except (ValueError, OSError):
+            return {}
+
     first = _Driver(args, env)
     try:
-        # Kill the driver as soon as the trial after the finished one has saved a checkpoint.
+        # Kill the driver as soon as the trial after the finished one has saved a checkpoint and
+        # the experiment state in storage records the finished one (the driver prints a trial's end
+        # before Tune's next save of its state, which a kill right then would lose).
         deadline = time.monotonic() + 180
         interrupted = None
         while interrupted is None and time.monotonic() < deadline and first.proc.poll() is None:
             time.sleep(0.5)
             if first.finished_trials():
                 running = [tid for tid in first.started_trials() if tid not in first.finished_trials()]
-                interrupted = next((tid for tid in running if has_checkpoint(tid)), None)
+                midway = next((tid for tid in running if has_checkpoint(tid)), None)
+                if midway and "TERMINATED" in saved_statuses().values():
+                    interrupted = midway
         assert interrupted, f"the sweep was not caught with one trial finished and one midway:\n{first.output()}"
     finally:
         first.kill()
-    # What Tuner.restore will see: the finished trial on record, the interrupted one not.
-    saved = {t.trial_id: t.status for t in tune.ExperimentAnalysis(f"{root}/killed", storage_filesystem=fs).trials}
+    saved = saved_statuses()
     finished = [tid for tid, status in saved.items() if status == "TERMINATED"]
     assert finished and interrupted not in finished, saved
     finished_runs = {tid: _keys(bucket, f"simpsons/killed/runs/killed-{tid}/") for tid in finished}

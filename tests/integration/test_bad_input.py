@@ -64,56 +64,12 @@ CASES = {
         "The learning-rate schedule optim.schedule=plateau refuses these optim.* values (Factor should be < 1.0); "
         "change optim.plateau_factor or optim.plateau_patience.",
     ),
-    "negative epochs": (
-        "train",
-        ["--set", "optim.epochs=-1"],
-        "optim.epochs must be at least 1, not -1; set it with --set optim.epochs=<value>.",
-    ),
+    # One value out of bounds and one of the wrong type, as the job reports them; every other bound
+    # is checked in process (unit/test_config.py), where a case costs no interpreter start.
     "zero epochs": (
         "train",
         ["--set", "optim.epochs=0"],
         "optim.epochs must be at least 1, not 0; set it with --set optim.epochs=<value>.",
-    ),
-    "zero learning rate": (
-        "train",
-        ["--set", "optim.lr=0"],
-        "optim.lr must be more than 0, not 0.0; set it with --set optim.lr=<value>.",
-    ),
-    "dropout above 1": (
-        "train",
-        ["--set", "model.dropout=1.5"],
-        "model.dropout must be from 0 to 1, not 1.5; set it with --set model.dropout=<value>.",
-    ),
-    "negative retries": (
-        "train",
-        ["--set", "train.max_failures=-1"],
-        "train.max_failures must be at least 0, not -1; set it with --set train.max_failures=<value>.",
-    ),
-    "zero image size limit": (
-        "train",
-        ["--set", "data.max_image_bytes=0"],
-        "data.max_image_bytes must be at least 1, not 0; set it with --set data.max_image_bytes=<value>.",
-    ),
-    "worker resources not a mapping": (
-        "train",
-        ["--set", "train.resources_per_worker=[1]"],
-        "train.resources_per_worker must map custom Ray resource names to positive amounts, "
-        "e.g. {{A10G: 1}} (CPU and GPU have their own keys), not [1].",
-    ),
-    "one class": (
-        "train",
-        ["--set", "data.classes=[bart_simpson]"],
-        "data.classes must be 'auto' or a list of at least 2 class names, not ['bart_simpson'].",
-    ),
-    "crop scale of one number": (
-        "train",
-        ["--set", "data.crop_scale=[0.5]"],
-        "data.crop_scale must be two numbers 0 < low <= high <= 1, not [0.5].",
-    ),
-    "negative class weight": (
-        "train",
-        ["--set", "loss.alpha=[1, -1]"],
-        "loss.alpha weights must be numbers of 0 or more, not [1, -1].",
     ),
     "wrong type": (
         "train",

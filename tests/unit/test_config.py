@@ -46,6 +46,40 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+# Out-of-bounds values, each refused with the whole sentence a job prints after "error: " (the
+# job's exit 2 and nothing written is proven once per kind in integration/test_bad_input.py).
+@pytest.mark.parametrize(
+    "override, sentence",
+    [
+        ("optim.epochs=-1", "optim.epochs must be at least 1, not -1; set it with --set optim.epochs=<value>."),
+        ("optim.lr=0", "optim.lr must be more than 0, not 0.0; set it with --set optim.lr=<value>."),
+        ("model.dropout=1.5", "model.dropout must be from 0 to 1, not 1.5; set it with --set model.dropout=<value>."),
+        (
+            "train.max_failures=-1",
+            "train.max_failures must be at least 0, not -1; set it with --set train.max_failures=<value>.",
+        ),
+        (
+            "data.max_image_bytes=0",
+            "data.max_image_bytes must be at least 1, not 0; set it with --set data.max_image_bytes=<value>.",
+        ),
+        (
+            "train.resources_per_worker=[1]",
+            "train.resources_per_worker must map custom Ray resource names to positive amounts, e.g. {A10G: 1} (CPU and GPU have their own keys), not [1].",
+        ),
+        (
+            "data.classes=[bart_simpson]",
+            "data.classes must be 'auto' or a list of at least 2 class names, not ['bart_simpson'].",
+        ),
+        ("data.crop_scale=[0.5]", "data.crop_scale must be two numbers 0 < low <= high <= 1, not [0.5]."),
+        ("loss.alpha=[1, -1]", "loss.alpha weights must be numbers of 0 or more, not [1, -1]."),
+    ],
+)
+def test_out_of_bounds_values_are_one_sentence_naming_the_key_and_the_fix(override, sentence):
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [override])
+    assert str(refused.value) == sentence
+
+
 def test_unknown_key_in_a_yaml_file_names_the_full_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  sorce: x\n")

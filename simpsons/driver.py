@@ -9,6 +9,7 @@ run_trainer(cfg, ..)  Ray Train's TorchTrainer running simpsons.worker.train_loo
 
 from __future__ import annotations
 
+import json
 import logging
 
 import ray.train
@@ -30,7 +31,7 @@ from simpsons.cluster import (
     worker_resources,
 )
 from simpsons.config import Config, ConfigError, config_text, resolve_paths, to_dict, with_overrides
-from simpsons.dataset import check_dataset, read_manifest
+from simpsons.dataset import manifest_bytes
 from simpsons.names import SCORE
 from simpsons.prepare import cached_pack
 from simpsons.recipe import build_components, create_scheduler, create_train_step
@@ -101,17 +102,29 @@ def check_recipe(cfg: Config) -> None:
 def ready_dataset(cfg: Config, dataset_uri: str | None = None) -> str:
     """The packed dataset the run trains on, as workers on any node find it: `dataset_uri`, else
     data.uri, else data.source fetched and packed into the local cache; refused when its manifest
-    is missing (a user's mistake, not a worker failure for Ray to retry)."""
+    is missing or it was packed at another side than data.stored_size (a user's mistake, not a
+    worker failure for Ray to retry)."""
     if not (dataset_uri or cfg.data.uri):
         d = cfg.data
         tree = fetch_source(d.source, d.cache_dir, max_image_bytes=d.max_image_bytes)
         dataset_uri = str(cached_pack(tree, d.cache_dir, d.stored_size, d.pack_workers, d.classes, d.max_image_bytes))
     uri = absolute_dataset_uri(dataset_uri or cfg.data.uri)
-    if storage.is_s3(uri):
-        check_dataset(uri, cfg.run.s3_endpoint)  # an incomplete S3 version has no manifest
-    else:
-        read_manifest(uri)
+    manifest = json.loads(manifest_bytes(uri, cfg.run.s3_endpoint))  # an incomplete S3 version has none
+    check_stored_size(cfg, uri, manifest["stored_size"])
     return uri
+
+
+def check_stored_size(cfg: Config, dataset_uri: str, stored_size: int) -> None:
+    """A dataset packed at another side than data.stored_size is refused: training would crop from
+    images of the dataset's side, while evaluate, predict, serving and model.pt2 decode images at
+    data.stored_size, and the config would not say what the model was trained on."""
+    wanted = cfg.data.stored_size
+    if stored_size != wanted:
+        raise ConfigError(
+            f"The dataset {dataset_uri} was packed at {stored_size} px but data.stored_size is {wanted}; "
+            f"set data.stored_size={stored_size} (and data.train_size at most that), or pack the data "
+            f"again at {wanted} px (jobs/prepare_data.py --set data.stored_size={wanted} --version <new>)."
+        )
 
 
 def build_trainer(

@@ -116,6 +116,11 @@ def manifest_bytes(uri: str, endpoint: str = "") -> bytes:
     return _manifest_path(uri).read_bytes() if not storage.is_s3(uri) else _remote_manifest_bytes(uri, endpoint)
 
 
+def check_dataset(uri: str, endpoint: str = "") -> None:
+    """StorageError when the packed dataset at an s3:// `uri` has no manifest (missing or incomplete)."""
+    _remote_manifest_bytes(uri, endpoint)
+
+
 def _remote_manifest_bytes(uri: str, endpoint: str) -> bytes:
     raw = storage.read_bytes(storage.join(uri, MANIFEST), endpoint)
     if raw is None:

@@ -9,6 +9,7 @@ run_trainer(cfg, ..)  Ray Train's TorchTrainer running simpsons.worker.train_loo
 
 from __future__ import annotations
 
+import json
 import logging
 
 import ray.train
@@ -30,7 +31,7 @@ from simpsons.cluster import (
     worker_resources,
 )
 from simpsons.config import Config, ConfigError, config_text, resolve_paths, to_dict, with_overrides
-from simpsons.dataset import check_dataset, read_manifest
+from simpsons.dataset import check_dataset, manifest_bytes, read_manifest
 from simpsons.names import SCORE
 from simpsons.prepare import cached_pack
 from simpsons.recipe import build_components, create_scheduler, create_train_step
@@ -66,13 +67,16 @@ def prepare_run(cfg: Config, dataset_uri: str | None = None, runs_at_once: int =
 def check_inputs(cfg: Config, dataset_uri: str | None = None) -> None:
     """What a job can refuse in seconds, before Ray starts and data is prepared: the run's storage
     (reachable, bucket exists, writable), the MLflow tracking server (with run.tracking_uri set), a
-    raw data source that cannot exist (when neither `dataset_uri` nor data.uri names a packed
-    dataset) and the recipe's objects (check_recipe)."""
+    packed dataset (`dataset_uri` or data.uri) without a manifest or packed at another side
+    (check_stored_size), else a raw data source that cannot exist, and the recipe's objects
+    (check_recipe)."""
     check_recipe(cfg)
     storage.check_writable(cfg.run.storage, cfg.run.s3_endpoint)
     tracking.check(cfg)
-    if not (dataset_uri or cfg.data.uri):
-        check_source(cfg.data.source)
+    if dataset_uri or cfg.data.uri:
+        check_stored_size(cfg, absolute_dataset_uri(dataset_uri or cfg.data.uri))
+    else:
+        check_source(cfg.data.source)  # packed later, at data.stored_size
 
 
 def check_recipe(cfg: Config) -> None:
@@ -112,6 +116,20 @@ def ready_dataset(cfg: Config, dataset_uri: str | None = None) -> str:
     else:
         read_manifest(uri)
     return uri
+
+
+def check_stored_size(cfg: Config, dataset_uri: str) -> None:
+    """A packed dataset (its manifest read, so a missing one is refused here too) whose side is not
+    data.stored_size is refused: training would crop from images of the dataset's side while
+    evaluate, predict, serving and model.pt2 decode images at data.stored_size."""
+    stored_size = json.loads(manifest_bytes(dataset_uri, cfg.run.s3_endpoint))["stored_size"]
+    wanted = cfg.data.stored_size
+    if stored_size != wanted:
+        raise ConfigError(
+            f"The dataset {dataset_uri} was packed at {stored_size} px but data.stored_size is {wanted}; "
+            f"set data.stored_size={stored_size} (and data.train_size at most that), or pack the data "
+            f"again at {wanted} px (jobs/prepare_data.py --set data.stored_size={wanted} --version <new>)."
+        )
 
 
 def build_trainer(

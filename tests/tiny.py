@@ -3,14 +3,17 @@ batch 8, and a split of random uint8 images."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from simpsons.config import Config, load_config
 from simpsons.data import CLASS_NAMES, ResidentSplit
 
 
-def tiny_config(*overrides: str) -> Config:
-    return load_config(None, ["data.stored_size=40", "data.train_size=32", "optim.batch_size=8", *overrides])
+def tiny_config(*overrides: str, path: str | Path | None = None) -> Config:
+    """The defaults, or the config file at `path` (e.g. a recipe in configs/), at the tiny sizes."""
+    return load_config(path, ["data.stored_size=40", "data.train_size=32", "optim.batch_size=8", *overrides])
 
 
 def random_split(n: int, size: int = 40, **kwargs) -> ResidentSplit:

@@ -8,18 +8,23 @@ node's cache, the lock, the file name carrying the hash prefix, the partial file
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import boto3
 import pytest
 import torch
 import torchvision
+from tiny import random_split, tiny_config
 
 from simpsons.augment import MEAN, STD
 from simpsons.config import load_config
-from simpsons.data import DataError
+from simpsons.data import CLASS_NAMES, DataError
+from simpsons.driver import check_recipe
 from simpsons.model import ARCHS, create_model, is_head
-from simpsons.recipe import build_components
+from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step
 from simpsons.weights import load_weights
+
+FINETUNE = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -44,15 +49,22 @@ def imagenet_like(arch: str, path) -> dict:
     return state
 
 
-def test_imagenet_weights_are_downloaded_once_per_node_and_loaded_but_the_classifier(tmp_path, monkeypatch):
-    published = imagenet_like("resnet18", tmp_path / "published.pth")
+def serve_as_download(monkeypatch, published: Path) -> list[tuple]:
+    """torch.hub's download from download.pytorch.org replaced by a copy of `published`; the
+    returned list collects each call's (url, hash_prefix, progress)."""
     calls = []
 
-    def download(url, dst, hash_prefix=None, progress=True):  # replaces the download from download.pytorch.org
+    def download(url, dst, hash_prefix=None, progress=True):
         calls.append((url, hash_prefix, progress))
-        shutil.copy(tmp_path / "published.pth", dst)
+        shutil.copy(published, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return calls
+
+
+def test_imagenet_weights_are_downloaded_once_per_node_and_loaded_but_the_classifier(tmp_path, monkeypatch):
+    published = imagenet_like("resnet18", tmp_path / "published.pth")
+    calls = serve_as_download(monkeypatch, tmp_path / "published.pth")
     cache = tmp_path / "cache"
     for _ in range(2):
         model = create_model(42, arch="resnet18")
@@ -131,3 +143,37 @@ def test_fine_tuning_trains_the_backbone_slower_than_the_new_classifier(tmp_path
     assert sum(p.numel() for g in tuned.param_groups for p in g["params"]) == 11_198_058
     _, _, fresh = build_components(load_config(None, overrides), counts, torch.device("cpu"))
     assert {g["lr"] for g in fresh.param_groups} == {0.01}  # nothing loaded: one rate
+
+
+def test_the_fine_tuning_recipe_trains_from_the_published_weights(tmp_path, monkeypatch):
+    shipped = load_config(FINETUNE)
+    arch, lr, scale = shipped.model.arch, shipped.optim.lr, shipped.optim.backbone_lr_scale
+    assert (shipped.model.weights, shipped.data.train_size, shipped.data.resize_from) == ("imagenet", 224, 1)
+    assert 0 < scale < 1 and shipped.train.precision == "auto"
+    published = imagenet_like(arch, tmp_path / "published.pth")
+    downloads = serve_as_download(monkeypatch, tmp_path / "published.pth")
+    cfg = tiny_config(f"data.cache_dir={tmp_path}", path=FINETUNE)  # the shipped recipe at a tiny side and batch
+    check_recipe(cfg)  # what the driver builds before Ray starts
+
+    device = torch.device("cpu")
+    model, criterion, optimizer = build_components(cfg, [10] * len(CLASS_NAMES), device)
+    assert len(downloads) == 1
+    stem = next(key for key, value in published.items() if value.ndim == 4)  # the first convolution
+    assert torch.equal(model.state_dict()[stem], published[stem])
+    head, head_no_decay, backbone, backbone_no_decay = optimizer.param_groups
+    assert [p.shape for p in head["params"] + head_no_decay["params"]] == [(42, 1280), (42,)]  # new, 42 classes
+    assert head["lr"] == head_no_decay["lr"] == lr
+    assert backbone["lr"] == backbone_no_decay["lr"] == pytest.approx(lr * scale)
+
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch=4)
+    step = create_train_step(cfg, model, criterion, optimizer, scheduler)
+    rates = [group["lr"] for group in optimizer.param_groups]  # this step's, warm-up included
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    images, labels = next(random_split(8).train_batches(0, 8, cfg.train.seed))
+    loss, logits = step(images, labels, Plan.of(cfg, device).train_preset(0), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and logits.shape == (8, 42)
+    # AdamW's first step moves each weight by about its rate (m / sqrt(v) is the gradient's sign):
+    # the new classifier by the full rate, the pretrained stem by backbone_lr_scale of it.
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    assert moved["classifier.1.weight"] == pytest.approx(rates[0], rel=0.02)
+    assert moved[stem] == pytest.approx(rates[2], rel=0.02) and rates[2] == pytest.approx(rates[0] * scale)

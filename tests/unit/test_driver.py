@@ -236,3 +236,21 @@ def test_resume_false_moves_an_s3_run_aside_without_losing_an_object(bucket, pac
     check_resume(f"s3://{bucket}/runs/smoke", str(packed_dataset), resume=False)
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert len(keys) == 2 and all(k.startswith("runs/smoke.replaced-") for k in keys), keys
+
+
+def test_a_dataset_packed_at_another_side_than_data_stored_size_is_refused_before_ray(bucket, packed_dataset, tmp_path):
+    # Training would crop from the dataset's images while evaluation, serving and model.pt2 decode
+    # at data.stored_size: configs/finetune.yaml (256 px) on a dataset packed at the default 144, say.
+    from simpsons import storage
+    from simpsons.driver import check_inputs
+
+    storage.upload_dir(packed_dataset, f"s3://{bucket}/datasets/v1")
+    runs = f"run.storage={tmp_path / 'runs'}"
+    for uri in (str(packed_dataset), f"s3://{bucket}/datasets/v1"):
+        check_inputs(load_config(None, [f"data.uri={uri}", "data.stored_size=40", "data.train_size=32", runs]))
+        with pytest.raises(ConfigError) as caught:
+            check_inputs(load_config(REPO / "configs" / "finetune.yaml", [f"data.uri={uri}", runs]))
+        message = str(caught.value)
+        assert f"{uri} was packed at 40 px but data.stored_size is 256; set data.stored_size=40" in message
+        assert "jobs/prepare_data.py --set data.stored_size=256 --version <new>" in message
+        assert len(message.splitlines()) == 1

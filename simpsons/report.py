@@ -74,6 +74,10 @@ def write_best(
     `history` is the whole run's per-epoch metrics (from the latest checkpoint); by default the
     best checkpoint's own, which stops at the best epoch. `publish` is given the local best/ folder
     once it is complete (the MLflow run's artifacts: `tracking.TrackedRun.log_best`).
+
+    The calibration temperature is fitted here, on the validation split of the dataset named in the
+    checkpoint's provenance (read on this machine), and goes into checkpoint.pt, model.pt2 and
+    metrics.json (simpsons.calibration).
     """
     checkpoint_dir = Path(checkpoint_dir)
     saved = checkpoint.read_metrics(checkpoint_dir)

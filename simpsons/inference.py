@@ -13,7 +13,7 @@ import torch
 from simpsons import checkpoint, storage
 from simpsons.archive import MAX_FILE_BYTES
 from simpsons.augment import EvalPreset
-from simpsons.calibration import calibrate, calibration_figures, probabilities
+from simpsons.calibration import calibration_figures, probabilities
 from simpsons.checkpoint import CHECKPOINT_FILE, checkpoint_file
 from simpsons.checkpoint import temperature as checkpoint_temperature
 from simpsons.config import Config, ConfigError, training_config
@@ -107,12 +107,13 @@ def predict_proba(
     return probabilities(predict_logits(model, images, preset, batch_size, flip), temperature)
 
 
-def calibrate_split(model: torch.nn.Module, cfg: Config, dataset_dir: str | Path, split: str = "val") -> dict:
-    """calibration.calibrate on the logits `model` serves (cfg's preset and test-time flip) for a
-    packed dataset's split: the temperature and the split's ECE and NLL before and after it."""
+def split_logits(
+    model: torch.nn.Module, cfg: Config, dataset_dir: str | Path, split: str = "val"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, C) fp32 logits as `model` serves them (cfg's preset and test-time flip), (N,) labels)
+    of a packed dataset's split: what the calibration temperature is fitted on."""
     images, labels = load_packed(dataset_dir, split)  # images memory-mapped: only the logits stay
-    logits = predict_logits(model, images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
-    return calibrate(logits, torch.from_numpy(labels))
+    return predict_logits(model, images, create_eval_preset(cfg), flip=cfg.model.tta_flip), torch.from_numpy(labels)
 
 
 def evaluate_folder(

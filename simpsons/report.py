@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from simpsons import checkpoint, storage
+from simpsons.calibration import calibrate
 from simpsons.config import Config, save_config
 from simpsons.dataset import local_dataset_dir
 from simpsons.deploy import MODEL_FILE, export_model
-from simpsons.inference import calibrate_split, load_checkpoint
+from simpsons.inference import load_checkpoint, split_logits
 from simpsons.metrics import per_class_csv, plot_confusion
 from simpsons.names import SCORE
 
@@ -87,7 +88,7 @@ def write_best(
         shutil.copy(checkpoint_dir / checkpoint.CHECKPOINT_FILE, best_file)
         model, saved_cfg, class_names, _ = load_checkpoint(best_file)  # the GPU when the driver has one
         dataset_dir = local_dataset_dir(saved["provenance"]["dataset_uri"], cfg.data.cache_dir, cfg.run.s3_endpoint)
-        calibration = calibrate_split(model, saved_cfg, dataset_dir)
+        calibration = calibrate(*split_logits(model, saved_cfg, dataset_dir))
         checkpoint.save_temperature(best_file, calibration["temperature"])
         report = {
             "epoch": saved["epoch"],

@@ -87,6 +87,7 @@ def predict_logits(
     """(N, S, S, 3) uint8 images -> (N, C) logits in fp32 on the CPU, inputs made by `preset`
     (`flip`: model.tta_flip). A memory-mapped array is read one batch at a time."""
     device = next(model.parameters()).device
+    images = images if isinstance(images, torch.Tensor) else np.asarray(images)  # a memmap stays mapped
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]

@@ -48,7 +48,8 @@ def main(args: argparse.Namespace) -> None:
     names = [row["class"] for row in report["per_class"]]
     write_report(args.out, report, cm, names, title=f"{args.data}: macro-F1 {report['macro_f1']:.3f}")
     print(
-        f"{report['images']} images: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} "
+        f"{report['images']} images: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+        f"ECE {report['ece']:.4f} at temperature {report['temperature']:.3f} "
         f"({report['classes_scored']} classes scored, {len(bad_files)} files left out) -> {args.out}"
     )
 

@@ -6,7 +6,9 @@
                     average's weights (`served`, what inference loads) and update count,
                     `tracking_run` (the MLflow run id with run.tracking_uri set, else ""); a
                     mid-epoch checkpoint (a preemption notice, train.checkpoint_every_steps) also
-                    holds `progress`: how far its `epoch` got (train.EpochProgress as a dict)
+                    holds `progress`: how far its `epoch` got (train.EpochProgress as a dict); the
+                    best/ folder's also holds `temperature`, the calibration fitted after training
+                    (simpsons.calibration), which inference divides the logits by
     metrics.json    the epoch's validation report, confusion matrix, history and provenance (a
                     mid-epoch checkpoint: epoch, step, history and provenance; no validation)
 
@@ -38,6 +40,7 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 FORMAT = 1  # bump when the layout changes; load() refuses other versions
+TEMPERATURE = "temperature"  # the key of best/'s calibration temperature
 REQUIRED_KEYS = ("model", "config", "class_names")  # what training saves and inference needs
 
 
@@ -178,6 +181,20 @@ def resume_point(state: dict) -> tuple[int, dict | None]:
 def served_weights(state: dict) -> dict:
     """The weights inference uses: the moving average when the run kept one, else the raw weights."""
     return state.get("served", state["model"])
+
+
+def temperature(state: dict) -> float:
+    """The calibration temperature inference divides the logits by: 1 for a checkpoint without one
+    (a training checkpoint, or a best/ written before calibration)."""
+    return float(state.get(TEMPERATURE, 1.0))
+
+
+def save_temperature(path: str | Path, value: float) -> None:
+    """Store the calibration temperature in the checkpoint at `path` (a folder or its checkpoint.pt)."""
+    path = checkpoint_file(path)
+    state = load(path, "cpu")
+    state[TEMPERATURE] = float(value)
+    torch.save(state, path)
 
 
 def read_metrics(folder: str | Path) -> dict:

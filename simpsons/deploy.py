@@ -1,9 +1,10 @@
 """The deployable model in best/: `model.pt2`, a torch.export program that needs none of this code.
 
 It takes what a service has after decoding: uint8 images (B, S, S, 3) at the dataset's stored
-size S, any batch size, and returns class probabilities (B, C) in fp32. The evaluation
-preprocessing (resize to data.train_size, normalisation) is inside the program, and the class
-names and sizes travel in the file (`simpsons.json`), so serving it takes torch alone:
+size S, any batch size, and returns calibrated class probabilities (B, C) in fp32. The evaluation
+preprocessing (resize to data.train_size, normalisation) and the calibration temperature are
+inside the program, and the class names, sizes and temperature travel in the file
+(`simpsons.json`), so serving it takes torch alone:
 
     program = torch.export.load("best/model.pt2", extra_files={"simpsons.json": ""})
     probs = program.module()(images)   # images: torch.uint8 (B, S, S, 3)
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from simpsons.augment import EvalPreset
+from simpsons.calibration import probabilities
 from simpsons.config import Config
 from simpsons.data import DataError
 from simpsons.model import classify
@@ -33,24 +35,27 @@ EXPORT_ATOL = 1e-5
 
 class _Served(nn.Module):
     """uint8 (B, S, S, 3) -> probabilities (B, C): the evaluation preset, the network (with the
-    test-time flip when the run used it), softmax; what inference.predict_proba computes."""
+    test-time flip when the run used it), softmax of the logits / temperature; what
+    inference.predict_proba computes."""
 
-    def __init__(self, model: nn.Module, preset: EvalPreset, flip: bool):
+    def __init__(self, model: nn.Module, preset: EvalPreset, flip: bool, temperature: float):
         super().__init__()
-        self.model, self.preset, self.flip = model, preset, flip
+        self.model, self.preset, self.flip, self.temperature = model, preset, flip, temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return classify(self.model, self.preset(images), self.flip).float().softmax(dim=1)
+        return probabilities(classify(self.model, self.preset(images), self.flip), self.temperature)
 
 
-def export_model(model: nn.Module, cfg: Config, class_names: list[str], path: str | Path) -> Path:
+def export_model(
+    model: nn.Module, cfg: Config, class_names: list[str], path: str | Path, temperature: float = 1.0
+) -> Path:
     """Write `model` (moved to the CPU in fp32, eval mode) with the run's evaluation preprocessing
-    as a torch.export program at `path`."""
+    and calibration `temperature` as a torch.export program at `path`."""
     model = model.float().cpu().eval()
     stored = cfg.data.stored_size
     example = torch.zeros(2, stored, stored, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
-    served = _Served(model, create_eval_preset(cfg), cfg.model.tta_flip)
+    served = _Served(model, create_eval_preset(cfg), cfg.model.tta_flip, float(temperature))
     with torch.no_grad():
         program = torch.export.export(served, (example,), dynamic_shapes=({0: batch},))
     metadata = {
@@ -58,6 +63,7 @@ def export_model(model: nn.Module, cfg: Config, class_names: list[str], path: st
         "stored_size": stored,
         "train_size": cfg.data.train_size,
         "tta_flip": cfg.model.tta_flip,
+        "temperature": float(temperature),
     }
     torch.export.save(program, str(path), extra_files={METADATA: json.dumps(metadata)})
     return Path(path)

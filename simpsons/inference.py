@@ -13,7 +13,9 @@ import torch
 from simpsons import checkpoint, storage
 from simpsons.archive import MAX_FILE_BYTES
 from simpsons.augment import EvalPreset
+from simpsons.calibration import calibration_figures, probabilities
 from simpsons.checkpoint import CHECKPOINT_FILE, checkpoint_file
+from simpsons.checkpoint import temperature as checkpoint_temperature
 from simpsons.config import Config, ConfigError, training_config
 from simpsons.data import (
     IMAGE_SUFFIXES,
@@ -24,6 +26,7 @@ from simpsons.data import (
     pack_split,
     too_large,
 )
+from simpsons.dataset import load_packed
 from simpsons.deploy import MODEL_FILE, is_exported, load_exported
 from simpsons.files import file_sha256
 from simpsons.metrics import classification_report, confusion_matrix
@@ -74,22 +77,44 @@ def load_checkpoint(
 
 
 @torch.no_grad()
-def predict_proba(
+def predict_logits(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
     preset: EvalPreset,
     batch_size: int = 128,
     flip: bool = False,
 ) -> torch.Tensor:
-    """(N, S, S, 3) uint8 images -> (N, C) softmax probabilities in fp32, inputs made by `preset`
-    (`flip`: model.tta_flip)."""
-    images = torch.as_tensor(images)
+    """(N, S, S, 3) uint8 images -> (N, C) logits in fp32 on the CPU, inputs made by `preset`
+    (`flip`: model.tta_flip). A memory-mapped array is read one batch at a time."""
     device = next(model.parameters()).device
+    images = images if isinstance(images, torch.Tensor) else np.asarray(images)  # a memmap stays mapped
     out = []
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device)
-        out.append(classify(model, preset(batch), flip).float().softmax(dim=1).cpu())
+        batch = images[start : start + batch_size]
+        batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
+        out.append(classify(model, preset(batch.to(device)), flip).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def predict_proba(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    preset: EvalPreset,
+    batch_size: int = 128,
+    flip: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(N, S, S, 3) uint8 images -> (N, C) probabilities in fp32, softmax(logits / temperature)."""
+    return probabilities(predict_logits(model, images, preset, batch_size, flip), temperature)
+
+
+def split_logits(
+    model: torch.nn.Module, cfg: Config, dataset_dir: str | Path, split: str = "val"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, C) fp32 logits as `model` serves them (cfg's preset and test-time flip), (N,) labels)
+    of a packed dataset's split: what the calibration temperature is fitted on."""
+    images, labels = load_packed(dataset_dir, split)  # images memory-mapped: only the logits stay
+    return predict_logits(model, images, create_eval_preset(cfg), flip=cfg.model.tta_flip), torch.from_numpy(labels)
 
 
 def evaluate_folder(
@@ -100,14 +125,15 @@ def evaluate_folder(
     device: str | None = None,
     cache_dir: str = CACHE_DIR,
 ) -> tuple[dict, np.ndarray, list[dict]]:
-    """(report, confusion matrix, files left out) for labelled images.
+    """(report, confusion matrix, files left out) for labelled images; the report has the
+    calibrated probabilities' ECE and NLL beside accuracy and F1.
 
     `data` is a labelled folder `<data>/<class>/*.jpg` (scored whole) or anything training's
     --data takes: a split tree, Kaggle's layout with its flat test set `<class>_<n>.jpg`, an
     archive or URL of one (fetched into `cache_dir`). Of a tree with splits, `split` (default:
     testset, else val) is scored.
     """
-    model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
+    model, cfg, class_names, state = load_checkpoint(checkpoint, device)
     layout = find_layout(fetch_source(data, cache_dir, max_image_bytes=cfg.data.max_image_bytes), class_names)
     available = [name for name in layout.names() if name != "unsplit"]  # "unsplit": class folders without a split
     if split is None:
@@ -128,10 +154,14 @@ def evaluate_folder(
             f"No images of the checkpoint's {len(class_names)} classes under {folder}; pass <folder>/<class>/*.jpg."
         )
     packed = pack_split(records, cfg.data.stored_size, workers, desc="decode")
-    probs = predict_proba(model, packed.images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
+    logits = predict_logits(model, packed.images, create_eval_preset(cfg), flip=cfg.model.tta_flip)
     labels = torch.as_tensor(packed.labels.astype(np.int64))
-    cm = confusion_matrix(labels, probs.argmax(1), len(class_names)).numpy()
-    return classification_report(cm, class_names), cm, problems.unread + packed.bad_files
+    cm = confusion_matrix(labels, logits.argmax(1), len(class_names)).numpy()
+    report = classification_report(cm, class_names)
+    temperature = checkpoint_temperature(state)
+    per_class = report.pop("per_class")  # kept last in metrics.json, after the overall figures
+    report.update(calibration_figures(logits, labels, temperature), temperature=temperature, per_class=per_class)
+    return report, cm, problems.unread + packed.bad_files
 
 
 @dataclass
@@ -139,7 +169,7 @@ class Classifier:
     """A loaded model as every use of it sees one: decoded images in, top-k labels out.
 
     `probabilities` takes (N, S, S, 3) uint8 images at `stored_size` S (what data.load_image
-    makes) and returns (N, C) fp32 softmax probabilities; `source` and `sha256` name the file the
+    makes) and returns (N, C) fp32 calibrated probabilities; `source` and `sha256` name the file the
     weights came from (the provenance written beside every prediction)."""
 
     probabilities: Callable[[np.ndarray], torch.Tensor]
@@ -183,15 +213,15 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
             str(checkpoint),
             file_sha256(checkpoint),
         )
-    model, cfg, class_names, _ = load_checkpoint(checkpoint, device)
-    preset = create_eval_preset(cfg)
+    model, cfg, class_names, state = load_checkpoint(checkpoint, device)
+    preset, temperature = create_eval_preset(cfg), checkpoint_temperature(state)
 
-    def probabilities(images: np.ndarray) -> torch.Tensor:
-        return predict_proba(model, images, preset, flip=cfg.model.tta_flip)
+    def calibrated(images: np.ndarray) -> torch.Tensor:
+        return predict_proba(model, images, preset, flip=cfg.model.tta_flip, temperature=temperature)
 
     path = checkpoint_file(checkpoint)
     return Classifier(
-        probabilities,
+        calibrated,
         class_names,
         cfg.data.stored_size,
         cfg.data.max_image_bytes,

@@ -1,8 +1,10 @@
 """The run report: the files a person opens after a run (or a sweep's best trial).
 
-best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history
+best/checkpoint.pt     plain state dicts (model unwrapped), config, class names, history, temperature
 best/model.pt2         the deployable model: torch.export program, uint8 images in, probabilities out
-best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history
+best/metrics.json      overall and per-class figures of the best epoch, plus every epoch's history;
+                       ECE and NLL of the served probabilities and the temperature (`calibration`:
+                       both before and after it, fitted on the validation split when best/ is written)
 best/per_class.csv     precision / recall / F1 / support per class
 best/confusion.png     42 x 42 confusion matrix with readable labels
 best/curves.png        loss, accuracy and macro-F1 per epoch
@@ -22,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from simpsons import checkpoint, storage
+from simpsons.calibration import calibrate
 from simpsons.config import Config, save_config
+from simpsons.dataset import local_dataset_dir
 from simpsons.deploy import MODEL_FILE, export_model
-from simpsons.inference import load_checkpoint
+from simpsons.inference import load_checkpoint, split_logits
 from simpsons.metrics import per_class_csv, plot_confusion
 from simpsons.names import SCORE
 
@@ -71,15 +75,33 @@ def write_best(
     `history` is the whole run's per-epoch metrics (from the latest checkpoint); by default the
     best checkpoint's own, which stops at the best epoch. `publish` is given the local best/ folder
     once it is complete (the MLflow run's artifacts: `tracking.TrackedRun.log_best`).
+
+    The calibration temperature is fitted here, on the validation split of the dataset named in the
+    checkpoint's provenance (read on this machine), and goes into checkpoint.pt, model.pt2 and
+    metrics.json (simpsons.calibration).
     """
     checkpoint_dir = Path(checkpoint_dir)
     saved = checkpoint.read_metrics(checkpoint_dir)
-    report = {"epoch": saved["epoch"], **saved["val"], "provenance": saved.get("provenance")}
     history = history or saved["history"]
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(checkpoint_dir / checkpoint.CHECKPOINT_FILE, Path(tmp) / checkpoint.CHECKPOINT_FILE)
-        model, saved_cfg, class_names, _ = load_checkpoint(Path(tmp) / checkpoint.CHECKPOINT_FILE, "cpu")
-        export_model(model, saved_cfg, class_names, Path(tmp) / MODEL_FILE)
+        best_file = Path(tmp) / checkpoint.CHECKPOINT_FILE
+        shutil.copy(checkpoint_dir / checkpoint.CHECKPOINT_FILE, best_file)
+        model, saved_cfg, class_names, _ = load_checkpoint(best_file)  # the GPU when the driver has one
+        dataset_dir = local_dataset_dir(saved["provenance"]["dataset_uri"], cfg.data.cache_dir, cfg.run.s3_endpoint)
+        calibration = calibrate(*split_logits(model, saved_cfg, dataset_dir))
+        checkpoint.save_temperature(best_file, calibration["temperature"])
+        report = {
+            "epoch": saved["epoch"],
+            **{k: v for k, v in saved["val"].items() if k != "per_class"},
+            # the served (calibrated) probabilities' figures beside accuracy; `calibration` has both sides
+            "ece": calibration["ece_after"],
+            "nll": calibration["nll_after"],
+            "temperature": calibration["temperature"],
+            "calibration": calibration,
+            "per_class": saved["val"]["per_class"],
+            "provenance": saved.get("provenance"),
+        }
+        export_model(model, saved_cfg, class_names, Path(tmp) / MODEL_FILE, calibration["temperature"])
         save_config(cfg, Path(tmp) / "config.yaml")
         title = f"{cfg.run.name}: validation, epoch {saved['epoch'] + 1}, macro-F1 {report['macro_f1']:.3f}"
         write_report(tmp, report, saved["confusion"], report_class_names(report), history, title)
@@ -87,10 +109,13 @@ def write_best(
         if publish:
             publish(Path(tmp))
     _logger.info(
-        "Best epoch %d: val macro-F1 %.4f, accuracy %.4f -> %s",
+        "Best epoch %d: val macro-F1 %.4f, accuracy %.4f, ECE %.4f (%.4f before temperature %.3f) -> %s",
         saved["epoch"] + 1,
         report["macro_f1"],
         report["accuracy"],
+        calibration["ece_after"],
+        calibration["ece_before"],
+        calibration["temperature"],
         dest_uri,
     )
     return {**report, "history": history}

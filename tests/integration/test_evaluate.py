@@ -71,7 +71,10 @@ def test_evaluate_job_scores_the_flat_kaggle_test_set(checkpoint, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert supports(metrics) == TEST_COUNTS and metrics["images"] == 6
     assert metrics["files_left_out"] == []
-    assert done.stdout.strip().splitlines()[-1].startswith("6 images: accuracy ")
+    # Calibration beside accuracy; a checkpoint written before calibration is served with T = 1.
+    assert metrics["temperature"] == 1.0 and 0 <= metrics["ece"] <= 1 and metrics["nll"] > 0
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("6 images: accuracy ") and f"ECE {metrics['ece']:.4f} at temperature 1.000" in last
 
 
 def test_a_checkpoint_whose_tune_section_the_sweep_schema_refuses_still_evaluates_and_predicts(tmp_path):

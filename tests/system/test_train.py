@@ -55,6 +55,11 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_datas
     state = torch.load(best / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scaler", "scheduler", "epoch", "best_score", "config", "class_names"} <= set(state)
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
+    # Calibration: a temperature fitted on the val split after training, beside accuracy in metrics.json.
+    fitted = metrics["calibration"]
+    assert fitted["images"] == metrics["images"] == 48
+    assert metrics["temperature"] == fitted["temperature"] == state["temperature"] > 0
+    assert metrics["ece"] == fitted["ece_after"] and fitted["nll_after"] <= fitted["nll_before"]
     assert state["config"]["train"]["workers"] == 2 and "tune" not in state["config"]  # training sections only
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     # Provenance: the result names the dataset, its manifest's checksum and the code that produced it.
@@ -119,6 +124,7 @@ def test_two_workers_finish_with_a_one_image_validation_split(ray_cluster, tmp_p
     pack_tree(root, tmp_path / "packed", stored_size=40, workers=1)
     report = fit(_cfg(tmp_path / "runs", 1, "tiny", "train.histogram_every=0"), str(tmp_path / "packed"))
     assert report["images"] == 1 and len(report["history"]) == 1
+    assert report["temperature"] == 1.0 and report["calibration"]["images"] == 1  # too few to fit on
 
 
 def test_evaluate_and_predict_jobs_on_the_checkpoint(trained_run, image_tree, tmp_path):

@@ -157,6 +157,8 @@ def test_the_librarys_defaults_are_the_configs():
             default(augment.train_transform, "channels_last"),
             cfg.train.channels_last,
         ),
+        "augment.train_transform ratio": (default(augment.train_transform, "ratio"), tuple(cfg.data.crop_ratio)),
+        "augment.random_affine ratio": (default(augment.random_affine, "ratio"), tuple(cfg.data.crop_ratio)),
         "dataset.local_dataset_dir cache_dir": (default(dataset.local_dataset_dir, "cache_dir"), cfg.data.cache_dir),
         "sources.fetch_source cache_dir": (default(sources.fetch_source, "cache_dir"), cfg.data.cache_dir),
         "inference.evaluate_folder cache_dir": (default(inference.evaluate_folder, "cache_dir"), cfg.data.cache_dir),

@@ -117,6 +117,9 @@ class ReadyInputs:
     def __call__(self, images, generator=None):
         return images
 
+    def mix(self, x, generator=None):
+        return x, None  # no mixup or cutmix: TrainStep's labels as they are
+
 
 def add_size_arg(parser) -> None:
     """`--size`: the side of the training images, for the benchmarks that train."""

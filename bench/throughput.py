@@ -3,6 +3,7 @@
     python bench/throughput.py                        # real sample, 128 px, batch 64, 2 threads
     python bench/throughput.py --variants all         # also fp32, bf16 without channels_last, compiled
     python bench/throughput.py --images <tree> --quick
+    python bench/throughput.py --size 64 --augmentations all   # what each augmentation costs
 
 Pipelines, each timed step by step after warm-up; the timed steps alternate between the
 pipelines (one step of each per round, in an order that rotates every round), so load from other
@@ -25,12 +26,21 @@ Figures (stdout, `name value`; img/s = training images per second of the median 
   *_mean, *_best       the same over all timed steps (harmonic mean) and from the fastest step
                        (closest to an idle machine); on a busy machine compare all three
   load_avg_1m_start/_end                           the machine's 1-minute load around the run
+
+With --augmentations, only the data path (TrainPreset and its mix, no network) is timed, once
+with every robustness augmentation off and once per named one on (AUGMENTATIONS; `robust` is
+configs/robust.yaml's data section), beside the network's step on a ready input:
+  data_path_img_per_s, augment_<name>_img_per_s    the preset alone, off and with <name> on
+  augment_<name>_step_fraction = (1 / on - 1 / off) / (1 / model_step): the time <name> adds,
+                                 as a fraction of the network's step
+  *_best                         the same from each pipeline's fastest step
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -54,7 +64,7 @@ from PIL import Image
 from torchvision import transforms
 
 from simpsons.augment import MEAN, STD
-from simpsons.config import Config, load_config
+from simpsons.config import Config, load_config, read_config_file
 from simpsons.data import CLASS_NAMES, ResidentSplit, find_layout
 from simpsons.dataset import load_packed, read_manifest
 from simpsons.engine import train_one_epoch
@@ -68,6 +78,27 @@ VARIANTS = {
     "bf16_nchw": ["train.precision=bf16", "train.channels_last=false"],
     "compile": ["train.compile=true"],  # the default step with the network compiled (at the first warm-up step)
 }
+
+# The robustness augmentations, each at configs/robust.yaml's strength (or a usual one where that
+# leaves it off): name -> config overrides. A probability does not change the cost: every image
+# is computed, the chosen ones kept.
+AUGMENTATIONS = {
+    "colour_jitter": ["data.colour_jitter=[0.3, 0.3, 0.3, 0.05]"],
+    "greyscale": ["data.greyscale=0.05"],
+    "blur": ["data.blur=0.2"],
+    "jpeg": ["data.jpeg=0.25"],
+    "erase": ["data.erase=0.25"],
+    "mixup": ["data.mixup=0.2"],
+    "cutmix": ["data.cutmix=1.0"],
+}
+ROBUST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust.yaml"
+
+
+def augmentation_overrides(name: str) -> list[str]:
+    """The config overrides that turn augmentation `name` on; `robust`: configs/robust.yaml's data section."""
+    if name == "robust":
+        return [f"data.{key}={json.dumps(value)}" for key, value in read_config_file(ROBUST_CONFIG)["data"].items()]
+    return AUGMENTATIONS[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +212,8 @@ class ProjectPipeline:
     def step(self) -> int:
         if self.data_only:
             images, labels = next(self.batches)
-            self.preset(images, torch.Generator().manual_seed(self.cfg.train.seed))
+            generator = torch.Generator().manual_seed(self.cfg.train.seed)
+            self.preset.mix(self.preset(images, generator), generator)
             return len(labels)
         # The training loop's own function, one step at a time: its per-step bookkeeping included.
         trained = train_one_epoch(
@@ -240,6 +272,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"extra pipelines (train and model step) with other precision/layout: {', '.join(VARIANTS)} or all",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the original pipeline (it is the slowest)")
+    parser.add_argument(
+        "--augmentations",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help=f"time only the data path with each augmentation on: {', '.join(AUGMENTATIONS)}, robust, or all",
+    )
     return parser
 
 
@@ -270,6 +309,9 @@ def main(args: argparse.Namespace) -> None:
         f"precision {cfg.train.precision}, channels_last {cfg.train.channels_last}"
     )
 
+    if args.augmentations:
+        augmentation_costs(args, base, split, counts)
+        return
     pipelines = {}
     if not args.no_baseline:
         train_dir = find_layout(tree).train_folder
@@ -309,6 +351,36 @@ def main(args: argparse.Namespace) -> None:
     emit("batch_size", args.batch, 0)
     emit("threads", args.threads, 0)
     emit("timed_steps_per_pipeline", args.rounds * args.steps, 0)
+
+
+def augmentation_costs(args: argparse.Namespace, base: list[str], split: ResidentSplit, counts: list[int]) -> None:
+    """--augmentations: the data path with each named augmentation on against all off, and the network's step."""
+    names = [*AUGMENTATIONS, "robust"] if args.augmentations == ["all"] else args.augmentations
+    for name in names:
+        if name not in AUGMENTATIONS and name != "robust":
+            raise SystemExit(
+                f"error: unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}, robust or all."
+            )
+    cfg = load_config(args.config, base + args.set)
+    pipelines = {
+        "model_step": ProjectPipeline(cfg, split, counts, bare=True),
+        "data_path": ProjectPipeline(cfg, split, counts, data_only=True),
+    }
+    for name in names:
+        on = load_config(args.config, base + args.set + augmentation_overrides(name))
+        pipelines[f"augment_{name}"] = ProjectPipeline(on, split, counts, data_only=True)
+    step_rates = measure(pipelines, args.warmup, args.rounds, args.steps)
+    # The median step, and the fastest (closest to an idle machine: on a busy one compare both).
+    for suffix, summary in (("", statistics.median), ("_best", max)):
+        rates = {name: summary(r) for name, r in step_rates.items()}
+        for name, rate in rates.items():
+            emit(f"{name}_img_per_s{suffix}", rate)
+        for name in names:
+            added = 1 / rates[f"augment_{name}"] - 1 / rates["data_path"]  # s per image
+            emit(f"augment_{name}_step_fraction{suffix}", added * rates["model_step"], 3)
+    emit("image_size", args.size, 0)
+    emit("batch_size", args.batch, 0)
+    emit("threads", args.threads, 0)
 
 
 if __name__ == "__main__":

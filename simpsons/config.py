@@ -70,6 +70,30 @@ class DataConfig:
     rotate: float = 10.0
     # Random horizontal flip with probability 0.5.
     hflip: bool = True
+    # Random resized crop: range of the crop's aspect ratio (width / height), log-uniform.
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])
+    # Robustness augmentations (simpsons.augment), all off by default until measured
+    # (configs/robust.yaml turns on the ones expected to pay; docs/training.md lists them).
+    # Colour jitter strengths [brightness, contrast, saturation, hue], per image as torchvision's
+    # ColorJitter: factors uniform in [1 - s, 1 + s], hue shift in [-hue, hue] turns (hue <= 0.5).
+    colour_jitter: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    # Probability (0-1) an image is turned grey.
+    greyscale: float = 0.0
+    # Probability (0-1) an image is blurred (before the crop is resized to the network's side) by a
+    # Gaussian of sigma uniform in blur_sigma, as a fraction of the stored side (0.01 = 1.44 px at
+    # 144 px, 0.72 px at 72: the same blur of the content whatever the stored size).
+    blur: float = 0.0
+    blur_sigma: list = field(default_factory=lambda: [0.005, 0.025])
+    # Probability (0-1) an image goes through a JPEG-like degradation (8x8 DCT quantisation with
+    # chroma subsampling, on the device) at a quality uniform in jpeg_quality (1-100).
+    jpeg: float = 0.0
+    jpeg_quality: list = field(default_factory=lambda: [10, 60])
+    # Probability (0-1) an image has a random box (2-33 % of it) set to the mean colour.
+    erase: float = 0.0
+    # Mixup and cutmix: each image mixed with another by a share ~ Beta(alpha, alpha), its target
+    # mixed alike; the Beta's alpha, 0 = off. Both on: each image takes one of them at even odds.
+    mixup: float = 0.0
+    cutmix: float = 0.0
     # Turn online augmentation off entirely (the original project's recipe).
     augment: bool = True
     # Processes that decode images while packing (0 = one per CPU).
@@ -403,13 +427,41 @@ class Config:
         scale = self.data.crop_scale
         if not (_two_numbers(scale) and 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, not {self.data.crop_scale}.")
+        _check_augmentations(self.data)
         self.tune.validate()
         return self
 
 
+def _check_augmentations(d: DataConfig) -> None:
+    ratio = d.crop_ratio
+    if not (_two_numbers(ratio) and 0 < ratio[0] <= ratio[1]):
+        raise ConfigError(
+            f"data.crop_ratio must be two aspect ratios 0 < low <= high, e.g. [0.75, 1.333], not {ratio}."
+        )
+    jitter = d.colour_jitter
+    if not (_numbers(jitter, 4) and min(jitter) >= 0 and jitter[3] <= 0.5):
+        raise ConfigError(
+            "data.colour_jitter must be four strengths [brightness, contrast, saturation, hue], each 0 or "
+            f"more and hue at most 0.5, not {jitter}."
+        )
+    sigma = d.blur_sigma
+    if not (_two_numbers(sigma) and 0 < sigma[0] <= sigma[1] <= 0.1):
+        raise ConfigError(
+            f"data.blur_sigma must be two sigmas as fractions of the image side 0 < low <= high <= 0.1, not {sigma}."
+        )
+    quality = d.jpeg_quality
+    if not (_two_numbers(quality) and 1 <= quality[0] <= quality[1] <= 100):
+        raise ConfigError(f"data.jpeg_quality must be two JPEG qualities 1 <= low <= high <= 100, not {quality}.")
+
+
 def _two_numbers(value: Any) -> bool:
     """Whether a config value is a pair of numbers (booleans are not numbers here)."""
-    return len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return _numbers(value, 2)
+
+
+def _numbers(value: Any, count: int) -> bool:
+    """Whether a config value is a list of `count` numbers (booleans are not numbers here)."""
+    return len(value) == count and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 # Bounds of every numeric value: key -> (lowest, highest, whether the lowest itself is allowed).
@@ -426,6 +478,12 @@ _BOUNDS = {
     "data.pack_workers": _AT_LEAST_0,
     "data.max_image_bytes": _AT_LEAST_1,
     "data.resident_share": _FRACTION,
+    "data.greyscale": _FRACTION,
+    "data.blur": _FRACTION,
+    "data.jpeg": _FRACTION,
+    "data.erase": _FRACTION,
+    "data.mixup": _AT_LEAST_0,
+    "data.cutmix": _AT_LEAST_0,
     "model.dropout": _FRACTION,
     "loss.gamma": _AT_LEAST_0,
     "loss.alpha_power": _FRACTION,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from simpsons.augment import EvalPreset, TrainPreset
+from simpsons.augment import EvalPreset, TrainPreset, mixed_targets
 from simpsons.data import ResidentSplit, mix_seed
 from simpsons.metrics import confusion_matrix
 from simpsons.model import classify
@@ -112,11 +112,13 @@ class TrainStep:
         self, images: torch.Tensor, labels: torch.Tensor, preset: TrainPreset, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits), detached, of one step on (B, S, S, 3) uint8 `images` made into the
-        network's (B, 3, T, T) inputs by `preset` (T = preset.train_size)."""
-        x = preset(images, generator)
+        network's (B, 3, T, T) inputs by `preset` (T = preset.train_size), mixed by preset.mix
+        when mixup or cutmix is on (the loss then takes the mixed soft targets)."""
+        x, share = preset.mix(preset(images, generator), generator)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(x)  # (B, C)
-            loss = self.criterion(logits, labels)
+            targets = labels if share is None else mixed_targets(labels, share, logits.shape[1])
+            loss = self.criterion(logits, targets)
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -133,7 +135,7 @@ class EpochStats:
     """What one training epoch measured, summed over every rank."""
 
     loss: float  # mean training loss per image
-    accuracy: float  # of the training predictions, on augmented images
+    accuracy: float  # of the training predictions, on augmented images (mixed: against the own label, its larger share)
     images: int  # trained on, all ranks together
     seconds: float  # wall time, the device's queued work included
     steps: list[list[int]] = field(default_factory=list)  # [first, end) steps trained, one range per attempt

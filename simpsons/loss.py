@@ -1,7 +1,8 @@
 """Focal loss (Lin et al. 2017) for multi-class logits, with per-class alpha and label smoothing.
 
 FL = -sum_c q_c * alpha_c * (1 - p_c)^gamma * log p_c, where q is the (optionally smoothed)
-one-hot target. Without smoothing this is -alpha_t (1 - p_t)^gamma log p_t. It is computed from
+one-hot target, or a soft target (mixup, cutmix: the loss is then linear in it, so it equals the
+share-weighted losses of the two labels). Without smoothing this is -alpha_t (1 - p_t)^gamma log p_t. It is computed from
 log-softmax in fp32 whatever the autocast dtype, so bf16/fp16 logits cannot underflow log p.
 """
 
@@ -62,10 +63,11 @@ class FocalLoss(nn.Module):
             self.register_buffer("alpha", torch.as_tensor(list(alpha), dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # logits: (B, C) any float dtype; targets: (B,) int64 class indices -> scalar mean loss
+        # logits: (B, C) any float dtype; targets: (B,) int64 class indices or (B, C) class
+        # distributions (rows summing to 1) -> scalar mean loss
         log_p = F.log_softmax(logits.float(), dim=1)  # (B, C) fp32
         num_classes = log_p.shape[1]
-        target_dist = F.one_hot(targets, num_classes).float()
+        target_dist = targets.float() if targets.dim() == 2 else F.one_hot(targets, num_classes).float()
         if self.label_smoothing:
             target_dist = target_dist * (1 - self.label_smoothing) + self.label_smoothing / num_classes
         per_class = -log_p

@@ -30,7 +30,24 @@ def create_train_preset(cfg: Config, side: int | None = None) -> TrainPreset:
     """The training preset of the config's data section and train.channels_last, at data.train_size
     or at `side` px."""
     d = cfg.data
-    return TrainPreset(side or d.train_size, tuple(d.crop_scale), d.rotate, d.hflip, d.augment, cfg.train.channels_last)
+    return TrainPreset(
+        side or d.train_size,
+        tuple(d.crop_scale),
+        d.rotate,
+        d.hflip,
+        d.augment,
+        cfg.train.channels_last,
+        crop_ratio=tuple(d.crop_ratio),
+        colour_jitter=tuple(d.colour_jitter),
+        greyscale=d.greyscale,
+        blur=d.blur,
+        blur_sigma=tuple(d.blur_sigma),
+        jpeg=d.jpeg,
+        jpeg_quality=tuple(d.jpeg_quality),
+        erase=d.erase,
+        mixup=d.mixup,
+        cutmix=d.cutmix,
+    )
 
 
 def create_eval_preset(cfg: Config) -> EvalPreset:

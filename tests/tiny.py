@@ -21,3 +21,16 @@ def random_split(n: int, size: int = 40, **kwargs) -> ResidentSplit:
     return ResidentSplit(
         rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, len(CLASS_NAMES), n), **kwargs
     )
+
+
+# Every robustness augmentation on (simpsons.augment), strong enough that each changes most batches.
+ALL_AUGMENTATIONS = (
+    "data.crop_ratio=[0.5, 2.0]",
+    "data.colour_jitter=[0.4, 0.4, 0.4, 0.1]",
+    "data.greyscale=0.3",
+    "data.blur=0.5",
+    "data.jpeg=0.5",
+    "data.erase=0.5",
+    "data.mixup=0.4",
+    "data.cutmix=1.0",
+)

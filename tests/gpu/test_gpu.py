@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import ALL_AUGMENTATIONS
 
 from simpsons.checkpoint import restore, training_state
 from simpsons.config import load_config
@@ -110,6 +111,29 @@ def test_training_step_never_waits_for_the_gpu(precision, on_device, ema):
     # log_every=1: rank 0's progress line, every step, must not wait either
     stats = train_one_epoch(step, unsynced(batches), PRESET, seed=0, epoch=0, log_every=1, log_label="sync audit")
     assert stats.images == 256 and math.isfinite(stats.loss)
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_steps_with_every_augmentation_on_never_wait_for_the_gpu(precision):
+    images, labels = _random_arrays()
+    split = ResidentSplit(images, labels, device=CUDA)
+    cfg = _cfg(f"train.precision={precision}", *ALL_AUGMENTATIONS)
+    preset = create_train_preset(cfg)
+    step = _components(cfg, labels)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    batches = split.train_batches(0, 128, seed=0)
+    step(*next(batches), preset, generator)  # warm-up: the augmentations' constants
+    torch.cuda.synchronize()
+
+    def unsynced(batches):  # the steps, not the end-of-epoch read
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from batches
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    stats = train_one_epoch(step, unsynced(batches), preset, seed=0, epoch=0)
+    assert stats.images == 512 - 128 and math.isfinite(stats.loss)
 
 
 @pytest.mark.parametrize("on_device", [True, False])

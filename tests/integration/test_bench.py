@@ -71,6 +71,29 @@ def test_throughput_quick_prints_every_figure(image_tree, tmp_path):
     assert got["load_avg_1m_start"] >= 0 and got["load_avg_1m_end"] >= 0
 
 
+def test_throughput_times_each_augmentation_against_the_network_step(image_tree, tmp_path):
+    proc = run_bench(
+        "throughput.py",
+        "--quick",
+        "--images",
+        str(image_tree),
+        "--cache",
+        str(tmp_path),
+        "--augmentations",
+        "jpeg",
+        "robust",
+    )
+    got = figures(proc.stdout)
+    for s in ("", "_best"):
+        for name in ("model_step", "data_path", "augment_jpeg", "augment_robust"):
+            assert got[f"{name}_img_per_s{s}"] > 0, name + s
+        for name in ("jpeg", "robust"):
+            added = 1 / got[f"augment_{name}_img_per_s{s}"] - 1 / got[f"data_path_img_per_s{s}"]
+            assert got[f"augment_{name}_step_fraction{s}"] == pytest.approx(
+                added * got[f"model_step_img_per_s{s}"], abs=0.01
+            )
+
+
 def test_throughput_skips_without_the_real_sample(tmp_path):
     proc = run_bench(
         "throughput.py", "--quick", "--archive", str(tmp_path / "missing.tar.xz"), "--cache", str(tmp_path)

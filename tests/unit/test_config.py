@@ -1,4 +1,5 @@
 import pytest
+import torch
 import yaml
 
 from simpsons.config import (
@@ -10,6 +11,7 @@ from simpsons.config import (
     training_config,
     training_dict,
 )
+from simpsons.recipe import create_eval_preset, create_train_preset
 
 
 def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
@@ -39,6 +41,17 @@ def test_int_and_exponent_strings_are_accepted_for_a_float_field():
         ("data.train_size=200", "must not exceed data.stored_size"),
         ("data.resize_from=0", "data.resize_from"),
         ("data.resize_ramp=[0.9, 0.5]", "data.resize_ramp must be two fractions of the run"),
+        ("data.crop_ratio=[2, 1]", r"data.crop_ratio must be two aspect ratios 0 < low <= high"),
+        ("data.colour_jitter=[0.4, 0.4, 0.4]", r"data.colour_jitter must be four strengths"),
+        ("data.colour_jitter=[0, 0, 0, 0.6]", r"data.colour_jitter must .* hue at most 0.5"),
+        ("data.greyscale=1.5", r"data.greyscale must be from 0 to 1, not 1.5; set it with --set data.greyscale="),
+        ("data.blur=-0.1", "data.blur must be from 0 to 1"),
+        ("data.blur_sigma=[2, 3]", "data.blur_sigma must be two sigmas as fractions of the image side"),
+        ("data.jpeg=2", "data.jpeg must be from 0 to 1"),
+        ("data.jpeg_quality=[0, 50]", r"data.jpeg_quality must be two JPEG qualities 1 <= low <= high <= 100"),
+        ("data.erase=1.1", "data.erase must be from 0 to 1"),
+        ("data.mixup=-1", "data.mixup must be at least 0"),
+        ("data.cutmix=-1", "data.cutmix must be at least 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -144,6 +157,12 @@ def test_the_original_recipe_pins_every_value_the_defaults_changed():
         0,
     )
     assert (cfg.model.arch, cfg.model.weights, cfg.model.tta_flip) == ("original", "none", False)
+    # No augmentation at all, whatever the defaults of the robustness keys become: each is pinned off.
+    d = cfg.data
+    assert d.colour_jitter == [0, 0, 0, 0] and (d.greyscale, d.blur, d.jpeg, d.erase, d.mixup, d.cutmix) == (0,) * 6
+    preset = create_train_preset(cfg)
+    images = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8)
+    assert not preset.mixes and torch.equal(preset(images, torch.Generator()), create_eval_preset(cfg)(images))
 
 
 def test_the_librarys_defaults_are_the_configs():
@@ -172,6 +191,8 @@ def test_the_librarys_defaults_are_the_configs():
             default(augment.train_transform, "channels_last"),
             cfg.train.channels_last,
         ),
+        "augment.train_transform ratio": (default(augment.train_transform, "ratio"), tuple(cfg.data.crop_ratio)),
+        "augment.random_affine ratio": (default(augment.random_affine, "ratio"), tuple(cfg.data.crop_ratio)),
         "dataset.local_dataset_dir cache_dir": (default(dataset.local_dataset_dir, "cache_dir"), cfg.data.cache_dir),
         "sources.fetch_source cache_dir": (default(sources.fetch_source, "cache_dir"), cfg.data.cache_dir),
         "inference.evaluate_folder cache_dir": (default(inference.evaluate_folder, "cache_dir"), cfg.data.cache_dir),

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from tiny import ALL_AUGMENTATIONS
 
 from simpsons import checkpoint
 from simpsons.config import load_config
@@ -26,11 +27,11 @@ BATCH, STEPS = 8, 5  # 40 images: five steps an epoch
 CUT = 2  # the checkpoint is taken after step 2 of epoch 1
 
 
-def _cfg():
+def _cfg(*more: str):
     # Everything that draws random numbers or keeps state is on: dropout, augmentation, the
     # moving average, a per-step schedule with warm-up.
     overrides = ["data.stored_size=40", "data.train_size=32", f"optim.batch_size={BATCH}", "optim.epochs=2"]
-    return load_config(None, [*overrides, "model.dropout=0.3", "optim.ema_decay=0.9", "optim.warmup_epochs=0.5"])
+    return load_config(None, [*overrides, "model.dropout=0.3", "optim.ema_decay=0.9", "optim.warmup_epochs=0.5", *more])
 
 
 def _split() -> ResidentSplit:
@@ -85,9 +86,10 @@ class NodeLost(Exception):
     pass
 
 
-def test_a_run_resumed_mid_epoch_matches_an_uninterrupted_run_batch_by_batch(tmp_path):
+@pytest.mark.parametrize("augmentations", [(), ALL_AUGMENTATIONS], ids=["default", "all_augmentations"])
+def test_a_run_resumed_mid_epoch_matches_an_uninterrupted_run_batch_by_batch(tmp_path, augmentations):
     torch.set_num_threads(1)  # the same kernels in both runs
-    cfg, split = _cfg(), _split()
+    cfg, split = _cfg(*augmentations), _split()
 
     # The uninterrupted run: two epochs, every step recorded.
     whole = _fresh(cfg, split)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from host_reads import HostTensorRecorder
-from tiny import random_split, tiny_config
+from tiny import ALL_AUGMENTATIONS, random_split, tiny_config
 
 from simpsons.checkpoint import restore, served_weights, training_state
 from simpsons.config import Config, load_config
@@ -68,9 +68,13 @@ def test_recorder_sees_a_tensor_built_from_host_data_on_the_device():
     assert len(recorder.found) == 2
 
 
-@pytest.mark.parametrize("on_device", [True, False])
-def test_training_step_makes_no_tensor_from_host_data(on_device):
-    cfg = _cfg()
+@pytest.mark.parametrize(
+    "on_device, augmentations",
+    [(True, ()), (False, ()), (True, ALL_AUGMENTATIONS)],
+    ids=["on_device", "host_memory", "on_device_all_augmentations"],
+)
+def test_training_step_makes_no_tensor_from_host_data(on_device, augmentations):
+    cfg = _cfg(*augmentations)
     split = _split(on_device=on_device)
     step = _step(cfg, split)
     generator = torch.Generator().manual_seed(0)

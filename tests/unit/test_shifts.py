@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import CLASSES
 
 from simpsons.shifts import SHIFTS, apply_shift, shifted_scores
 
@@ -125,3 +127,17 @@ def test_shifted_scores_mean_is_the_mean_of_the_shifts_and_worst_the_lowest():
     assert scores["worst_shift_macro_f1"] == min(figures.values()) == figures[scores["worst_shift"]]
     assert scores["worst_shift_macro_f1"] < 1.0  # greyscale alone ties every channel
     assert scores["shifted_mean_vs_clean"] == pytest.approx(scores["shifted_mean_macro_f1"])
+
+
+def test_the_benchmark_scores_a_packed_split_only_at_the_models_side_and_classes(packed_dataset, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    from robustness import split_for
+
+    from simpsons.data import DataError
+
+    images, labels = split_for(packed_dataset, "val", list(CLASSES), 40)  # packed with the 42 names: re-indexed
+    assert images.shape == (48, 40, 40, 3) and np.bincount(labels).tolist() == [12, 12, 12, 12]
+    with pytest.raises(DataError, match="stored at 40 px, but the model takes 72 px; pass a dataset packed at"):
+        split_for(packed_dataset, "val", list(CLASSES), 72)
+    with pytest.raises(DataError, match=r"1 class\(es\) the model does not know \(marge_simpson\)"):
+        split_for(packed_dataset, "val", list(CLASSES[:3]), 40)

@@ -180,6 +180,19 @@ def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     first = got["ema_s_to_f1_0_mean"]
     assert got["ema_reached_f1_0"] == 2 and 0 < first <= got["ema_train_s_mean"]
     assert len(list((tmp_path / "runs").glob("quick-ema-s*/best/model.pt2"))) == 2
+    # bench/robustness.py's figures for each seed's best checkpoint, and their mean per recipe
+    for seed in (0, 1):
+        [worst] = [k for k in got if k.startswith(f"ema_s{seed}_worst_shift_")]
+        assert 0 <= got[worst] <= got[f"ema_s{seed}_shifted_mean_val_macro_f1"]
+    assert got["ema_shifted_mean_val_macro_f1_mean"] == pytest.approx(
+        (got["ema_s0_shifted_mean_val_macro_f1"] + got["ema_s1_shifted_mean_val_macro_f1"]) / 2, abs=1e-4
+    )
+    # The clean figure is the run's own best validation macro-F1 (the same weights on the same split),
+    # but in fp32: training validates on the CPU in bf16, which may turn a prediction of 48.
+    assert got["ema_clean_val_macro_f1_mean"] == pytest.approx(got["ema_best_val_macro_f1_mean"], abs=0.1)
+    for name in ["clean", *(f"shift_{n}" for n in SHIFTS), "shifted_mean", "worst_shift"]:
+        assert 0 <= got[f"ema_{name}_val_macro_f1_mean"] <= 1 and got[f"ema_{name}_val_macro_f1_std"] >= 0, name
+    assert got["ema_worst_shift_val_macro_f1_mean"] <= got["ema_shifted_mean_val_macro_f1_mean"]
 
 
 def test_serving_quick_prints_every_figure(image_tree):

@@ -14,6 +14,11 @@ recipe the mean and standard deviation over the seeds:
     <recipe>_best_val_macro_f1_mean / _std, <recipe>_best_val_acc_mean, <recipe>_train_s_mean
     <recipe>_epochs                           the recipe's epochs in this profile (each fills the budget)
 
+and, unless --no-shifts, bench/robustness.py's figures for each run's best checkpoint on its val split
+(clean, each shift, their mean, the worst shift and mean/clean): per seed the shifted mean and the
+worst shift by name, `<recipe>_s<seed>_worst_shift_<name>_val_macro_f1`; per recipe the mean and
+standard deviation of each, `<recipe>_clean_val_macro_f1_mean`, `<recipe>_worst_shift_val_macro_f1_mean`...
+
     python bench/accuracy.py --profile cpu --seeds 1     # 4 recipes x 10 min budget at 64 px: ~40 min on 2 cores
     python bench/accuracy.py --profile gpu --seeds 1     # 128 px, 30 epochs a run, 600 s scored: <= ~40 min on one GPU (unmeasured)
     python bench/accuracy.py --recipes previous,default --seeds 2 --set optim.epochs=10
@@ -36,8 +41,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from robustness import score, shift_figures  # noqa: E402
+
+from simpsons import storage  # noqa: E402
 from simpsons.cli import run_job  # noqa: E402
 from simpsons.config import load_config  # noqa: E402
+from simpsons.dataset import local_dataset_dir  # noqa: E402
+from simpsons.inference import open_classifier  # noqa: E402
 
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "simpsons_dataset"
 
@@ -96,7 +106,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-f1", type=float, help="the macro-F1 whose time is reported (default: the profile's)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "accuracy"), help="run storage")
     parser.add_argument("--set", action="append", default=[], help="extra overrides for every recipe")
+    parser.add_argument(
+        "--shifts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score each best checkpoint under bench/robustness.py's shifts too (default: %(default)s)",
+    )
     return parser
+
+
+def shifted_figures(cfg, report: dict) -> dict[str, float]:
+    """bench/robustness.py's figures for a finished run's best checkpoint on the val split it was scored on."""
+    best = open_classifier(storage.join(cfg.run.storage, cfg.run.name, "best"))
+    dataset = local_dataset_dir(report["provenance"]["dataset_uri"], cfg.data.cache_dir, cfg.run.s3_endpoint)
+    return shift_figures(score(best, dataset))
 
 
 def budget_figures(history: list[dict], budget_s: float, target: float) -> tuple[float, float | None]:
@@ -137,7 +160,7 @@ def main(args: argparse.Namespace) -> None:
         config, extra = RECIPES[recipe]
         epochs = profile.recipe_epochs.get(recipe, profile.epochs)
         print(f"{recipe}_epochs {epochs}", flush=True)  # --set optim.epochs=N overrides it
-        rows = []
+        rows, shifted = [], []
         for seed in range(args.seeds):
             cfg = load_config(config, [*profile.overrides, f"optim.epochs={epochs}", *extra, *args.set,
                 f"data.source={args.data}", f"data.cache_dir={REPO / 'cache'}", "train.workers=1", f"train.seed={seed}",
@@ -150,6 +173,13 @@ def main(args: argparse.Namespace) -> None:
                 (within, reached, report["macro_f1"], report["accuracy"], sum(h["epoch_time_s"] for h in history))
             )
             print(f"{recipe}_s{seed}_f1_within_budget {within:.4f}", flush=True)
+            if args.shifts:
+                figures = shifted_figures(cfg, report)
+                worst = next(name for name in figures if name.startswith("worst_shift_"))
+                print(f"{recipe}_s{seed}_shifted_mean_val_macro_f1 {figures['shifted_mean_val_macro_f1']:.4f}")
+                print(f"{recipe}_s{seed}_{worst} {figures[worst]:.4f}", flush=True)
+                # The worst shift may differ by seed: its figure is averaged under one name.
+                shifted.append({("worst_shift_val_macro_f1" if k == worst else k): v for k, v in figures.items()})
         summarize(f"{recipe}_f1_within_budget", [r[0] for r in rows], 4)
         times = [r[1] for r in rows if r[1] is not None]
         percent = f"{round(target * 100)}"  # figure names hold no dots: f1_50 is macro-F1 0.50
@@ -159,6 +189,8 @@ def main(args: argparse.Namespace) -> None:
         summarize(f"{recipe}_best_val_macro_f1", [r[2] for r in rows], 4)
         summarize(f"{recipe}_best_val_acc", [r[3] for r in rows], 4)
         summarize(f"{recipe}_train_s", [r[4] for r in rows], 1)
+        for name in shifted[0] if shifted else ():
+            summarize(f"{recipe}_{name}", [figures[name] for figures in shifted], 4)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import trained_checkpoint
+
+from simpsons.shifts import SHIFTS
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 FIGURE = re.compile(r"^([a-z0-9_]+) (-?\d+(?:\.\d+)?)$")
@@ -200,6 +203,19 @@ def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     first = got["ema_s_to_f1_0_mean"]
     assert got["ema_reached_f1_0"] == 2 and 0 < first <= got["ema_train_s_mean"]
     assert len(list((tmp_path / "runs").glob("quick-ema-s*/best/model.pt2"))) == 2
+    # bench/robustness.py's figures for each seed's best checkpoint, and their mean per recipe
+    for seed in (0, 1):
+        [worst] = [k for k in got if k.startswith(f"ema_s{seed}_worst_shift_")]
+        assert 0 <= got[worst] <= got[f"ema_s{seed}_shifted_mean_val_macro_f1"]
+    assert got["ema_shifted_mean_val_macro_f1_mean"] == pytest.approx(
+        (got["ema_s0_shifted_mean_val_macro_f1"] + got["ema_s1_shifted_mean_val_macro_f1"]) / 2, abs=1e-4
+    )
+    # The clean figure is the run's own best validation macro-F1 (the same weights on the same split),
+    # but in fp32: training validates on the CPU in bf16, which may turn a prediction of 48.
+    assert got["ema_clean_val_macro_f1_mean"] == pytest.approx(got["ema_best_val_macro_f1_mean"], abs=0.1)
+    for name in ["clean", *(f"shift_{n}" for n in SHIFTS), "shifted_mean", "worst_shift"]:
+        assert 0 <= got[f"ema_{name}_val_macro_f1_mean"] <= 1 and got[f"ema_{name}_val_macro_f1_std"] >= 0, name
+    assert got["ema_worst_shift_val_macro_f1_mean"] <= got["ema_shifted_mean_val_macro_f1_mean"]
 
 
 def test_serving_quick_prints_every_figure(image_tree):
@@ -270,3 +286,25 @@ def test_device_sample_holds_the_archives_images_as_packing_decodes_them(image_t
         images, labels = splits[name]
         assert len(labels) == len(records) <= device_check.PER_CLASS[name] * 42  # few per class here: all kept
         assert {(int(label), image.tobytes()) for image, label in zip(images, labels)} == expected
+
+
+def test_robustness_quick_prints_clean_each_shift_their_mean_and_the_worst(image_tree, tmp_path):
+    best = trained_checkpoint(tmp_path / "best")
+    report = tmp_path / "robustness.json"
+    args = ["--quick", "--checkpoint", str(best), "--data", str(image_tree), "--cache", str(tmp_path / "cache")]
+    got = figures(run_bench("robustness.py", *args, "--json", str(report)).stdout)
+    shifted = {name: got.pop(f"shift_{name}_val_macro_f1") for name in SHIFTS}
+    [(worst_line, worst)] = [(k, v) for k, v in got.items() if k.startswith("worst_shift_")]
+    assert set(got) == {"clean_val_macro_f1", "shifted_mean_val_macro_f1", worst_line, "shifted_mean_vs_clean"}
+    # Printed to 4 decimals: the mean of the printed figures is within rounding of the printed mean.
+    assert got["shifted_mean_val_macro_f1"] == pytest.approx(sum(shifted.values()) / len(shifted), abs=1e-4)
+    assert (
+        worst == min(shifted.values()) == shifted[worst_line.removeprefix("worst_shift_").removesuffix("_val_macro_f1")]
+    )
+    assert_ratio(got["shifted_mean_vs_clean"], got["shifted_mean_val_macro_f1"], got["clean_val_macro_f1"])
+    assert len(set(shifted.values())) > 1  # the shifts change what the model predicts
+    saved = json.loads(report.read_text())
+    assert saved["figures"] == pytest.approx(
+        {**got, **{f"shift_{n}_val_macro_f1": v for n, v in shifted.items()}}, abs=5e-5
+    )
+    assert saved["scores"]["images"] == 48 and saved["scores"]["split"] == "val"  # 12 per class, under --quick's 64

@@ -1,8 +1,9 @@
 """Calibrated probabilities: the one place logits become probabilities, the calibration figures
 (ECE, NLL) and the temperature fitted on the validation split after training.
 
-A network trained to low loss is overconfident: its top probability is higher than the share of
-such predictions that are right. Temperature scaling (Guo et al. 2017, "On Calibration of Modern
+A network's top probability is rarely the share of such predictions that are right: trained to low
+cross-entropy it is overconfident, and focal loss (this project's) often leaves it underconfident,
+since the loss stops pushing once an image is easy. Temperature scaling (Guo et al. 2017, "On Calibration of Modern
 Neural Networks") divides the logits by one scalar T > 0 before the softmax; T is chosen to
 minimise the validation split's negative log-likelihood. The argmax, so accuracy and F1, is unchanged.
 

@@ -208,7 +208,9 @@ def test_the_rayjob_driver_reads_its_raycluster_and_trains(data, tmp_path):
             assert_trained("rayjob", epochs=1, output=output)
             # The same cluster refuses what its RayCluster's node types cannot hold, naming them.
             code, output, seconds = submit(head, "rayjob-too-large", SMOKE_TRAIN, {**overrides, "train.workers": 3})
-            assert code != 0 and seconds < 60, (code, seconds, output[-3000:])
+            # Refused by the driver's check, not after train.capacity_timeout_s (1,200 s by default):
+            # the bound leaves room for a job's start on a loaded machine (67 s seen at load 6-9).
+            assert code != 0 and seconds < 150, (code, seconds, output[-3000:])
             assert f"up to 2 x {WORKER_TYPE}" in user_error(head, "rayjob-too-large")
 
 

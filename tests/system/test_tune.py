@@ -181,8 +181,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_
             }
         )
     )
-    # Three epochs, so a trial interrupted after its first still has two to go.
-    args = ["--config", str(config), *[a for item in [*BASE, "optim.epochs=3"] for a in ("--set", item)]]
+    # Six epochs, so the second trial is still midway when the driver is killed: the kill waits for
+    # Tune's saved state to record the first trial's end, during which a 3-epoch trial could finish.
+    epochs = 6
+    args = ["--config", str(config), *[a for item in [*BASE, f"optim.epochs={epochs}"] for a in ("--set", item)]]
     # The driver joins the test's cluster as its own job, like `ray job submit` would start it.
     # Tune saves its state every 10 s or more; every second here, so the first trial's end is on
     # record long before the second trial (which takes longer than that to start) is killed.
@@ -236,12 +238,12 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, s3_
         assert _keys(bucket, f"simpsons/killed/runs/killed-{tid}/") == keys
     # The interrupted trial went on from its checkpoint instead of starting over.
     history = tune.ExperimentAnalysis(f"{root}/killed", storage_filesystem=fs).trial_dataframes[interrupted]
-    assert bool(history["resumed"].iloc[-1]) and int(history["epoch"].iloc[-1]) == 2, (
+    assert bool(history["resumed"].iloc[-1]) and int(history["epoch"].iloc[-1]) == epochs - 1, (
         f"{history[['epoch', 'resumed']]}\n{second.output()}"
     )
 
     table = list(csv.DictReader(io.StringIO(_read(bucket, "simpsons/killed/trials.csv").decode())))
     assert len(table) == 2 and {r["status"] for r in table} == {"completed"}
-    assert {r["epochs_run"] for r in table} == {"3"}
+    assert {r["epochs_run"] for r in table} == {str(epochs)}
     assert {r["trial_id"] for r in table} == set(finished) | set(resumed)
     assert "simpsons/killed/best/metrics.json" in _keys(bucket, "simpsons/killed/best/")

@@ -26,6 +26,7 @@ import posixpath
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from simpsons import storage, tracking
 from simpsons.config import Config, ConfigError, SweepConfig, from_dict, space_entry, to_dict, with_overrides
@@ -211,14 +212,32 @@ def create_searcher(sweep: SweepConfig, max_concurrent: int = 0):
     return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
 
 
-def create_trial_scheduler(cfg: Config):
+class FinishingASHA(ASHAScheduler):
+    """ASHA that never stops a trial at its last epoch, since the trial ends by itself right after.
+
+    Ending by itself is what lets Ray Train shut the trial's run down in order: its worker group
+    torn down and its request for worker nodes withdrawn from the autoscaler. A trial that Tune
+    stops has its actor killed with Train's controller inside, and that request stays with the
+    autoscaler until it expires (Ray 2.60: 180 s, then up to a 20-s tick), keeping a GPU node up
+    after the sweep. Plain ASHA stops every trial at max_t, and a rung can fall on the last epoch.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(stop_last_trials=False, **kwargs)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        return decision
+
+
+def create_trial_scheduler(cfg: Config) -> FinishingASHA | None:
     """ASHA on the epoch count (tune.scheduler=asha), or None for Tune's FIFO. (Not the LR schedule:
     that is `simpsons.recipe.create_scheduler`.) `check_sweep` has checked grace_period <= epochs."""
     if cfg.tune.scheduler == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
+    return FinishingASHA(
         time_attr=EPOCHS,
         max_t=cfg.optim.epochs,
         grace_period=cfg.tune.grace_period,

@@ -127,8 +127,11 @@ def worker_nodes(head: RayHead) -> list[dict]:
     return [n for n in head.live_nodes() if GPU_STAND_IN in n["resources"]]
 
 
-def wait_until_no_worker_node(head: RayHead, timeout: float = 180) -> None:
-    """The autoscaler removes idle nodes (idle_timeout_minutes: 3 s in these configs)."""
+def wait_until_no_worker_node(head: RayHead, timeout: float = 120) -> None:
+    """The autoscaler removes idle nodes (idle_timeout_minutes: 3 s in these configs).
+
+    The bound is below the 180 s after which the autoscaler drops a request for worker nodes that a
+    Train run never withdrew (a controller killed with its Tune trial): such a leftover fails here."""
     deadline = time.monotonic() + timeout
     while nodes := worker_nodes(head):
         if time.monotonic() > deadline:

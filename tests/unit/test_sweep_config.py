@@ -1,14 +1,17 @@
 """Sweep settings: the tune: section's parsing, its bad keys named, one search-space entry set
-or removed, and the optional Bayesian search."""
+or removed, the optional Bayesian search, and the ASHA decisions the sweep's trials get."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
 from ray_head import REPO
 
-from simpsons.config import ConfigError, SweepConfig, load_sweep
-from simpsons.tune import create_searcher
+from simpsons.config import Config, ConfigError, OptimConfig, SweepConfig, load_sweep
+from simpsons.names import SCORE
+from simpsons.tune import EPOCHS, create_searcher, create_trial_scheduler
 
 # ---------------------------------------------------------------------------------------------
 # Config (no Ray)
@@ -57,3 +60,26 @@ def test_bayesian_search_is_optional():
             create_searcher(sweep)
     else:
         assert type(create_searcher(sweep)).__name__ == "OptunaSearch"
+
+
+def test_asha_stops_trials_behind_at_a_rung_but_never_one_at_its_last_epoch():
+    """Tune kills a trial it stops, and with it the Train controller that would have withdrawn its
+    request for worker nodes; a trial at its last epoch ends by itself and must be left to."""
+    epochs = 6  # grace 2, reduction 3: rungs at epochs 2 and 6, the last one
+    scheduler = create_trial_scheduler(
+        Config(optim=OptimConfig(epochs=epochs), tune=SweepConfig(grace_period=2, reduction_factor=3))
+    )
+    scheduler.set_search_properties(metric=SCORE, mode="max")
+    trials = [Trial("__fake", trial_id=f"t{i}", stub=True) for i in range(6)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+
+    def decide(trial, epoch, score):
+        return scheduler.on_trial_result(None, trial, {EPOCHS: epoch, SCORE: score})
+
+    for trial, score in zip(trials[:3], [0.5, 0.6, 0.7]):
+        assert decide(trial, 2, score) == TrialScheduler.CONTINUE  # each in the top third of those before it
+    assert decide(trials[3], 2, 0.1) == TrialScheduler.STOP  # below the top third at epoch 2
+    for trial, score in zip(trials[:2], [0.5, 0.6]):
+        assert decide(trial, epochs, score) == TrialScheduler.CONTINUE
+    assert decide(trials[2], epochs, 0.1) == TrialScheduler.CONTINUE  # behind, but finished: it ends by itself

@@ -8,6 +8,7 @@ autoscaler may add) and a placement that can never happen refused in one sentenc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -392,11 +393,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **options)
     )
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nothing listens on now. They are held together
+    while picked: one by one, the kernel may hand out a port it has just handed out and seen closed."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:

@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from simpsons.cluster import free_port
+from simpsons.cluster import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the head, `ray job submit` and the job's `python` all come from here
@@ -217,17 +217,25 @@ print(json.dumps([{"node_id": n["NodeID"], "socket": n["RayletSocketName"], "res
 """
 
 
-def _node_ports() -> list[str]:
-    """Free ports for everything a Ray node listens on, so two nodes on one machine never clash."""
-    flags = (
-        "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port",
-        "--runtime-env-agent-port",
-        "--metrics-export-port",
-        "--node-manager-port",
-        "--object-manager-port",
-    )
-    return [f"{flag}={free_port()}" for flag in flags]
+# Everything a Ray node listens on besides the head's own ports, given explicitly so that two
+# nodes on one machine never clash: as `ray start` flags (the head) and as the RayParams fields
+# tests/ray_node.py passes (a second node).
+_RAY_NODE_PORTS = (
+    "node_manager_port",
+    "object_manager_port",
+    "dashboard_agent_listen_port",
+    "metrics_agent_port",
+    "runtime_env_agent_port",
+    "metrics_export_port",
+)
+_NODE_PORT_FLAGS = (
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
+    "--object-manager-port",
+)
 
 
 def _pids_with_marker(marker: str) -> list[int]:
@@ -266,7 +274,13 @@ class RayHead:
         # Short path: Ray puts unix sockets under it (limit ~107 characters).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
         self.token_path = self.temp_dir / "auth_token"
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # One batch: picked one by one, two of them can be the same port (seen: the dashboard's and
+        # its agent's, and `ray start` refused to start).
+        self.gcs_port, self.dashboard_port, client_port, *node_ports = free_ports(3 + len(_NODE_PORT_FLAGS))
+        self._port_flags = [
+            f"--ray-client-server-port={client_port}",
+            *(f"{flag}={port}" for flag, port in zip(_NODE_PORT_FLAGS, node_ports)),
+        ]
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self._head: subprocess.Popen | None = None
@@ -327,8 +341,7 @@ class RayHead:
             "--disable-usage-stats",
             "--min-worker-port=0",
             "--max-worker-port=0",  # random free ports for workers
-            f"--ray-client-server-port={free_port()}",
-            *_node_ports(),
+            *self._port_flags,
         ]
         if self.autoscaling_config is not None:
             config = dict(self.autoscaling_config)
@@ -466,14 +479,7 @@ class RayNode:
             "temp_dir": str(self.temp_dir),
             "num_cpus": self.num_cpus,
             "resources": self.resources,
-            "ports": {
-                "node_manager_port": free_port(),
-                "object_manager_port": free_port(),
-                "dashboard_agent_listen_port": free_port(),
-                "metrics_agent_port": free_port(),
-                "runtime_env_agent_port": free_port(),
-                "metrics_export_port": free_port(),
-            },
+            "ports": dict(zip(_RAY_NODE_PORTS, free_ports(len(_RAY_NODE_PORTS)))),
         }
         cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("ray_node.py")), json.dumps(spec)]
         self._process, self._log = _start_logged(cmd, env, self.temp_dir)

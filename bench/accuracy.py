@@ -76,7 +76,7 @@ PROFILES = {
         {"default": 8, "ema": 8, "resnet18": 12},
     ),
     # The README's CPU run (2 cores, 64 px, ~23 minutes): the default's 16 epochs on its resizing
-    # schedule cost about 10.5 full-size ones; ResNet-18 fits 25 (configs/resnet18_cpu.yaml).
+    # schedule cost about 10.5 full-size ones; ResNet-18 fits 25.
     "cpu23": Profile(
         ["data.stored_size=72", "data.train_size=64", "train.use_gpu=false"],
         1380,

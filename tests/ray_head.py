@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,25 +35,6 @@ from simpsons.cluster import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the head, `ray job submit` and the job's `python` all come from here
-
-# Runs in a subprocess with the client environment: the test process itself never connects to
-# Ray, so it cannot disturb (or be disturbed by) another test's in-process ray.init().
-_LIST_TRAIN_WORKERS = """
-import json, sys
-from ray.util.state import list_actors
-actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                     raise_on_missing_output=False)
-print(json.dumps([{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id} for a in actors]))
-"""
-
-
-_LIST_ACTORS = """
-import json, sys
-from ray.util.state import list_actors
-actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", sys.argv[2])], limit=10000,
-                     raise_on_missing_output=False)
-print(json.dumps([{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id, "state": a.state} for a in actors]))
-"""
 
 
 def _die_with_parent(sig: int):
@@ -208,15 +190,6 @@ class Process:
             self.popen.wait(10)
 
 
-# Lists the cluster's live nodes with the temp dir each runs from (its raylet socket lives there).
-_LIST_NODES = """
-import json, sys, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-print(json.dumps([{"node_id": n["NodeID"], "socket": n["RayletSocketName"], "resources": n["Resources"]}
-                  for n in ray.nodes() if n["Alive"]]))
-"""
-
-
 # Everything a Ray node listens on besides the head's own ports, given explicitly so that two
 # nodes on one machine never clash: as `ray start` flags (the head) and as the RayParams fields
 # tests/ray_node.py passes (a second node).
@@ -331,6 +304,7 @@ class RayHead:
             "--block",
             f"--temp-dir={self.temp_dir}",
             "--node-ip-address=127.0.0.1",
+            f"--node-name={self.temp_dir}",  # how live_nodes() tells this node from the others
             f"--port={self.gcs_port}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
@@ -360,10 +334,11 @@ class RayHead:
                 raise RuntimeError(f"The Ray head did not come up within {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
 
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token_path.read_text()}"}
+
     def _dashboard_answers(self) -> bool:
-        request = urllib.request.Request(
-            f"{self.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {self.token_path.read_text()}"}
-        )
+        request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/", headers=self._auth())
         try:
             with urllib.request.urlopen(request, timeout=2):
                 return True
@@ -421,37 +396,42 @@ class RayHead:
         node.start(timeout)
         return node
 
+    def state(self, resource: str, **equal: str) -> list[dict]:
+        """Ray's state API (`/api/v0/<resource>` on the dashboard, what `ray list` asks), with the
+        token, in this process: rows whose fields equal `equal`'s values. A subprocess running
+        `ray.util.state` costs seconds of CPU per call, and the tests poll."""
+        query = [("limit", "10000"), ("detail", "false")]
+        for key, value in equal.items():
+            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/{resource}?{urllib.parse.urlencode(query)}", headers=self._auth()
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            reply = json.load(response)
+        assert reply["result"], f"the state API refused {resource} {equal}: {reply['msg']}"
+        return reply["data"]["result"]["result"]
+
     def live_nodes(self) -> list[dict]:
-        """The cluster's live nodes: [{node_id, socket (the raylet socket path), resources}]."""
-        done = self.run([str(VENV_BIN / "python"), "-c", _LIST_NODES, self.address], self.driver_env(), timeout=90)
-        if done.returncode != 0:
-            raise AssertionError(f"Listing the nodes failed:\n{done.stdout}\n{done.stderr}")
-        # Ray may print a warning after the list (seen: a lost node's "raylet has lagging heartbeats").
-        return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("[")))
+        """The cluster's live nodes: [{node_id, node_name (a RayHead's or RayNode's temp dir), resources}]."""
+        return [
+            {"node_id": n["node_id"], "node_name": n["node_name"], "resources": n["resources_total"]}
+            for n in self.state("nodes", state="ALIVE")
+        ]
 
     def node_id_of_head(self) -> str:
-        return next(n["node_id"] for n in self.live_nodes() if n["socket"].startswith(str(self.temp_dir)))
+        return next(n["node_id"] for n in self.live_nodes() if n["node_name"] == str(self.temp_dir))
 
-    def actors(self, class_name: str) -> list[dict]:
-        """Actors of a class in any state (dead ones included), through Ray's state API:
+    def actors(self, class_name: str, **equal: str) -> list[dict]:
+        """Actors of a class (any state unless `state=` says), through Ray's state API:
         [{actor_id, pid, node_id, state}]."""
-        done = self.run(
-            [str(VENV_BIN / "python"), "-c", _LIST_ACTORS, self.dashboard_url, class_name],
-            self.job_client_env(),
-            timeout=60,
-        )
-        if done.returncode != 0:
-            raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return [
+            {key: actor[key] for key in ("actor_id", "pid", "node_id", "state")}
+            for actor in self.state("actors", class_name=class_name, **equal)
+        ]
 
     def train_workers(self) -> list[dict]:
-        """Live Ray Train worker actors, through Ray's state API: [{actor_id, pid, node_id}]."""
-        done = self.run(
-            [str(VENV_BIN / "python"), "-c", _LIST_TRAIN_WORKERS, self.dashboard_url], self.job_client_env(), timeout=60
-        )
-        if done.returncode != 0:
-            raise AssertionError(f"The state API query failed:\n{done.stdout}\n{done.stderr}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        """Live Ray Train worker actors: [{actor_id, pid, node_id, state}]."""
+        return self.actors("RayTrainWorker", state="ALIVE")
 
     def log_tail(self, chars: int = 4000) -> str:
         return _log_tail(self.temp_dir, chars)
@@ -479,6 +459,7 @@ class RayNode:
             "temp_dir": str(self.temp_dir),
             "num_cpus": self.num_cpus,
             "resources": self.resources,
+            "node_name": str(self.temp_dir),
             "ports": dict(zip(_RAY_NODE_PORTS, free_ports(len(_RAY_NODE_PORTS)))),
         }
         cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("ray_node.py")), json.dumps(spec)]
@@ -489,11 +470,11 @@ class RayNode:
                 raise RuntimeError(f"The Ray node exited with {self._process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"The Ray node did not join within {timeout:.0f} s:\n{self.log_tail()}")
-            mine = [n for n in self.head.live_nodes() if n["socket"].startswith(str(self.temp_dir))]
+            mine = [n for n in self.head.live_nodes() if n["node_name"] == str(self.temp_dir)]
             if mine:
                 self.node_id = mine[0]["node_id"]
             else:
-                time.sleep(1)
+                time.sleep(0.2)
 
     def pids(self) -> list[int]:
         return _pids_with_marker(f"SIMPSONS_TEST_RAY_NODE={self.temp_dir}")

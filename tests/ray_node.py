@@ -5,7 +5,7 @@ calls, with one difference: `ray start` turns 127.0.0.1 (in --address and --node
 into the machine's outward address when multi-node clusters are enabled, and aborts when they
 are not, so it cannot join a head that listens on loopback only. This script keeps 127.0.0.1.
 
-    python tests/ray_node.py '<json: gcs_address, temp_dir, num_cpus, resources, ports>'
+    python tests/ray_node.py '<json: gcs_address, temp_dir, num_cpus, resources, node_name, ports>'
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main(spec: dict) -> None:
         num_cpus=spec["num_cpus"],
         num_gpus=0,
         resources=spec["resources"],
+        node_name=spec["node_name"],
         min_worker_port=0,
         max_worker_port=0,  # random free ports for workers
         **spec["ports"],

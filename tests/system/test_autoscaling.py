@@ -43,12 +43,6 @@ RAY = str(VENV_BIN / "ray")
 ON_STAND_IN_GPUS = {"train.resources_per_worker": f"{{{GPU_STAND_IN}: 1}}", "train.use_gpu": "false"}
 HEAD_RESOURCES = {"trial_driver": 16}  # as cluster.yaml's head: sweeps' trial drivers run there
 
-_ALIVE_ACTORS = """
-import sys
-from ray.util.state import list_actors
-for a in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
-    print(a.class_name, a.node_id, a.pid)
-"""
 _AUTOSCALER_STATE = """
 import json, ray
 ray.init()
@@ -135,11 +129,9 @@ def wait_until_no_worker_node(head: RayHead, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while nodes := worker_nodes(head):
         if time.monotonic() > deadline:
-            alive = head.run(
-                [str(VENV_BIN / "python"), "-c", _ALIVE_ACTORS, head.dashboard_url], head.job_client_env(), 60
-            )
-            raise AssertionError(f"worker nodes still up after {timeout:.0f} s: {nodes}; actors alive: {alive.stdout}")
-        time.sleep(2)
+            alive = [(a["class_name"], a["node_id"], a["pid"]) for a in head.state("actors", state="ALIVE")]
+            raise AssertionError(f"worker nodes still up after {timeout:.0f} s: {nodes}; actors alive: {alive}")
+        time.sleep(0.5)
 
 
 def assert_trained(run_name: str, epochs: int, output: str) -> None:

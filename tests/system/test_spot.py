@@ -35,6 +35,8 @@ BUCKET = "spot"
 DATA = f"s3://{BUCKET}/datasets/tiny/v1"
 RUNS = "runs"
 WORKER_CPUS, WORKER_GPUS = 4, {"simulated_gpu": 2}
+# Enough that the run still trains when a noticed node goes, NOTICE_S after epoch 1's checkpoint
+# (8 were too few on a quiet machine: the run had ended by then).
 EPOCHS = 10
 STEPS = 40  # per epoch: 160 training images, 2 workers, 2 images a step each (0.2-1 s a step here)
 NOTICE_S = 25  # the notice's deadline, seconds ahead (EC2 gives 120, GCE and Azure 30): a few epochs
@@ -181,8 +183,10 @@ def test_a_node_lost_without_notice_is_charged_to_max_failures(head):
 def test_periodic_checkpoints_resume_a_node_lost_without_notice_mid_epoch(head):
     """train.checkpoint_every_steps takes the same path as the notice's checkpoint (no notice here:
     the restart is charged to train.max_failures, 1)."""
-    run_name, every = "periodic", 5
-    driver = spot_run(head, run_name, **{"train.checkpoint_every_steps": every, "train.max_failures": 1})
+    run_name, every, epochs = "periodic", 5, 4  # the node goes early in epoch 1: 2 epochs and more are left
+    driver = spot_run(
+        head, run_name, **{"optim.epochs": epochs, "train.checkpoint_every_steps": every, "train.max_failures": 1}
+    )
     wait_for_checkpoint(BUCKET, f"{RUNS}/{run_name}", 1, driver)
     prefix = f"{RUNS}/{run_name}"
     # Lose the node soon after a checkpoint early in an epoch: well before that epoch's end.
@@ -198,7 +202,7 @@ def test_periodic_checkpoints_resume_a_node_lost_without_notice_mid_epoch(head):
     epoch, step = int(epoch), int(step)
     assert step % every == 0 and 0 < step < STEPS, step
     history = reported_history(BUCKET, RUNS, run_name)
-    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    assert [h["epoch"] for h in history] == list(range(epochs))
     for h in history:
         expected = [[0, step], [step, STEPS]] if h["epoch"] == epoch else [[0, STEPS]]
         assert h["trained_steps"] == expected, (h["epoch"], h["trained_steps"])

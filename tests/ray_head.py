@@ -191,24 +191,17 @@ class Process:
 
 
 # Everything a Ray node listens on besides the head's own ports, given explicitly so that two
-# nodes on one machine never clash: as `ray start` flags (the head) and as the RayParams fields
-# tests/ray_node.py passes (a second node).
-_RAY_NODE_PORTS = (
-    "node_manager_port",
-    "object_manager_port",
-    "dashboard_agent_listen_port",
-    "metrics_agent_port",
-    "runtime_env_agent_port",
-    "metrics_export_port",
-)
-_NODE_PORT_FLAGS = (
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--runtime-env-agent-port",
-    "--metrics-export-port",
-    "--node-manager-port",
-    "--object-manager-port",
-)
+# nodes on one machine never clash: the RayParams field tests/ray_node.py passes (a second node)
+# and the `ray start` flag that sets it (the head; scripts.py maps the agent's grpc port to
+# metrics_agent_port).
+_NODE_PORTS = {
+    "node_manager_port": "--node-manager-port",
+    "object_manager_port": "--object-manager-port",
+    "dashboard_agent_listen_port": "--dashboard-agent-listen-port",
+    "metrics_agent_port": "--dashboard-agent-grpc-port",
+    "runtime_env_agent_port": "--runtime-env-agent-port",
+    "metrics_export_port": "--metrics-export-port",
+}
 
 
 def _pids_with_marker(marker: str) -> list[int]:
@@ -249,10 +242,10 @@ class RayHead:
         self.token_path = self.temp_dir / "auth_token"
         # One batch: picked one by one, two of them can be the same port (seen: the dashboard's and
         # its agent's, and `ray start` refused to start).
-        self.gcs_port, self.dashboard_port, client_port, *node_ports = free_ports(3 + len(_NODE_PORT_FLAGS))
+        self.gcs_port, self.dashboard_port, client_port, *node_ports = free_ports(3 + len(_NODE_PORTS))
         self._port_flags = [
             f"--ray-client-server-port={client_port}",
-            *(f"{flag}={port}" for flag, port in zip(_NODE_PORT_FLAGS, node_ports)),
+            *(f"{flag}={port}" for flag, port in zip(_NODE_PORTS.values(), node_ports)),
         ]
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -460,7 +453,7 @@ class RayNode:
             "num_cpus": self.num_cpus,
             "resources": self.resources,
             "node_name": str(self.temp_dir),
-            "ports": dict(zip(_RAY_NODE_PORTS, free_ports(len(_RAY_NODE_PORTS)))),
+            "ports": dict(zip(_NODE_PORTS, free_ports(len(_NODE_PORTS)))),
         }
         cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("ray_node.py")), json.dumps(spec)]
         self._process, self._log = _start_logged(cmd, env, self.temp_dir)

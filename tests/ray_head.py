@@ -288,7 +288,8 @@ class RayHead:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self, timeout: float = 90) -> RayHead:
-        self.token_path.write_text(secrets.token_hex(32))
+        self._token = secrets.token_hex(32)  # kept: the tests poll with it
+        self.token_path.write_text(self._token)
         self.token_path.chmod(0o600)
         cmd = [
             str(VENV_BIN / "ray"),
@@ -328,7 +329,7 @@ class RayHead:
             time.sleep(0.5)
 
     def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token_path.read_text()}"}
+        return {"Authorization": f"Bearer {self._token}"}
 
     def _dashboard_answers(self) -> bool:
         request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/", headers=self._auth())
@@ -411,8 +412,12 @@ class RayHead:
             for n in self.state("nodes", state="ALIVE")
         ]
 
+    def node_id_named(self, temp_dir: Path) -> str:
+        """The id of the live node named after `temp_dir` (a RayHead's or RayNode's), "" before it joins."""
+        return next((n["node_id"] for n in self.state("nodes", state="ALIVE", node_name=str(temp_dir))), "")
+
     def node_id_of_head(self) -> str:
-        return next(n["node_id"] for n in self.live_nodes() if n["node_name"] == str(self.temp_dir))
+        return self.node_id_named(self.temp_dir)
 
     def actors(self, class_name: str, **equal: str) -> list[dict]:
         """Actors of a class (any state unless `state=` says), through Ray's state API:
@@ -463,10 +468,8 @@ class RayNode:
                 raise RuntimeError(f"The Ray node exited with {self._process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"The Ray node did not join within {timeout:.0f} s:\n{self.log_tail()}")
-            mine = [n for n in self.head.live_nodes() if n["node_name"] == str(self.temp_dir)]
-            if mine:
-                self.node_id = mine[0]["node_id"]
-            else:
+            self.node_id = self.head.node_id_named(self.temp_dir)
+            if not self.node_id:
                 time.sleep(0.2)
 
     def pids(self) -> list[int]:

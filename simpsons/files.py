@@ -5,7 +5,8 @@ Whatever is written in several steps (an unpacked archive, a packed dataset, a d
 its target's partial sibling, `.{name}.partial-{host}-{pid}`, and is renamed to the target when
 whole: readers never see half of it, two writers never share one partial (even on a cache folder
 that several nodes share), and one left by a killed process of this host is recognised by its
-dead pid, to be removed or taken over.
+dead pid, to be removed or taken over. A process's scratch folder (`scratch_folder`) follows the
+same naming, so a killed worker's leftovers are removed by the next process on its node.
 
 Standard library only, so that `storage` can use it while knowing nothing of datasets.
 """
@@ -17,6 +18,7 @@ import hashlib
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -111,6 +113,17 @@ def resumed_partial(target: str | Path) -> Path:
             except OSError:  # another process of this host took it over first
                 continue
     return partial
+
+
+def scratch_folder(name: str) -> Path:
+    """This process's scratch folder `name` in the system's temp folder (a partial that is never
+    renamed), made on first use after the ones of this host's ended processes are removed: what a
+    killed worker left there (a checkpoint not yet uploaded) goes when the next one starts."""
+    scratch = partial_path(Path(tempfile.gettempdir()) / name)
+    if not scratch.is_dir():
+        scratch = fresh_partial(scratch.with_name(name))
+        scratch.mkdir(parents=True)
+    return scratch
 
 
 def _partial_prefix(target: Path) -> str:

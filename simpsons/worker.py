@@ -25,7 +25,7 @@ import ray.train.collective
 import ray.train.torch
 import torch
 
-from simpsons import checkpoint, storage, tracking
+from simpsons import checkpoint, files, storage, tracking
 from simpsons.config import Config, from_dict, training_dict
 from simpsons.data import ResidentSplit, data_placement
 from simpsons.dataset import load_packed, local_dataset_dir, read_manifest
@@ -36,6 +36,9 @@ from simpsons.names import EVALUATED, LAST_SCORE, MID_EPOCH, SCORE
 from simpsons.recipe import Plan, build_components, create_scheduler, create_train_step, ddp_options
 
 _logger = logging.getLogger(__name__)
+# A worker's local files (checkpoints before their upload, TensorBoard events) live in its scratch
+# folder, so that what a killed worker leaves is removed by the next one on its node.
+SCRATCH = "simpsons-worker"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -99,7 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
                                           best_score=best_score, history=history, config=training_dict(cfg),
                                           class_names=list(class_names), provenance=origin,
                                           tracking_run=tracker.run_id if tracker else "", **extra)  # fmt: skip
-        folder = tempfile.mkdtemp(prefix=f"simpsons-ckpt-{epoch}-")
+        folder = tempfile.mkdtemp(prefix=f"checkpoint-{epoch}-", dir=files.scratch_folder(SCRATCH))
         metrics = {"epoch": epoch, **figures, "history": history, "provenance": origin}
         return ray.train.Checkpoint.from_directory(checkpoint.save(folder, state, metrics))
 
@@ -304,7 +307,7 @@ class _TensorBoard:
     def __init__(self, cfg: Config):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.local = tempfile.mkdtemp(prefix="simpsons-tb-")
+        self.local = tempfile.mkdtemp(prefix="tensorboard-", dir=files.scratch_folder(SCRATCH))
         self.remote = storage.join(cfg.run.storage, cfg.run.name, "tensorboard")
         self.endpoint = cfg.run.s3_endpoint
         self.writer = SummaryWriter(self.local)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 
-from simpsons.files import dead_partials, fresh_partial, node_lock, partial_path, resumed_partial
+from simpsons.files import dead_partials, fresh_partial, node_lock, partial_path, resumed_partial, scratch_folder
 
 
 def _dead_pid() -> int:
@@ -56,3 +56,26 @@ def test_the_node_lock_waits_for_its_holder_and_is_freed_when_the_holder_is_kill
         holder.kill()
         holder.wait(timeout=30)
     assert taken.wait(30)  # the kernel freed it with the killed process
+
+
+def test_a_killed_process_scratch_folder_goes_when_the_next_process_makes_its_own(tmp_path, monkeypatch):
+    """What a killed Train worker left in its scratch folder (a checkpoint not yet uploaded) is
+    removed by the next process on the node; a live process's folder is left alone."""
+    code = """if True:
+        import os, signal
+        from simpsons.files import scratch_folder
+        (scratch_folder("w") / "checkpoint.pt").write_bytes(b"x")
+        print(scratch_folder("w"), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    left = tmp_path / killed.stdout.strip()
+    assert killed.returncode == -9 and (left / "checkpoint.pt").exists()
+    alive = tmp_path / f".w.partial-{socket.gethostname()}-{os.getppid()}"
+    alive.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+
+    mine = scratch_folder("w")
+    assert mine == partial_path(tmp_path / "w") and mine.is_dir()
+    assert scratch_folder("w") == mine  # made once per process
+    assert sorted(tmp_path.iterdir()) == sorted([alive, mine])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -14,8 +16,18 @@ from synthetic import make_image_tree
 # workers' environment (they use this one).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Every Ray instance started without a temp dir of its own (the ray_cluster fixture, a job run the
+# way users run it) keeps its session folder (logs, sockets, spilled objects) here instead of
+# /tmp/ray, where hundreds of megabytes would pile up run after run; removed when the tests end.
+# A short path: Ray's unix sockets live below it.
+_RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = _RAY_TMPDIR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "simpsons_dataset"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -119,10 +119,10 @@ def scratch_folder(name: str) -> Path:
     """This process's scratch folder `name` in the system's temp folder (a partial that is never
     renamed), made on first use after the ones of this host's ended processes are removed: what a
     killed worker left there (a checkpoint not yet uploaded) goes when the next one starts."""
-    scratch = partial_path(Path(tempfile.gettempdir()) / name)
+    target = Path(tempfile.gettempdir()) / name
+    scratch = partial_path(target)
     if not scratch.is_dir():
-        scratch = fresh_partial(scratch.with_name(name))
-        scratch.mkdir(parents=True)
+        fresh_partial(target).mkdir(parents=True)
     return scratch
 
 

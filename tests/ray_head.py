@@ -298,7 +298,7 @@ class RayHead:
             "--block",
             f"--temp-dir={self.temp_dir}",
             "--node-ip-address=127.0.0.1",
-            f"--node-name={self.temp_dir}",  # how live_nodes() tells this node from the others
+            f"--node-name={self.temp_dir}",  # how node_id_named() tells this node from the others
             f"--port={self.gcs_port}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",

@@ -97,20 +97,22 @@ def test_a_noticed_reclaim_checkpoints_in_time_and_resumes_at_that_step(head):
     # The run trains on after its checkpoint until the node goes at the deadline: what it trains
     # after its last checkpoint is the work a reclaim loses.
     seen: dict[str, tuple[int, int, float]] = {}  # checkpoint folder -> (epoch, steps done, first seen)
-    while time.time() < deadline:
-        assert driver.popen.poll() is None, driver.output[-6000:]
+
+    def look() -> None:
         for folder, position in checkpoints(prefix).items():
             if folder not in before:
                 seen.setdefault(folder, (*position, time.time()))
+
+    while time.time() < deadline:
+        assert driver.popen.poll() is None, driver.output[-6000:]
+        look()
         time.sleep(0.2)
     lose(head, worker)
     killed = time.time()
     killed_at = time.monotonic() - driver.started  # on the driver's output clock
     # The last call aims just before the deadline, so its checkpoint can land between the last
     # poll and the kill: one more look, now that nothing on the node can write.
-    for folder, position in checkpoints(prefix).items():
-        if folder not in before:
-            seen.setdefault(folder, (*position, killed))
+    look()
     head.add_node(num_cpus=WORKER_CPUS, resources=WORKER_GPUS)  # as the autoscaler replaces it
 
     assert driver.wait(timeout=400) == 0, driver.output[-8000:]

@@ -84,29 +84,33 @@ def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_
     assert report["accuracy"] >= 0.7
 
 
-def test_moving_average_is_scored_served_and_checkpointed_beside_the_raw_weights(
-    ray_cluster, packed_dataset, image_tree, tmp_path
-):
+def test_moving_average_and_evaluation_every_second_epoch(ray_cluster, packed_dataset, image_tree, tmp_path):
+    """The moving average is scored, served and checkpointed beside the raw weights; with evaluation
+    every second epoch, every epoch checkpoints and only evaluated ones rank."""
     from simpsons.driver import fit
 
-    cfg = _cfg(tmp_path / "runs", 2, "ema", "optim.ema_decay=0.8", "model.tta_flip=true", "train.histogram_every=0")
-    report = fit(cfg, str(packed_dataset))
-    assert all({"raw_val_macro_f1", "raw_val_acc", "val_macro_f1"} <= set(h) for h in report["history"])
-    state = torch.load(tmp_path / "runs" / "ema" / "best" / "checkpoint.pt", weights_only=True)
+    overrides = ("optim.ema_decay=0.8", "model.tta_flip=true", "train.evaluate_every=2", "train.histogram_every=0")
+    report = fit(_cfg(tmp_path / "runs", 3, "ema", *overrides), str(packed_dataset))
+    best = tmp_path / "runs" / "ema" / "best"
+
+    history = report["history"]
+    assert [h["evaluated"] for h in history] == [False, True, True]  # epochs 2 and 3 (the last)
+    skipped, *evaluated = history
+    assert not any(key.startswith("val_") and key != "val_macro_f1" for key in skipped)
+    assert skipped["val_macro_f1"] == skipped["last_val_macro_f1"] == -math.inf  # never the best checkpoint
+    assert evaluated[0]["last_val_macro_f1"] == evaluated[0]["val_macro_f1"] >= 0
+    assert all({"raw_val_macro_f1", "raw_val_acc", "val_macro_f1"} <= set(h) for h in evaluated)
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["macro_f1"] == pytest.approx(max(h["val_macro_f1"] for h in evaluated))
+    assert (best / "curves.png").is_file()  # plots the evaluated epochs only
+
+    state = torch.load(best / "checkpoint.pt", weights_only=True)
     assert state["ema_updates"] > 0
     assert not all(torch.equal(state["served"][k], state["model"][k]) for k in state["model"])
     # evaluate.py serves the averaged weights (with the flip): on the validation images it scores
     # what training reported for the best epoch (bf16 there, fp32 here: one image may differ).
     out = tmp_path / "eval"
-    done = run_job(
-        "evaluate.py",
-        "--checkpoint",
-        tmp_path / "runs" / "ema" / "best",
-        "--data",
-        image_tree / "dataset" / "val",
-        "--out",
-        out,
-    )
+    done = run_job("evaluate.py", "--checkpoint", best, "--data", image_tree / "dataset" / "val", "--out", out)
     assert done.returncode == 0, done.stderr
     scored = json.loads((out / "metrics.json").read_text())
     assert scored["images"] == report["images"] == 48
@@ -160,20 +164,3 @@ def test_asking_for_cuda_without_it_is_one_clear_sentence(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: Device cuda asked for, but CUDA is not available on this machine; pass --device cpu."
     ]
-
-
-def test_evaluation_every_second_epoch_checkpoints_every_epoch_and_ranks_only_evaluated_ones(
-    ray_cluster, packed_dataset, tmp_path
-):
-    from simpsons.driver import fit
-
-    cfg = _cfg(tmp_path / "runs", 3, "every2", "train.evaluate_every=2", "train.histogram_every=0")
-    history = fit(cfg, str(packed_dataset))["history"]
-    assert [h["evaluated"] for h in history] == [False, True, True]  # epochs 2 and 3 (the last)
-    skipped, *evaluated = history
-    assert not any(key.startswith("val_") and key != "val_macro_f1" for key in skipped)
-    assert skipped["val_macro_f1"] == skipped["last_val_macro_f1"] == -math.inf  # never the best checkpoint
-    assert evaluated[0]["last_val_macro_f1"] == evaluated[0]["val_macro_f1"] >= 0
-    best = json.loads((tmp_path / "runs" / "every2" / "best" / "metrics.json").read_text())
-    assert best["macro_f1"] == pytest.approx(max(h["val_macro_f1"] for h in evaluated))
-    assert (tmp_path / "runs" / "every2" / "best" / "curves.png").is_file()  # plots the evaluated epochs only

@@ -11,11 +11,11 @@ loopback moto server, as they must on a real multi-node cluster.
   exits 2 at once with one sentence, instead of Ray Train retrying for ever;
 - a local dataset or a local run.storage is refused before any worker starts;
 - (a) `ray job submit ... jobs/train.py` trains on the worker node; nothing trains on the head;
+  the worker node is lost whole mid-run (every process of it SIGKILLed by pid), a replacement
+  joins as the autoscaler would start one, and the run resumes from its last checkpoint in S3 and
+  finishes with every epoch exactly once;
 - (b) a sweep's trial drivers run on the head (through `trial_driver`), never on the worker
-  node; a trial whose driver is killed is retried by Tune and its Train run resumes;
-- (c) the worker node is lost whole mid-run (every process of it SIGKILLed by pid), a
-  replacement joins as the autoscaler would start one, and the run resumes from its last
-  checkpoint in S3 and finishes with every epoch exactly once.
+  node; a trial whose driver is killed is retried by Tune and its Train run resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import io
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import boto3
 import pytest
@@ -35,6 +37,7 @@ BUCKET = "topology"
 DATA = f"s3://{BUCKET}/datasets/tiny/v1"
 RUNS = "runs"
 PYTHON = str(VENV_BIN / "python")
+RAY = str(VENV_BIN / "ray")
 WORKER_CPUS = 4  # logical CPUs of the worker node (2 real cores here)
 WORKER_GPUS = {"simulated_gpu": 2}  # stands for the worker node's GPUs
 ON_GPUS = ["--set", "train.resources_per_worker={simulated_gpu: 1}"]  # one "GPU" per Train worker
@@ -136,24 +139,82 @@ def test_local_folders_are_refused_on_a_multinode_cluster(cluster, packed_datase
 
 
 # ---------------------------------------------------------------------------------------------
-# (a) a submitted job trains on the worker node
+# (a) a submitted job trains on the worker node; the node is lost, a replacement joins, the run resumes
 
 
-def test_submitted_job_trains_on_the_worker_node_only(cluster):
-    head, job_id = cluster.head, "topology-submit"
-    submit = head.run(
-        job_submit(job_id, *SMOKE_TRAIN, *small_run("--set", "run.name=submitted", *ON_GPUS)),
-        env=head.job_client_env(),
-        timeout=400,
-    )
-    out = submit.stdout + submit.stderr
-    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in out, out[-6000:]
-    workers = head.actors("RayTrainWorker")
-    assert len(workers) == 2, workers
-    assert {w["node_id"] for w in workers} == {cluster.worker.node_id}, (workers, cluster.worker.node_id)
+def test_a_submitted_job_trains_on_the_worker_node_only_and_resumes_on_a_replacement_when_it_is_lost(cluster):
+    # 10 short epochs (1-3 s each here): the kill lands once epoch 2's checkpoint is in S3, 7 are left.
+    head, epochs, run_name, job_id = cluster.head, 10, "node-lost", "topology-submit"
+    # Token authentication is on: the job API refuses a request that carries no token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+    # The command a user runs, from the repo root: a relative config path plus overrides.
+    flags = small_run(*sets({"optim.epochs": epochs, "run.name": run_name}), *ON_GPUS)
+    job = head.spawn(job_submit(job_id, *SMOKE_TRAIN, *flags), head.job_client_env())
+    wait_for_checkpoint(BUCKET, f"{RUNS}/{run_name}", 2, job)
+    lost = cluster.worker
+    workers = head.actors("RayTrainWorker", state="ALIVE")
+    assert len(workers) == 2 and {w["node_id"] for w in workers} == {lost.node_id}, (workers, lost.node_id)
+    pids = lost.pids()
+    # Every process killed belongs to this test's node: lost.pids() finds them by a marker whose value
+    # is the node's own mkdtemp folder, which only processes started from that node inherit. (A second
+    # check against the head's temp dir flaked: Ray may start a worker with an environment of its own
+    # making that keeps the node's marker but not every head variable.)
+    assert pids, "the worker node has no processes to kill"
+    lost.kill()  # raylet, agents and both Train workers at once
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in pids):
+        assert time.monotonic() < deadline, "the lost node's processes are still running"
+        time.sleep(0.2)
+    cluster.replace_worker()
+
+    assert job.wait(timeout=400) == 0 and f"Job '{job_id}' succeeded" in job.output, job.output[-6000:]
+    assert_finished_after_resuming(BUCKET, RUNS, run_name, job.output, epochs)
+    # The resumed epochs trained on the replacement node; nothing trained on the head.
+    alive = [w for w in head.actors("RayTrainWorker") if w["node_id"] == cluster.worker.node_id]
+    assert len(alive) == 2, head.actors("RayTrainWorker")
+    assert head.node_id_of_head() not in {w["node_id"] for w in head.actors("RayTrainWorker")}
     # The controller stays with the job's driver on the head; it trains nothing.
     controllers = head.actors("TrainController")
     assert controllers and {c["node_id"] for c in controllers} == {head.node_id_of_head()}, controllers
+
+    # The working dir the job ran in (unpacked on the head): .gitignore/.rayignore kept the
+    # virtualenv, runs, data and caches out of it. (The driver's dataset download lands in its
+    # ./cache, smoke.yaml's data.cache_dir, in that copy: a datasets/ folder of its own.)
+    unpacked = [
+        path
+        for path in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
+        if path.is_dir()
+    ]
+    assert len(unpacked) == 1, unpacked
+    assert (unpacked[0] / "jobs" / "train.py").is_file() and (unpacked[0] / "configs" / "smoke.yaml").is_file()
+    assert not {".venv", ".git", "runs", "data"} & {p.name for p in unpacked[0].iterdir()}
+    assert {p.name for p in (unpacked[0] / "cache").glob("*")} <= {"datasets"}
+    size = sum(f.stat().st_size for f in unpacked[0].rglob("*") if f.is_file())
+    assert size < 5e6, f"the uploaded working dir holds {size / 1e6:.1f} MB"
+    # Progress and metrics are in `ray job logs`: every epoch's summary and the export line.
+    logs = head.run([RAY, "job", "logs", job_id], env=head.job_client_env(), timeout=60).stdout
+    assert all(f"epoch {e}/{epochs} train loss" in logs for e in range(1, epochs + 1)), logs[-4000:]
+    assert f"-> s3://{BUCKET}/{RUNS}/{run_name}/best" in logs, logs[-4000:]
+    # Neither the cluster token nor the S3 secret key shows up in what the user sees.
+    for secret in (head.token_path.read_text(), os.environ["AWS_SECRET_ACCESS_KEY"]):
+        assert secret not in job.output and secret not in logs
+    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"{RUNS}/{run_name}/best/")
+    assert all(item["Size"] > 0 for item in listed["Contents"])
+
+
+def test_a_relative_run_storage_is_refused_under_a_working_dir_and_nothing_is_written(cluster, packed_dataset):
+    """The driver runs in Ray's unpacked copy of the working dir: `./runs-wd` would put checkpoints
+    in Ray's package cache (deleted later), not in the submitter's ./runs-wd."""
+    head = cluster.head
+    flags = small_run(*sets({"run.storage": "./runs-wd", "run.name": "wd"}))
+    done = head.run(job_submit("relative-storage", *SMOKE_TRAIN, *flags), head.job_client_env(), 240)
+    assert done.returncode != 0, done.stdout[-3000:]
+    logs = head.run([RAY, "job", "logs", "relative-storage"], env=head.job_client_env(), timeout=60).stdout
+    errors = {line for line in logs.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1 and "run.storage ./runs-wd is relative, but this job runs in the copy" in errors.pop()
+    assert not list(head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/*/runs-wd"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +243,7 @@ def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
     drivers = trial_drivers(head)
     assert len(drivers) == 2, drivers  # the killed one and its retry
     assert {a["node_id"] for a in drivers} == {head.node_id_of_head()}, drivers
-    assert {w["node_id"] for w in head.actors("RayTrainWorker")} == {cluster.worker.node_id}
+    assert head.node_id_of_head() not in {w["node_id"] for w in head.actors("RayTrainWorker")}
 
     s3 = boto3.client("s3")
     rows = list(
@@ -194,35 +255,3 @@ def test_sweep_trial_drivers_stay_on_the_head_and_a_killed_one_resumes(cluster):
     assert_finished_after_resuming(
         BUCKET, f"sweeps/{sweep}/runs", f"{sweep}-{rows[0]['trial_id']}", driver.output, epochs, exported=False
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# (c) the worker node is lost; a replacement joins; the run resumes from S3
-
-
-def test_lost_worker_node_is_replaced_and_the_run_resumes(cluster):
-    # 10 short epochs (1-3 s each here): the kill lands once epoch 2's checkpoint is in S3, 7 are left.
-    head, epochs, run_name = cluster.head, 10, "node-lost"
-    driver = spawn_driver(
-        head, "jobs/train.py", "configs/smoke.yaml", *sets({"optim.epochs": epochs, "run.name": run_name}), *ON_GPUS
-    )
-    wait_for_checkpoint(BUCKET, f"{RUNS}/{run_name}", 2, driver)
-    lost = cluster.worker
-    pids = lost.pids()
-    # Every process killed belongs to this test's node: lost.pids() finds them by a marker whose value
-    # is the node's own mkdtemp folder, which only processes started from that node inherit. (A second
-    # check against the head's temp dir flaked: Ray may start a worker with an environment of its own
-    # making that keeps the node's marker but not every head variable.)
-    assert pids, "the worker node has no processes to kill"
-    lost.kill()  # raylet, agents and both Train workers at once
-    deadline = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in pids):
-        assert time.monotonic() < deadline, "the lost node's processes are still running"
-        time.sleep(0.2)
-    cluster.replace_worker()
-
-    assert driver.wait(timeout=400) == 0, driver.output[-6000:]
-    assert_finished_after_resuming(BUCKET, RUNS, run_name, driver.output, epochs)
-    # The resumed epochs trained on the replacement node.
-    alive = [w for w in head.actors("RayTrainWorker") if w["node_id"] == cluster.worker.node_id]
-    assert len(alive) == 2, head.actors("RayTrainWorker")

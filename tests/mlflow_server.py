@@ -1,4 +1,4 @@
-"""`mlflow server` on 127.0.0.1 for the tracking tests, and the job runner they share."""
+"""`mlflow server` on 127.0.0.1 for the tracking tests, the job runner and the MLflow readers they share."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from pathlib import Path
 from ray_head import REPO, VENV_BIN, popen_group
 
 from simpsons.cluster import free_port
+from simpsons.names import SCORE
+
+# What a run's best/ leaves in its MLflow run (its checkpoint.pt stays in the run's storage).
+BEST_ARTIFACTS = {"metrics.json", "per_class.csv", "confusion.png", "curves.png", "config.yaml", "model.pt2"}
 
 
 class MlflowServer:
@@ -88,3 +92,17 @@ def run_job(args: list[str], env: dict, timeout: float = 120) -> subprocess.Comp
 
 # ---------------------------------------------------------------------------------------------
 # Training runs (a real Ray head, storage in S3)
+
+
+def runs_tagged(client, experiment: str, tag: str, value: str) -> list:
+    """The MLflow runs (active or deleted) of `experiment` whose `tag` is `value`."""
+    from mlflow.entities import ViewType
+
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([found.experiment_id], f"tags.`{tag}` = '{value}'", run_view_type=ViewType.ALL)
+
+
+def score_steps(client, run_id: str) -> list[int]:
+    """The epochs whose val macro-F1 the run has, in order."""
+    return sorted(m.step for m in client.get_metric_history(run_id, SCORE))

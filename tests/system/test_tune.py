@@ -1,6 +1,7 @@
-"""Ray Tune sweeps: a real sweep on the local Ray cluster into the loopback S3
-server (ASHA stops the trial with a hopeless learning rate), and a sweep whose driver is killed
-part-way and resumed without re-running its finished trial."""
+"""Ray Tune sweeps: a real sweep on the local Ray cluster into the loopback S3 server (ASHA stops
+the trial with a hopeless learning rate), tracked in a real `mlflow server` (a parent run, a child
+run per trial), and a sweep whose driver is killed part-way and resumed without re-running its
+finished trial."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import time
 
 import pytest
 import yaml
+from mlflow_server import BEST_ARTIFACTS, MlflowServer, runs_tagged, score_steps
 from ray_head import REPO, popen_group
 
 from simpsons.config import load_sweep
+from simpsons.tracking import SWEEP_TAG, TRIAL_STATUS_TAG
 
 EPOCHS = 2
 
@@ -65,8 +68,20 @@ def _keys(bucket: str, prefix: str) -> set[str]:
     return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
 
 
+@pytest.fixture
+def mlflow_server(s3_server, tmp_path):
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow", f"s3://{_bucket('mlartifacts')}/sweeps", s3_server)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.mark.timeout(480)  # a hang guard: ~130-220 s on a busy 2-core machine
-def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3_server, packed_dataset):
+def test_sweep_stops_a_hopeless_trial_exports_the_best_and_tracks_a_run_per_trial(
+    ray_cluster, s3_server, packed_dataset, mlflow_server
+):
     import torch
 
     from simpsons.tune import run_sweep
@@ -82,6 +97,7 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
         BASE
         + [
             f"run.storage=s3://{bucket}/simpsons",
+            f"run.tracking_uri={mlflow_server.uri}",
             "tune.name=asha",
             "tune.num_samples=1",
             "tune.max_concurrent_trials=2",
@@ -127,6 +143,29 @@ def test_sweep_stops_a_hopeless_trial_and_exports_the_best_to_s3(ray_cluster, s3
     # The best model's config is a run's (training sections); the sweep's own sweep.yaml keeps tune: too.
     assert "tune" not in best_cfg and "tune" not in checkpoint["config"]
     assert "space" in yaml.safe_load(_read(bucket, f"{prefix}sweep.yaml"))["tune"]
+
+    # In MLflow: one parent run for the sweep, one child run per trial carrying the scheduler's
+    # decision that trials.csv records.
+    client = mlflow_server.client()
+    parents = runs_tagged(client, "asha", SWEEP_TAG, f"s3://{bucket}/simpsons/asha")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+    parent = parents[0]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(float(child.data.params["optim.lr"]) for child in children) == [1e-3, 3e-3, 5.0]
+    rows = {row["trial_id"]: row for row in table}
+    for child in children:
+        row = rows[child.info.run_name.removeprefix("asha-")]
+        assert child.data.tags[TRIAL_STATUS_TAG] == row["status"] in ("completed", "stopped early")
+        assert child.data.tags["simpsons.epochs_run"] == row["epochs_run"]
+        # Each epoch logged once, in order. ASHA's stop reaches the workers asynchronously: an epoch
+        # that finished before it did was trained and is logged, beyond what Tune counted.
+        steps = score_steps(client, child.info.run_id)
+        assert steps == list(range(len(steps))) and int(row["epochs_run"]) <= len(steps) <= EPOCHS, (steps, row)
+        assert child.info.status == "FINISHED"
+    assert parent.data.params["tune.name"] == "asha"
+    assert parent.data.tags["simpsons.best_trial"] == table[0]["trial_id"]  # trials.csv: best first
+    assert {"trials.csv", "trials.png", "best"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(parent.info.run_id, "best")} == BEST_ARTIFACTS
 
 
 class _Driver:

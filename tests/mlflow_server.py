@@ -56,6 +56,16 @@ class MlflowServer:
             time.sleep(0.5)
         return self
 
+    def __enter__(self) -> MlflowServer:
+        try:
+            return self.start()
+        except BaseException:  # a server that never answered is stopped too
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def answers(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
@@ -91,7 +101,7 @@ def run_job(args: list[str], env: dict, timeout: float = 120) -> subprocess.Comp
 
 
 # ---------------------------------------------------------------------------------------------
-# Training runs (a real Ray head, storage in S3)
+# What a run logged, read back through MLflow's client
 
 
 def runs_tagged(client, experiment: str, tag: str, value: str) -> list:

@@ -431,6 +431,16 @@ class RayHead:
         """Live Ray Train worker actors: [{actor_id, pid, node_id, state}]."""
         return self.actors("RayTrainWorker", state="ALIVE")
 
+    def wait_for_train_workers(self, count: int, timeout: float = 180) -> list[dict]:
+        """The live Ray Train workers once there are `count` of them (0: a run's group has gone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = self.train_workers()
+            if len(workers) == count:
+                return workers
+            assert time.monotonic() < deadline, f"expected {count} live Train workers, the state API lists {workers}"
+            time.sleep(1)
+
     def log_tail(self, chars: int = 4000) -> str:
         return _log_tail(self.temp_dir, chars)
 

@@ -16,7 +16,6 @@ from ray_head import SMOKE_TRAIN, sets
 from simpsons.cluster import free_port
 
 BUCKET = "tracking"
-BEST_ARTIFACTS = {"metrics.json", "per_class.csv", "confusion.png", "curves.png", "config.yaml", "model.pt2"}
 
 
 def test_an_unreachable_tracking_uri_is_refused_before_ray_in_one_sentence(packed_dataset, tmp_path):
@@ -76,8 +75,7 @@ def test_an_experiment_the_user_may_not_write_to_is_refused_before_ray_in_one_se
         MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex,
     )
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    try:
-        server.start()
+    with server:
         user = ("reader", uuid.uuid4().hex + "B2?")
         api = f"{server.uri}/api/2.0/mlflow"
         for path, body in (
@@ -96,5 +94,3 @@ def test_an_experiment_the_user_may_not_write_to_is_refused_before_ray_in_one_se
             "EDIT permission on it, or set run.experiment to one you may write to."
         ], done.stderr + server.log_tail()
         assert "Ray" not in done.stdout + done.stderr and user[1] not in done.stdout + done.stderr
-    finally:
-        server.stop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 
 import boto3
 import pytest
@@ -47,23 +46,13 @@ def train_command(packed_dataset, run_name: str) -> list[str]:
     return [str(VENV_BIN / "python"), *SMOKE_TRAIN, *sets(overrides)]
 
 
-def wait_for_train_workers(head: RayHead, count: int, timeout: float = 180) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        workers = head.train_workers()
-        if len(workers) == count:
-            return workers
-        assert time.monotonic() < deadline, f"expected {count} live Train workers, the state API lists {workers}"
-        time.sleep(1)
-
-
 def test_a_killed_train_worker_then_a_killed_driver_each_resume_and_the_run_finishes(head, packed_dataset):
     """One run meets both faults in turn, as a long job on a real cluster may."""
     run_name = "worker-then-driver-killed"
     command = train_command(packed_dataset, run_name)
     first = head.spawn(command, head.driver_env())
     first.wait_for_line("Started training worker group of size 2", timeout=180)  # then ask the state API
-    workers = wait_for_train_workers(head, 2)
+    workers = head.wait_for_train_workers(2)
     wait_for_checkpoint(BUCKET, f"{PREFIX}/{run_name}", 2, first)
 
     # 1. A Train worker: Ray restarts the worker group inside the same driver.
@@ -78,7 +67,7 @@ def test_a_killed_train_worker_then_a_killed_driver_each_resume_and_the_run_fini
     # node dies. Ray takes the run's controller and workers down with it.
     wait_for_checkpoint(BUCKET, f"{PREFIX}/{run_name}", restarted_at + 2, first)
     first.kill()
-    wait_for_train_workers(head, 0, timeout=60)
+    head.wait_for_train_workers(0, timeout=60)
     second = head.spawn(command, head.driver_env())
     assert second.wait(timeout=240) == 0, second.output[-6000:]
 

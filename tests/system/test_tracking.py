@@ -35,11 +35,8 @@ BUCKET = "tracking"
 @pytest.fixture(scope="module")
 def mlflow_server(s3_server, tmp_path_factory):
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), f"s3://{BUCKET}/mlartifacts", s3_server)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with MlflowServer(tmp_path_factory.mktemp("mlflow"), f"s3://{BUCKET}/mlartifacts", s3_server) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +106,7 @@ def test_a_run_killed_and_rerun_is_one_finished_mlflow_run_with_its_config_histo
     wait_for_checkpoint(BUCKET, f"runs/{name}", 1, first)  # what the second driver resumes from
     first.kill()  # SIGKILL: the MLflow run is left RUNNING, as when a job's process or node dies
     assert client.get_run(run_id).info.status == "RUNNING"
-    deadline = time.monotonic() + 60  # Ray takes the run's workers down with their driver
-    while head.train_workers():
-        assert time.monotonic() < deadline, f"Train workers outlived their driver: {head.train_workers()}"
-        time.sleep(0.5)
+    head.wait_for_train_workers(0, timeout=60)  # Ray takes the run's workers down with their driver
     logged_first = set(score_steps(client, run_id))
 
     second = head.spawn(command, env)

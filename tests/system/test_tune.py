@@ -71,11 +71,8 @@ def _keys(bucket: str, prefix: str) -> set[str]:
 @pytest.fixture
 def mlflow_server(s3_server, tmp_path):
     (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow", f"s3://{_bucket('mlartifacts')}/sweeps", s3_server)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with MlflowServer(tmp_path / "mlflow", f"s3://{_bucket('mlartifacts')}/sweeps", s3_server) as server:
+        yield server
 
 
 @pytest.mark.timeout(480)  # a hang guard: ~130-220 s on a busy 2-core machine

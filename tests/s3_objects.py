@@ -28,7 +28,8 @@ def clear_credentials(monkeypatch, folder) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(folder / "no-config"))
 
 
-def objects(bucket: str, prefix: str = "") -> dict[str, dict]:
-    """Every object under `prefix`: key -> its listing entry (Size, ETag, LastModified, ...)."""
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+def objects(bucket: str, prefix: str = "", client=None) -> dict[str, dict]:
+    """Every object under `prefix`: key -> its listing entry (Size, ETag, LastModified, ...); through
+    `client`, or the environment's S3 endpoint."""
+    pages = (client or boto3.client("s3")).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"]: o for page in pages for o in page.get("Contents", [])}

@@ -1,5 +1,8 @@
 """The object store goes away for 20 s in the middle of a run and comes back.
 
+The run is also the end-to-end check of object storage: a dataset prepared into S3, read from it by
+the Train workers, and the run's checkpoints, TensorBoard logs and best/ stored there.
+
 A moto server of this module's own on 127.0.0.1 is stopped and started again on the same port
 (moto keeps its buckets in this process, so what was stored before the outage is still there, as
 with a restarted MinIO or a network partition).
@@ -7,6 +10,8 @@ with a restarted MinIO or a network partition).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import threading
 import time
@@ -15,11 +20,16 @@ import uuid
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from ray_head import TWO_CPU_WORKERS
+from s3_objects import objects
+from synthetic import CLASSES, make_image_tree
 
 from simpsons.cluster import free_port
 from simpsons.config import load_config
+from simpsons.report import OUTPUT_FILES
 
 OUTAGE_S = 20
+SECRET = "testing-secret-key"  # tests/conftest.py's; no object may contain it
 
 
 class FlakyS3:
@@ -78,23 +88,39 @@ def outage_after(store: FlakyS3, ready, log: dict[str, float]) -> threading.Thre
     return thread
 
 
-def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_cluster, packed_dataset, flaky_s3):
+def test_folder_to_s3_to_two_worker_training_that_rides_out_an_outage_between_checkpoints(
+    ray_cluster, flaky_s3, tmp_path
+):
+    """End to end through object storage: test-written JPEGs -> prepare -> S3 -> a 2-worker run that
+    reads the dataset from S3 and keeps its storage there -> best/ in S3; the store goes away for
+    OUTAGE_S once the first checkpoint is stored, and the run finishes with every epoch once."""
     from simpsons.driver import fit
+    from simpsons.prepare import prepare_dataset
 
     bucket = f"outage-{uuid.uuid4().hex[:10]}"
     flaky_s3.client().create_bucket(Bucket=bucket)
+    source = make_image_tree(tmp_path / "photos", per_split={"train": 40, "val": 12}, size=48)
+    prepare = dict(
+        source=str(source),
+        dest=f"s3://{bucket}/simpsons",
+        name="synthetic",
+        stored_size=40,
+        workers=1,
+        cache_dir=str(tmp_path / "prepare_cache"),
+        endpoint=flaky_s3.endpoint,
+    )
+    prepared = prepare_dataset(**prepare)
+    assert prepared.uri == f"s3://{bucket}/simpsons/datasets/synthetic/v1" and prepared.images == 4 * 52
+
     epochs = 4
     cfg = load_config(
         None,
         [
             f"optim.epochs={epochs}",
-            "data.stored_size=40",
-            "data.train_size=32",
-            "optim.batch_size=32",
-            "train.workers=2",
-            "train.cpus_per_worker=1",
-            "train.use_gpu=false",
+            *TWO_CPU_WORKERS,
             "train.histogram_every=0",
+            f"data.uri={prepared.uri}",
+            f"data.cache_dir={tmp_path / 'node_cache'}",
             f"run.storage=s3://{bucket}/runs",
             f"run.s3_endpoint={flaky_s3.endpoint}",
             "run.name=outage",
@@ -110,7 +136,7 @@ def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_clust
 
     outage = outage_after(flaky_s3, first_checkpoint_stored, log)
     try:
-        report = fit(cfg, str(packed_dataset))
+        report = fit(cfg)
         finished = time.monotonic()
     finally:
         outage.join(timeout=OUTAGE_S + 60)
@@ -118,17 +144,41 @@ def test_training_rides_out_an_object_store_outage_between_checkpoints(ray_clust
     # reports (each stores a checkpoint) in between had to wait for the store.
     assert log["down"] < log["up"] < finished, log
     assert [h["epoch"] for h in report["history"]] == list(range(epochs))  # each epoch exactly once
-    metrics = json.loads(
-        flaky_s3.client().get_object(Bucket=bucket, Key="runs/outage/best/metrics.json")["Body"].read()
-    )
-    assert [h["epoch"] for h in metrics["history"]] == list(range(epochs))
-    checkpoints = {k.split("/")[2] for k in flaky_s3.keys(bucket) if k.endswith("/checkpoint.pt") and "/best/" not in k}
-    assert 1 <= len(checkpoints) <= cfg.train.checkpoints_to_keep + 1
+
+    # Two workers on one node shared one download into the node-local cache.
+    assert len(list((tmp_path / "node_cache" / "datasets").glob("*/manifest.json"))) == 1
+    # best/ is in S3, with the whole history and per-class metrics for every class of the data.
+    client = flaky_s3.client()
+    run = {key.removeprefix("runs/outage/"): entry for key, entry in objects(bucket, "runs/outage/", client).items()}
+
+    def get(key: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=f"runs/outage/{key}")["Body"].read()
+
+    assert set(OUTPUT_FILES) <= {k[len("best/") :] for k in run if k.startswith("best/")}
+    metrics = json.loads(get("best/metrics.json"))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(epochs)) and metrics["accuracy"] == report["accuracy"]
+    scored = {row["class"]: row for row in metrics["per_class"] if row["support"] > 0}
+    assert set(scored) == set(CLASSES) and all(0 <= row["f1"] <= 1 for row in scored.values())
+    assert {row["support"] for row in scored.values()} == {12}
+    rows = list(csv.DictReader(io.StringIO(get("best/per_class.csv").decode())))
+    assert {r["class"] for r in rows if r["support"] != "0"} == set(CLASSES)
+    # Ray's checkpoints (no more than it keeps) and the TensorBoard logs are in S3 too; no object
+    # carries the credentials.
+    checkpoints = {k.split("/")[0] for k in run if k.endswith("/checkpoint.pt") and not k.startswith("best/")}
+    assert 1 <= len(checkpoints) <= cfg.train.checkpoints_to_keep + 1, checkpoints
+    assert any(k.startswith("tensorboard/events.out.tfevents") for k in run)
+    assert not any(SECRET.encode() in get(k) for k in run)
+
+    # (A rerun with the same name resumes from the checkpoints in S3: tests/system/test_fault_tolerance.py.)
+
+    # A second prepare with the same inputs uploads nothing new.
+    before = {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket, "simpsons/", client).items()}
+    assert prepare_dataset(**prepare).files_sent == 0
+    assert {k: (o["ETag"], o["LastModified"]) for k, o in objects(bucket, "simpsons/", client).items()} == before
 
 
 def test_prepare_interrupted_by_an_outage_completes_on_rerun_and_is_never_marked_complete_early(flaky_s3, tmp_path):
     from asserts import one_sentence
-    from synthetic import make_image_tree
 
     from simpsons.prepare import prepare_dataset
     from simpsons.storage import StorageError

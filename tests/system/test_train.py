@@ -1,4 +1,5 @@
-"""A real 2-worker Ray Train run on test-written images, its outputs, resume, evaluate and predict."""
+"""A real 2-worker Ray Train run on test-written images (`make train`'s config, from a working folder
+of its own), its outputs, resume, evaluate and predict."""
 
 import csv
 import hashlib
@@ -9,7 +10,7 @@ import pytest
 import torch
 import yaml
 from job_scripts import run_job
-from ray_head import TWO_CPU_WORKERS
+from ray_head import REPO, TWO_CPU_WORKERS
 from synthetic import CLASSES, make_image_tree
 
 from simpsons.config import load_config
@@ -30,13 +31,24 @@ def _cfg(storage, epochs, name="run", *overrides):
     )
 
 
+def _make_train_cfg(epochs, *overrides):
+    """`make train`'s config (configs/local.yaml: storage ./runs, name local) at the tests' sizes."""
+    return load_config(REPO / "configs" / "local.yaml", [f"optim.epochs={epochs}", *TWO_CPU_WORKERS, *overrides])
+
+
 @pytest.fixture(scope="module")
 def trained_run(ray_cluster, packed_dataset, tmp_path_factory):
+    """`make train` as a user types it, from a fresh working folder: its relative ./runs means that
+    folder, in the driver and in every Ray worker (which run in folders of their own)."""
     from simpsons.driver import fit
 
-    storage = tmp_path_factory.mktemp("runs")
-    report = fit(_cfg(storage, epochs=3), str(packed_dataset))
-    return storage / "run", report
+    folder = tmp_path_factory.mktemp("workdir")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        cfg = _make_train_cfg(3, "train.histogram_every=1")
+        assert cfg.run.storage == "./runs" and cfg.run.name == "local"
+        report = fit(cfg, str(packed_dataset))
+    return folder / "runs" / "local", report
 
 
 def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_dataset):
@@ -61,7 +73,9 @@ def test_two_worker_run_learns_and_writes_every_output(trained_run, packed_datas
     assert metrics["temperature"] == fitted["temperature"] == state["temperature"] > 0
     assert metrics["ece"] == fitted["ece_after"] and fitted["nll_after"] <= fitted["nll_before"]
     assert state["config"]["train"]["workers"] == 2 and "tune" not in state["config"]  # training sections only
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events), sorted(p.name for p in run_dir.rglob("*"))
+    assert list(run_dir.glob("checkpoint_*/checkpoint.pt"))
     # Provenance: the result names the dataset, its manifest's checksum and the code that produced it.
     manifest_sha256 = hashlib.sha256((packed_dataset / "manifest.json").read_bytes()).hexdigest()
     for origin in (state["provenance"], metrics["provenance"]):
@@ -77,7 +91,7 @@ def test_rerun_with_the_same_name_resumes_at_the_next_epoch(trained_run, packed_
     from simpsons.driver import fit
 
     run_dir, _ = trained_run
-    report = fit(_cfg(run_dir.parent, epochs=4), str(packed_dataset))
+    report = fit(_make_train_cfg(4, f"run.storage={run_dir.parent}"), str(packed_dataset))
     history = json.loads((run_dir / "best" / "metrics.json").read_text())["history"]  # the whole run's
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # no epoch run twice
     assert [h["resumed"] for h in history] == [False, False, False, True]

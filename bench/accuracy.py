@@ -115,6 +115,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, help="wall-clock budget per run in seconds (default: the profile's)")
     parser.add_argument("--target-f1", type=float, help="the macro-F1 whose time is reported (default: the profile's)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "accuracy"), help="run storage")
+    parser.add_argument(
+        "--cache",
+        default=str(REPO / "cache"),
+        help="where --data is unpacked and packed, once for every run (default: %(default)s)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra overrides for every recipe")
     parser.add_argument(
         "--shifts",
@@ -173,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
         rows, shifted = [], []
         for seed in range(args.seeds):
             cfg = load_config(config, [*profile.overrides, f"optim.epochs={epochs}", *extra, *args.set,
-                f"data.source={args.data}", f"data.cache_dir={REPO / 'cache'}", "train.workers=1", f"train.seed={seed}",
+                f"data.source={args.data}", f"data.cache_dir={args.cache}", "train.workers=1", f"train.seed={seed}",
                 f"run.storage={args.out}", f"run.name={args.profile}-{recipe}-s{seed}-{int(time.time())}",
             ])  # fmt: skip
             report = fit(cfg)

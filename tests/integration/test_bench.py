@@ -192,7 +192,8 @@ def test_scaling_quick_runs_one_and_two_ray_workers(image_tree, tmp_path):
 def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     proc = run_bench(
         "accuracy.py", "--profile", "quick", "--data", str(image_tree), "--recipes", "ema",
-        "--seeds", "2", "--target-f1", "0", "--out", str(tmp_path / "runs"), "--set", "optim.epochs=1",timeout=600,
+        "--seeds", "2", "--target-f1", "0", "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+        "--set", "optim.epochs=1", timeout=600,
     )  # fmt: skip
     got = figures(proc.stdout)
     assert got["seeds"] == 2 and got["budget_s"] == 60
@@ -203,6 +204,7 @@ def test_accuracy_bench_reports_each_recipe_over_seeds(image_tree, tmp_path):
     first = got["ema_s_to_f1_0_mean"]
     assert got["ema_reached_f1_0"] == 2 and 0 < first <= got["ema_train_s_mean"]
     assert len(list((tmp_path / "runs").glob("quick-ema-s*/best/model.pt2"))) == 2
+    assert len(list((tmp_path / "cache" / "packed").glob("*/manifest.json"))) == 1  # packed once, in --cache
     # bench/robustness.py's figures for each seed's best checkpoint, and their mean per recipe
     for seed in (0, 1):
         [worst] = [k for k in got if k.startswith(f"ema_s{seed}_worst_shift_")]

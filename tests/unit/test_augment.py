@@ -179,4 +179,4 @@ def test_the_robust_config_loads_and_its_preset_augments():
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "robust.yaml")
     check_recipe(cfg)
     preset = create_train_preset(cfg)
-    assert preset.blur and preset.jpeg and any(preset.colour_jitter) and preset.crop_ratio != (3 / 4, 4 / 3)
+    assert preset.blur and preset.greyscale and not preset.jpeg and not any(preset.colour_jitter)

@@ -36,14 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    from simpsons.calibration import (
-        calibrate,
-        calibration_bins,
-        expected_calibration_error,
-        fit_temperature,
-        negative_log_likelihood,
-        probabilities,
-    )
+    from simpsons import calibration
     from simpsons.data import DataError
     from simpsons.inference import load_checkpoint, split_logits
 
@@ -53,13 +46,17 @@ def main(args: argparse.Namespace) -> None:
     if not dataset:
         raise DataError(f"{args.checkpoint} names no dataset in its provenance; pass --dataset <packed folder>.")
     logits, labels = split_logits(model, cfg, dataset)
-    fitted = calibrate(logits, labels)
+    fitted = calibration.calibrate(logits, labels)
     bins, nll_sum, halves = 0, 0.0, []
     for fit_on in (0, 1):  # fit on every other image, score the others
         fit, scored = slice(fit_on, None, 2), slice(1 - fit_on, None, 2)
-        temperature = fit_temperature(logits[fit], labels[fit])
-        bins = bins + calibration_bins(probabilities(logits[scored], temperature), labels[scored])
-        nll_sum += negative_log_likelihood(logits[scored], labels[scored], temperature) * len(labels[scored])
+        temperature = calibration.fit_temperature(logits[fit], labels[fit])
+        bins = bins + calibration.calibration_bins(
+            calibration.probabilities(logits[scored], temperature), labels[scored]
+        )
+        nll_sum += calibration.negative_log_likelihood(logits[scored], labels[scored], temperature) * len(
+            labels[scored]
+        )
         halves.append(temperature)
     figures = {
         "val_images": len(labels),
@@ -69,7 +66,7 @@ def main(args: argparse.Namespace) -> None:
         "val_ece_after": fitted["ece_after"],
         "val_nll_before": fitted["nll_before"],
         "val_nll_after": fitted["nll_after"],
-        "heldout_ece_after": expected_calibration_error(bins),
+        "heldout_ece_after": calibration.expected_calibration_error(bins),
         "heldout_nll_after": nll_sum / len(labels),
         "temperature_halves": "/".join(f"{t:.4f}" for t in halves),
         "seconds": time.perf_counter() - started,

@@ -264,20 +264,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--steps", type=int, default=1, help="timed steps per pipeline per round (default: %(default)s)"
     )
+    names = dict(nargs="*", default=[], metavar="NAME")
+    variants = ", ".join(VARIANTS)
     parser.add_argument(
         "--variants",
-        nargs="*",
-        default=[],
-        metavar="NAME",
-        help=f"extra pipelines (train and model step) with other precision/layout: {', '.join(VARIANTS)} or all",
+        **names,
+        help=f"extra pipelines (train and model step) with other precision/layout: {variants} or all",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the original pipeline (it is the slowest)")
+    augmentations = ", ".join(AUGMENTATIONS)
     parser.add_argument(
         "--augmentations",
-        nargs="*",
-        default=[],
-        metavar="NAME",
-        help=f"time only the data path with each augmentation on: {', '.join(AUGMENTATIONS)}, robust, or all",
+        **names,
+        help=f"time only the data path with each augmentation on: {augmentations}, robust, or all",
     )
     return parser
 

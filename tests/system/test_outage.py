@@ -53,6 +53,11 @@ class FlakyS3:
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint)
 
+    def new_bucket(self) -> str:
+        bucket = f"outage-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=bucket)
+        return bucket
+
     def keys(self, bucket: str) -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
@@ -97,8 +102,7 @@ def test_folder_to_s3_to_two_worker_training_that_rides_out_an_outage_between_ch
     from simpsons.driver import fit
     from simpsons.prepare import prepare_dataset
 
-    bucket = f"outage-{uuid.uuid4().hex[:10]}"
-    flaky_s3.client().create_bucket(Bucket=bucket)
+    bucket = flaky_s3.new_bucket()
     source = make_image_tree(tmp_path / "photos", per_split={"train": 40, "val": 12}, size=48)
     prepare = dict(
         source=str(source),
@@ -183,8 +187,7 @@ def test_prepare_interrupted_by_an_outage_completes_on_rerun_and_is_never_marked
     from simpsons.prepare import prepare_dataset
     from simpsons.storage import StorageError
 
-    bucket = f"outage-{uuid.uuid4().hex[:10]}"
-    flaky_s3.client().create_bucket(Bucket=bucket)
+    bucket = flaky_s3.new_bucket()
     root = make_image_tree(tmp_path / "src", per_split={"train": 120, "val": 30}, size=32)
     args = dict(
         source=str(root),

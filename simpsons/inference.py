@@ -96,7 +96,9 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def predict_proba(model: torch.nn.Module, images, preset: EvalPreset, temperature: float = 1.0, **options):
+def predict_proba(
+    model: torch.nn.Module, images: np.ndarray | torch.Tensor, preset: EvalPreset, temperature: float = 1.0, **options
+) -> torch.Tensor:
     """(N, S, S, 3) uint8 images -> (N, C) probabilities in fp32, softmax(logits / temperature);
     `options`: predict_logits' batch_size and flip."""
     return probabilities(predict_logits(model, images, preset, **options), temperature)
